@@ -239,7 +239,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             )
         })?;
     info!(backend = store.backend(), "metadata store ready");
-    let registry = ExecutorRegistry::new(registry_config(&config.registry), store).start();
+    let registry_handle =
+        ExecutorRegistry::new(registry_config(&config.registry), store).start_with_table();
+    let registry = registry_handle.addr.clone();
     // The owner gets a client of its own without a request timeout: its
     // watch is a long-lived stream, and the worker bounds each request itself.
     let owner_client = etcd_client::Client::connect(
@@ -263,8 +265,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             owner: OwnerConfig::default(),
             restart_backoff: Duration::from_secs(1),
         },
-    )
-    .start();
+    );
+    let work_desk = owner.desk();
+    let owner = owner.start();
     let admin_token = match &config.server.admin_token_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -294,8 +297,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let state = AppState {
         info,
         etcd: probe,
-        registry: Some(registry.clone()),
-        owner: Some(owner.clone()),
+        registry: Some(registry_handle),
+        owner: Some(work_desk),
         changefeeds: Some(changefeeds),
         admin_token,
         max_body_bytes: config.http.max_body_bytes,

@@ -32,7 +32,8 @@ fn config() -> RegistryConfig {
 }
 
 async fn state_with(store: Store) -> (web::Data<AppState>, Addr<ExecutorRegistry>) {
-    let registry = ExecutorRegistry::new(config(), store).start();
+    let handle = ExecutorRegistry::new(config(), store).start_with_table();
+    let registry = handle.addr.clone();
     for _ in 0..500 {
         if registry.send(GetRegistryStats).await.unwrap().loaded {
             break;
@@ -55,7 +56,7 @@ async fn state_with(store: Store) -> (web::Data<AppState>, Addr<ExecutorRegistry
             etcd_endpoints: vec![],
         },
         etcd: EtcdProbe::new(client, Duration::from_millis(100)),
-        registry: Some(registry.clone()),
+        registry: Some(handle),
         owner: None,
         changefeeds: None,
         admin_token: Some(ADMIN.into()),

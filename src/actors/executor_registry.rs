@@ -17,7 +17,7 @@
 //!   off; nobody ever waits for a slow subscriber.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
@@ -362,16 +362,202 @@ pub struct StopRegistry;
 
 // ------------------------------------------------------------------- actor
 
-pub struct ExecutorRegistry {
+/// The registry's tables, shared by the actor and the HTTP workers.
+///
+/// Heartbeats are the hot path: an HTTP worker refreshes an executor here
+/// under one short lock, with no message to the actor and no thread switch.
+/// Everything that adds or removes an executor, or talks to subscribers and
+/// SQL, stays in the actor; only the actor inserts into or removes from
+/// `executors`, so the feed's order is the tables' order.
+pub struct ExecutorTable {
+    tables: Mutex<Tables>,
     config: RegistryConfig,
-    store: Store,
+    /// `heartbeats_total{outcome="ok"}`, resolved once.
+    heartbeats_ok: prometheus::IntCounter,
+}
+
+#[derive(Default)]
+struct Tables {
     loaded: bool,
     executors: HashMap<ExecutorId, Executor>,
     deadlines: BTreeSet<(Instant, ExecutorId)>,
-    /// Ids being written to SQL by a registration in flight.
-    reserved: HashSet<ExecutorId>,
     tombstones: HashMap<ExecutorId, ExecutorInfo>,
     tombstone_order: VecDeque<(Instant, ExecutorId)>,
+    /// Executors in `executors` with status `Running`, kept up to date so
+    /// that no pass over all executors is ever needed.
+    running: usize,
+}
+
+/// Executor counts by status, as of one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    initing: usize,
+    running: usize,
+    tombstones: usize,
+}
+
+impl Tables {
+    fn counts(&self) -> Counts {
+        Counts {
+            initing: self.executors.len() - self.running,
+            running: self.running,
+            tombstones: self.tombstones.len(),
+        }
+    }
+
+    fn check(&self, id: &str, token_hash: &[u8; 32]) -> Result<ExecutorId> {
+        let Some((key, executor)) = self.executors.get_key_value(id) else {
+            if self.tombstones.contains_key(id) {
+                return Err(RegistryError::TombstoneExecutor(id.to_owned()));
+            }
+            return Err(RegistryError::UnknownExecutor(id.to_owned()));
+        };
+        if !constant_time_eq(token_hash, &executor.token_hash) {
+            return Err(RegistryError::Unauthorized(id.to_owned()));
+        }
+        Ok(key.clone())
+    }
+
+    /// Refreshes a live executor; whether it just became `Running`.
+    fn heartbeat(&mut self, id: &str, token_hash: &[u8; 32], ttl: Duration) -> Result<bool> {
+        if !self.loaded {
+            return Err(RegistryError::NotReady);
+        }
+        let id = self.check(id, token_hash)?;
+        let now = Instant::now();
+        let executor = self.executors.get_mut(&id).expect("checked above");
+        let old = std::mem::replace(&mut executor.deadline, now + ttl);
+        executor.ttl = ttl;
+        executor.last_heartbeat = Some(now);
+        let promoted = executor.status == ExecutorStatus::Initing;
+        if promoted {
+            executor.status = ExecutorStatus::Running;
+            self.running += 1;
+        }
+        self.deadlines.remove(&(old, id.clone()));
+        self.deadlines.insert((now + ttl, id));
+        Ok(promoted)
+    }
+
+    fn insert(&mut self, id: ExecutorId, executor: Executor) {
+        self.deadlines.insert((executor.deadline, id.clone()));
+        if let Some(old) = self.executors.insert(id, executor) {
+            // Ids are unique (checked before the SQL insert); a reload could
+            // only bring the same row twice if SQL did.
+            if old.status == ExecutorStatus::Running {
+                self.running -= 1;
+            }
+        }
+    }
+
+    /// Removes a live executor and remembers it as a tombstone.
+    fn remove(&mut self, id: &ExecutorId, now: Instant) -> bool {
+        let Some(executor) = self.executors.remove(id) else {
+            return false;
+        };
+        self.deadlines.remove(&(executor.deadline, id.clone()));
+        if executor.status == ExecutorStatus::Running {
+            self.running -= 1;
+        }
+        let mut info = executor.info(id, now);
+        info.status = ExecutorStatus::Tombstone;
+        self.tombstones.insert(id.clone(), info);
+        self.tombstone_order.push_back((now, id.clone()));
+        true
+    }
+
+    fn forget_old_tombstones(&mut self, now: Instant, config: &RegistryConfig) {
+        while let Some((at, id)) = self.tombstone_order.front() {
+            let too_old = now.saturating_duration_since(*at) > config.tombstone_retention;
+            if !too_old && self.tombstone_order.len() <= config.max_tombstones {
+                break;
+            }
+            self.tombstones.remove(id);
+            self.tombstone_order.pop_front();
+        }
+    }
+}
+
+impl ExecutorTable {
+    fn new(config: RegistryConfig) -> Self {
+        Self {
+            tables: Mutex::new(Tables::default()),
+            config,
+            heartbeats_ok: metrics::registry_metrics()
+                .heartbeats_total
+                .with_label_values(&["ok"]),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        // Nothing under this lock can leave the tables half-changed in a way
+        // a later reader would misread (a stray deadline of a removed
+        // executor is skipped by the expiry pass), so a panic elsewhere while
+        // it was held does not make every later heartbeat fail.
+        self.tables.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A heartbeat: checks the token and refreshes the executor's deadline.
+    /// Called on the HTTP worker's thread; never touches SQL.
+    pub fn heartbeat(&self, id: &str, token: &str, ttl: Option<Duration>) -> Result<HeartbeatAck> {
+        // Hashed before the lock is taken: the lock covers table work only.
+        let token_hash = hash_token(token);
+        let ttl = self.clamp_ttl(ttl);
+        let outcome = {
+            let mut tables = self.lock();
+            tables
+                .heartbeat(id, &token_hash, ttl)
+                .map(|promoted| promoted.then(|| tables.counts()))
+        };
+        match outcome {
+            Ok(promoted) => {
+                self.heartbeats_ok.inc();
+                if let Some(counts) = promoted {
+                    set_gauges(counts);
+                }
+                Ok(HeartbeatAck {
+                    ttl,
+                    heartbeat_interval: self.config.heartbeat_interval,
+                })
+            }
+            Err(e) => {
+                metrics::registry_metrics()
+                    .heartbeats_total
+                    .with_label_values(&[e.code()])
+                    .inc();
+                Err(e)
+            }
+        }
+    }
+
+    fn clamp_ttl(&self, ttl: Option<Duration>) -> Duration {
+        ttl.unwrap_or(self.config.default_ttl)
+            .clamp(self.config.min_ttl, self.config.max_ttl)
+    }
+}
+
+fn set_gauges(counts: Counts) {
+    let m = &metrics::registry_metrics().executors;
+    m.with_label_values(&["initing"]).set(counts.initing as i64);
+    m.with_label_values(&["running"]).set(counts.running as i64);
+    m.with_label_values(&["tombstone"])
+        .set(counts.tombstones as i64);
+}
+
+/// A started registry: the actor, and the tables heartbeats are answered
+/// from without it.
+#[derive(Clone)]
+pub struct RegistryHandle {
+    pub addr: Addr<ExecutorRegistry>,
+    pub table: Arc<ExecutorTable>,
+}
+
+pub struct ExecutorRegistry {
+    config: RegistryConfig,
+    store: Store,
+    table: Arc<ExecutorTable>,
+    /// Ids being written to SQL by a registration in flight.
+    reserved: HashSet<ExecutorId>,
     subscribers: Vec<mpsc::Sender<ExecutorEvent>>,
     seq: u64,
     mass_silence: bool,
@@ -380,24 +566,15 @@ pub struct ExecutorRegistry {
     last_expiry_pass: Instant,
     pending_deletes: BTreeSet<ExecutorId>,
     deleting: bool,
-    /// Executors in `executors` with status `Running`, kept up to date so
-    /// that no pass over all executors is ever needed.
-    running: usize,
-    /// `heartbeats_total{outcome="ok"}`.
-    heartbeats_ok: prometheus::IntCounter,
 }
 
 impl ExecutorRegistry {
     pub fn new(config: RegistryConfig, store: Store) -> Self {
         Self {
+            table: Arc::new(ExecutorTable::new(config.clone())),
             config,
             store,
-            loaded: false,
-            executors: HashMap::new(),
-            deadlines: BTreeSet::new(),
             reserved: HashSet::new(),
-            tombstones: HashMap::new(),
-            tombstone_order: VecDeque::new(),
             subscribers: Vec::new(),
             seq: 0,
             mass_silence: false,
@@ -405,10 +582,15 @@ impl ExecutorRegistry {
             last_expiry_pass: Instant::now(),
             pending_deletes: BTreeSet::new(),
             deleting: false,
-            running: 0,
-            heartbeats_ok: metrics::registry_metrics()
-                .heartbeats_total
-                .with_label_values(&["ok"]),
+        }
+    }
+
+    /// Starts the actor on the current arbiter.
+    pub fn start_with_table(self) -> RegistryHandle {
+        let table = self.table.clone();
+        RegistryHandle {
+            addr: self.start(),
+            table,
         }
     }
 
@@ -431,15 +613,14 @@ impl ExecutorRegistry {
     fn on_loaded(&mut self, rows: Vec<StoredExecutor>) {
         let now = Instant::now();
         let deadline = now + self.config.failover_grace;
+        let mut tables = self.table.lock();
         for row in rows {
             let Some(token_hash) = decode_hash(&row.token_hash) else {
                 warn!(id = %row.id, "stored executor has a malformed token hash; skipped");
                 continue;
             };
-            let id: ExecutorId = row.id.into();
-            self.deadlines.insert((deadline, id.clone()));
-            self.executors.insert(
-                id,
+            tables.insert(
+                row.id.into(),
                 Executor {
                     name: row.name.into(),
                     address: row.address.into(),
@@ -454,22 +635,23 @@ impl ExecutorRegistry {
                 },
             );
         }
-        self.loaded = true;
+        tables.loaded = true;
         info!(
-            executors = self.executors.len(),
+            executors = tables.executors.len(),
             grace = ?self.config.failover_grace,
             "executor registry loaded from the store"
         );
-        self.update_gauges();
+        set_gauges(tables.counts());
     }
 
     fn new_id(&self, name: &str) -> ExecutorId {
         let mut rng = rand::rng();
+        let tables = self.table.lock();
         loop {
             let id: ExecutorId = format!("{name}-{:08x}", rng.random::<u32>()).into();
-            if !self.executors.contains_key(&id)
+            if !tables.executors.contains_key(&id)
                 && !self.reserved.contains(&id)
-                && !self.tombstones.contains_key(&id)
+                && !tables.tombstones.contains_key(&id)
             {
                 return id;
             }
@@ -500,26 +682,8 @@ impl ExecutorRegistry {
         }
     }
 
-    fn set_deadline(&mut self, id: &ExecutorId, deadline: Instant) {
-        let executor = self.executors.get_mut(id).expect("caller checked the id");
-        self.deadlines.remove(&(executor.deadline, id.clone()));
-        executor.deadline = deadline;
-        self.deadlines.insert((deadline, id.clone()));
-    }
-
-    /// Removes a live executor: tombstone, feed, SQL delete in the background.
-    fn remove(&mut self, id: &ExecutorId, reason: OfflineReason, now: Instant) {
-        let Some(executor) = self.executors.remove(id) else {
-            return;
-        };
-        self.deadlines.remove(&(executor.deadline, id.clone()));
-        if executor.status == ExecutorStatus::Running {
-            self.running -= 1;
-        }
-        let mut info = executor.info(id, now);
-        info.status = ExecutorStatus::Tombstone;
-        self.tombstones.insert(id.clone(), info);
-        self.tombstone_order.push_back((now, id.clone()));
+    /// Announces a removal: feed, metric, log, SQL delete in the background.
+    fn announce_offline(&mut self, id: &ExecutorId, reason: OfflineReason) {
         self.pending_deletes.insert(id.clone());
         metrics::registry_metrics()
             .expiries_total
@@ -535,19 +699,20 @@ impl ExecutorRegistry {
     }
 
     fn expiry_pass(&mut self, ctx: &mut Context<Self>) -> usize {
-        if !self.loaded {
-            return 0;
-        }
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.last_expiry_pass);
+        let mut tables = self.table.lock();
+        if !tables.loaded {
+            return 0;
+        }
         self.last_expiry_pass = now;
-        let overdue: Vec<ExecutorId> = self
+        let overdue: Vec<ExecutorId> = tables
             .deadlines
             .iter()
             .take_while(|(deadline, _)| *deadline <= now)
             .map(|(_, id)| id.clone())
             .collect();
-        let total = self.executors.len();
+        let total = tables.executors.len();
         let mass =
             total >= 3 && overdue.len() as f64 > self.config.mass_expiry_fraction * total as f64;
         if mass != self.mass_silence {
@@ -578,26 +743,26 @@ impl ExecutorRegistry {
         } else {
             usize::MAX
         };
-        let mut expired = 0;
-        for id in overdue.iter().take(allowed) {
-            self.remove(id, OfflineReason::Expired, now);
-            expired += 1;
-        }
-        self.forget_old_tombstones(now);
-        self.flush_deletes(ctx);
-        self.update_gauges();
-        expired
-    }
-
-    fn forget_old_tombstones(&mut self, now: Instant) {
-        while let Some((at, id)) = self.tombstone_order.front() {
-            let too_old = now.saturating_duration_since(*at) > self.config.tombstone_retention;
-            if !too_old && self.tombstone_order.len() <= self.config.max_tombstones {
-                break;
+        let mut expired = Vec::new();
+        for id in overdue.into_iter().take(allowed) {
+            if tables.remove(&id, now) {
+                expired.push(id);
+            } else {
+                // A deadline left behind by a removal a panic cut short.
+                tables.deadlines.retain(|(_, other)| *other != id);
             }
-            self.tombstones.remove(id);
-            self.tombstone_order.pop_front();
         }
+        tables.forget_old_tombstones(now, &self.config);
+        let counts = tables.counts();
+        // Announced after the lock is released: heartbeats need not wait
+        // for logging and subscribers.
+        drop(tables);
+        for id in &expired {
+            self.announce_offline(id, OfflineReason::Expired);
+        }
+        self.flush_deletes(ctx);
+        set_gauges(counts);
+        expired.len()
     }
 
     /// Deletes removed executors from SQL, a batch at a time, in the
@@ -639,37 +804,6 @@ impl ExecutorRegistry {
             }),
         );
     }
-
-    fn update_gauges(&self) {
-        let (initing, running) = self.counts();
-        let m = &metrics::registry_metrics().executors;
-        m.with_label_values(&["initing"]).set(initing as i64);
-        m.with_label_values(&["running"]).set(running as i64);
-        m.with_label_values(&["tombstone"])
-            .set(self.tombstones.len() as i64);
-    }
-
-    fn counts(&self) -> (usize, usize) {
-        (self.executors.len() - self.running, self.running)
-    }
-
-    fn authorize(&self, id: &str, token: &str) -> Result<ExecutorId> {
-        let Some((key, executor)) = self.executors.get_key_value(id) else {
-            if self.tombstones.contains_key(id) {
-                return Err(RegistryError::TombstoneExecutor(id.to_owned()));
-            }
-            return Err(RegistryError::UnknownExecutor(id.to_owned()));
-        };
-        if !constant_time_eq(&hash_token(token), &executor.token_hash) {
-            return Err(RegistryError::Unauthorized(id.to_owned()));
-        }
-        Ok(key.clone())
-    }
-
-    fn clamp_ttl(&self, ttl: Option<Duration>) -> Duration {
-        ttl.unwrap_or(self.config.default_ttl)
-            .clamp(self.config.min_ttl, self.config.max_ttl)
-    }
 }
 
 impl Actor for ExecutorRegistry {
@@ -707,7 +841,7 @@ impl Handler<Register> for ExecutorRegistry {
                 .inc();
             return Box::pin(fut::ready(result));
         }
-        if !self.loaded {
+        if !self.table.lock().loaded {
             return Box::pin(fut::ready(Err(RegistryError::NotReady)));
         }
         let id = self.new_id(&msg.name);
@@ -757,15 +891,18 @@ impl Handler<Register> for ExecutorRegistry {
                                 deadline: now + ttl,
                             };
                             let info = executor.info(&id, now);
-                            act.deadlines.insert((executor.deadline, id.clone()));
-                            act.executors.insert(id.clone(), executor);
+                            let counts = {
+                                let mut tables = act.table.lock();
+                                tables.insert(id.clone(), executor);
+                                tables.counts()
+                            };
                             info!(id = %id, address = %info.address, "executor registered");
                             let online = info.clone();
                             act.emit(|seq| ExecutorEvent::Online {
                                 seq,
                                 executor: online,
                             });
-                            act.update_gauges();
+                            set_gauges(counts);
                             Ok(Registration {
                                 executor: info,
                                 token,
@@ -787,41 +924,10 @@ impl Handler<Register> for ExecutorRegistry {
 impl Handler<Heartbeat> for ExecutorRegistry {
     type Result = Result<HeartbeatAck>;
 
+    /// The same as [`ExecutorTable::heartbeat`], for callers holding only
+    /// the actor's address.
     fn handle(&mut self, msg: Heartbeat, _: &mut Self::Context) -> Self::Result {
-        let result = self.heartbeat(msg);
-        match &result {
-            // Resolved once: no label lookup on the hottest path.
-            Ok(_) => self.heartbeats_ok.inc(),
-            Err(e) => metrics::registry_metrics()
-                .heartbeats_total
-                .with_label_values(&[e.code()])
-                .inc(),
-        }
-        result
-    }
-}
-
-impl ExecutorRegistry {
-    fn heartbeat(&mut self, msg: Heartbeat) -> Result<HeartbeatAck> {
-        if !self.loaded {
-            return Err(RegistryError::NotReady);
-        }
-        let id = self.authorize(&msg.id, &msg.token)?;
-        let now = Instant::now();
-        let ttl = self.clamp_ttl(msg.ttl);
-        self.set_deadline(&id, now + ttl);
-        let executor = self.executors.get_mut(&id).expect("authorized");
-        executor.ttl = ttl;
-        executor.last_heartbeat = Some(now);
-        if executor.status == ExecutorStatus::Initing {
-            executor.status = ExecutorStatus::Running;
-            self.running += 1;
-            self.update_gauges();
-        }
-        Ok(HeartbeatAck {
-            ttl,
-            heartbeat_interval: self.config.heartbeat_interval,
-        })
+        self.table.heartbeat(&msg.id, &msg.token, msg.ttl)
     }
 }
 
@@ -829,22 +935,30 @@ impl Handler<Deregister> for ExecutorRegistry {
     type Result = Result<()>;
 
     fn handle(&mut self, msg: Deregister, ctx: &mut Self::Context) -> Self::Result {
-        if !self.loaded {
+        let token_hash = match &msg.caller {
+            Caller::Executor { token } => Some(hash_token(token)),
+            Caller::Admin => None,
+        };
+        let mut tables = self.table.lock();
+        if !tables.loaded {
             return Err(RegistryError::NotReady);
         }
-        let id = match msg.caller {
-            Caller::Executor { token } => self.authorize(&msg.id, &token)?,
-            Caller::Admin => match self.executors.get_key_value(msg.id.as_str()) {
+        let id = match token_hash {
+            Some(hash) => tables.check(&msg.id, &hash)?,
+            None => match tables.executors.get_key_value(msg.id.as_str()) {
                 Some((id, _)) => id.clone(),
-                None if self.tombstones.contains_key(msg.id.as_str()) => {
+                None if tables.tombstones.contains_key(msg.id.as_str()) => {
                     return Err(RegistryError::TombstoneExecutor(msg.id))
                 }
                 None => return Err(RegistryError::UnknownExecutor(msg.id)),
             },
         };
-        self.remove(&id, OfflineReason::Deregistered, Instant::now());
+        tables.remove(&id, Instant::now());
+        let counts = tables.counts();
+        drop(tables);
+        self.announce_offline(&id, OfflineReason::Deregistered);
         self.flush_deletes(ctx);
-        self.update_gauges();
+        set_gauges(counts);
         Ok(())
     }
 }
@@ -863,7 +977,8 @@ impl Handler<ListExecutors> for ExecutorRegistry {
                         .is_ok_and(|i| *e.labels[i].1 == **v)
                 })
         };
-        let mut items: Vec<ExecutorInfo> = self
+        let tables = self.table.lock();
+        let mut items: Vec<ExecutorInfo> = tables
             .executors
             .iter()
             .filter(|(_, e)| live_matches(e))
@@ -871,12 +986,14 @@ impl Handler<ListExecutors> for ExecutorRegistry {
             .collect();
         if msg.status.is_none_or(|s| s == ExecutorStatus::Tombstone) {
             items.extend(
-                self.tombstones
+                tables
+                    .tombstones
                     .values()
                     .filter(|i| msg.labels.iter().all(|(k, v)| i.labels.get(k) == Some(v)))
                     .cloned(),
             );
         }
+        drop(tables);
         items.sort_by(|a, b| a.id.cmp(&b.id));
         MessageResult(items)
     }
@@ -886,10 +1003,12 @@ impl Handler<GetExecutor> for ExecutorRegistry {
     type Result = Result<ExecutorInfo>;
 
     fn handle(&mut self, msg: GetExecutor, _: &mut Self::Context) -> Self::Result {
-        if let Some(e) = self.executors.get(msg.id.as_str()) {
+        let tables = self.table.lock();
+        if let Some(e) = tables.executors.get(msg.id.as_str()) {
             return Ok(e.info(&msg.id, Instant::now()));
         }
-        self.tombstones
+        tables
+            .tombstones
             .get(msg.id.as_str())
             .cloned()
             .ok_or(RegistryError::UnknownExecutor(msg.id))
@@ -900,15 +1019,19 @@ impl Handler<Subscribe> for ExecutorRegistry {
     type Result = Result<Subscription>;
 
     fn handle(&mut self, _: Subscribe, _: &mut Self::Context) -> Self::Result {
-        if !self.loaded {
+        let tables = self.table.lock();
+        if !tables.loaded {
             return Err(RegistryError::NotReady);
         }
         let now = Instant::now();
-        let mut snapshot: Vec<ExecutorInfo> = self
+        // Heartbeats never add or remove executors, and only this actor
+        // does: the snapshot and `seq` agree.
+        let mut snapshot: Vec<ExecutorInfo> = tables
             .executors
             .iter()
             .map(|(id, e)| e.info(id, now))
             .collect();
+        drop(tables);
         snapshot.sort_by(|a, b| a.id.cmp(&b.id));
         let (tx, rx) = mpsc::channel(self.config.watch_buffer.max(2));
         self.subscribers.push(tx);
@@ -927,12 +1050,15 @@ impl Handler<GetRegistryStats> for ExecutorRegistry {
     type Result = MessageResult<GetRegistryStats>;
 
     fn handle(&mut self, _: GetRegistryStats, _: &mut Self::Context) -> Self::Result {
-        let (initing, running) = self.counts();
+        let (loaded, counts) = {
+            let tables = self.table.lock();
+            (tables.loaded, tables.counts())
+        };
         MessageResult(RegistryStats {
-            loaded: self.loaded,
-            initing,
-            running,
-            tombstones: self.tombstones.len(),
+            loaded,
+            initing: counts.initing,
+            running: counts.running,
+            tombstones: counts.tombstones,
             subscribers: self.subscribers.iter().filter(|s| !s.is_closed()).count(),
             pending_store_deletes: self.pending_deletes.len(),
             mass_silence: self.mass_silence,

@@ -1,6 +1,9 @@
 //! `Owner`: runs the owner reactor on an orchestrator worker, feeds it the
-//! registry's Online/Offline feed and the progress executors report, and
-//! answers each heartbeat with that executor's committed assignments.
+//! registry's Online/Offline feed and the progress executors report.
+//! Heartbeats are answered without it: [`WorkDesk`] reads each executor's
+//! committed assignments from the [`WorkBoard`] the worker's state keeps
+//! current, and hands progress to the reactor's input channel, all on the
+//! HTTP worker's thread.
 //!
 //! The reactor's inputs travel through an unbounded channel the reactor
 //! drains at each tick; the feed itself is bounded (the registry cuts off a
@@ -9,22 +12,21 @@
 //! error, the owner starts a new one after a backoff: all its state is in
 //! etcd and the registry.
 
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use actix::prelude::*;
 use etcd_client::Client;
 use futures::{stream, StreamExt};
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::executor_registry::{
-    ExecutorEvent, ExecutorInfo, ExecutorRegistry, Heartbeat, HeartbeatAck, RegistryError,
-    Subscribe,
-};
+use super::executor_registry::{ExecutorEvent, ExecutorInfo, ExecutorRegistry, Subscribe};
 use super::ticker::StopWorker;
-use super::worker::{start_with_inspector, Inspector, WorkerConfig};
-use crate::owner::model::{FeedState, Keys};
+use super::worker::{start, WorkerConfig};
+use crate::owner::board::WorkBoard;
+pub use crate::owner::board::{Assignment, Rejected, Work};
+use crate::owner::model::Keys;
 use crate::owner::reactor::{LiveExecutor, OwnerConfig, OwnerInput, OwnerReactor, ProgressReport};
 use crate::owner::state::GlobalState;
 
@@ -45,32 +47,41 @@ pub enum OwnerError {
     NotRunning,
 }
 
-/// A changefeed an executor must run, as committed in etcd.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Assignment {
-    pub namespace: String,
-    pub changefeed: String,
-    pub epoch: u64,
-    pub sink_uri: String,
-    pub config: serde_json::Value,
-    /// Where to resume from.
-    pub checkpoint_ts: u64,
+type Inputs = Arc<RwLock<Option<mpsc::UnboundedSender<OwnerInput>>>>;
+
+/// The owner's part of a heartbeat, callable from any thread. Cheap to clone.
+#[derive(Clone)]
+pub struct WorkDesk {
+    board: Arc<WorkBoard>,
+    /// The running reactor's input channel; `None` while it restarts.
+    inputs: Inputs,
 }
 
-/// A progress report the owner refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Rejected {
-    pub namespace: String,
-    pub changefeed: String,
-    pub epoch: u64,
-    pub reason: String,
-}
-
-/// What an executor learns from a heartbeat.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Work {
-    pub assignments: Vec<Assignment>,
-    pub rejected: Vec<Rejected>,
+impl WorkDesk {
+    /// The committed work of `executor`; its progress reports for its
+    /// current assignments go to the reactor, the others come back
+    /// rejected. Call it only for an executor the registry just accepted a
+    /// heartbeat from.
+    pub fn work(&self, executor: &str, progress: Vec<ProgressReport>) -> Result<Work, OwnerError> {
+        let (work, accepted) = self
+            .board
+            .work_for(executor, progress)
+            .ok_or(OwnerError::NotRunning)?;
+        if !accepted.is_empty() {
+            let inputs = self.inputs.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(inputs) = inputs.as_ref() {
+                for report in accepted {
+                    // Fails only while the worker stops; the executor
+                    // reports again at its next heartbeat.
+                    let _ = inputs.send(OwnerInput::Progress {
+                        executor: executor.to_owned(),
+                        report,
+                    });
+                }
+            }
+        }
+        Ok(work)
+    }
 }
 
 /// A heartbeat's progress, and the question "what must I run?".
@@ -79,30 +90,6 @@ pub struct Work {
 pub struct ExecutorWork {
     pub executor: String,
     pub progress: Vec<ProgressReport>,
-}
-
-/// A whole heartbeat: the registry checks and refreshes the executor, then
-/// the owner answers with its work. Sent to the owner, which lives on the
-/// registry's thread, so the HTTP worker crosses threads once, not twice.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "Result<(HeartbeatAck, Work), BeatError>")]
-pub struct Beat {
-    pub heartbeat: Heartbeat,
-    pub progress: Vec<ProgressReport>,
-}
-
-/// Why a [`Beat`] failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BeatError {
-    /// The registry refused the heartbeat (unknown, expired, bad token...).
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    /// The heartbeat counted, but the owner cannot say what to run.
-    #[error(transparent)]
-    Owner(#[from] OwnerError),
-    /// The registry actor is gone.
-    #[error("the executor registry is not answering")]
-    RegistryGone,
 }
 
 /// Stops the owner and its worker.
@@ -124,8 +111,8 @@ pub struct Owner {
     keys: Keys,
     settings: OwnerSettings,
     inputs: Option<mpsc::UnboundedSender<OwnerInput>>,
+    desk: WorkDesk,
     stopper: Option<Recipient<StopWorker>>,
-    inspector: Option<Inspector<GlobalState>>,
     /// Current subscription; events of older ones are ignored.
     subscription: u64,
     stopping: bool,
@@ -145,30 +132,47 @@ impl Owner {
             keys,
             settings,
             inputs: None,
+            desk: WorkDesk {
+                board: Arc::default(),
+                inputs: Arc::default(),
+            },
             stopper: None,
-            inspector: None,
             subscription: 0,
             stopping: false,
         }
     }
 
+    /// What the HTTP workers answer heartbeats with.
+    pub fn desk(&self) -> WorkDesk {
+        self.desk.clone()
+    }
+
+    fn set_inputs(&mut self, inputs: Option<mpsc::UnboundedSender<OwnerInput>>) {
+        *self
+            .desk
+            .inputs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = inputs.clone();
+        self.inputs = inputs;
+    }
+
     fn start_worker(&mut self, ctx: &mut Context<Self>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let reactor = OwnerReactor::new(rx, self.settings.owner.clone());
-        let (handle, inspector) = start_with_inspector(
+        let handle = start(
             self.client.clone(),
             reactor,
-            GlobalState::new(self.keys.clone()),
+            GlobalState::with_board(self.keys.clone(), self.desk.board.clone()),
             self.settings.worker.clone(),
         );
-        self.inputs = Some(tx);
+        self.set_inputs(Some(tx));
         self.stopper = Some(handle.stopper());
-        self.inspector = Some(inspector);
         info!(prefix = %self.settings.worker.prefix, "changefeed owner started");
         ctx.spawn(handle.wait().into_actor(self).map(|result, act, ctx| {
-            act.inputs = None;
+            act.set_inputs(None);
             act.stopper = None;
-            act.inspector = None;
+            // No answer is better than one from a state nobody updates.
+            act.desk.board.clear();
             if act.stopping {
                 return;
             }
@@ -280,61 +284,11 @@ impl StreamHandler<Feed> for Owner {
     fn finished(&mut self, _: &mut Self::Context) {}
 }
 
-impl Owner {
-    /// The work of `executor`, with its progress handed to the reactor. Only
-    /// reads the worker's state: nothing here needs the owner to stay still
-    /// meanwhile.
-    fn work(
-        &self,
-        executor: String,
-        progress: Vec<ProgressReport>,
-    ) -> impl std::future::Future<Output = Result<Work, OwnerError>> + 'static {
-        let inspector = self.inspector.clone();
-        let inputs = self.inputs.clone();
-        async move {
-            let inspector = inspector.ok_or(OwnerError::NotRunning)?;
-            let id = executor.clone();
-            let (work, accepted) = inspector
-                .inspect(move |state: &GlobalState| work_for(state, &id, progress))
-                .await
-                .ok_or(OwnerError::NotRunning)?;
-            if let Some(inputs) = inputs {
-                for report in accepted {
-                    let _ = inputs.send(OwnerInput::Progress {
-                        executor: executor.clone(),
-                        report,
-                    });
-                }
-            }
-            Ok(work)
-        }
-    }
-}
-
 impl Handler<ExecutorWork> for Owner {
-    type Result = ResponseFuture<Result<Work, OwnerError>>;
+    type Result = Result<Work, OwnerError>;
 
     fn handle(&mut self, msg: ExecutorWork, _: &mut Self::Context) -> Self::Result {
-        Box::pin(self.work(msg.executor, msg.progress))
-    }
-}
-
-impl Handler<Beat> for Owner {
-    type Result = ResponseFuture<Result<(HeartbeatAck, Work), BeatError>>;
-
-    fn handle(&mut self, msg: Beat, _: &mut Self::Context) -> Self::Result {
-        let registry = self.registry.clone();
-        let executor = msg.heartbeat.id.clone();
-        // Built now, awaited only after the registry accepted the heartbeat:
-        // an unauthenticated caller's progress never reaches the reactor.
-        let work = self.work(executor, msg.progress);
-        Box::pin(async move {
-            let ack = registry
-                .send(msg.heartbeat)
-                .await
-                .map_err(|_| BeatError::RegistryGone)??;
-            Ok((ack, work.await?))
-        })
+        self.desk.work(&msg.executor, msg.progress)
     }
 }
 
@@ -348,61 +302,4 @@ impl Handler<StopOwner> for Owner {
         }
         ctx.stop();
     }
-}
-
-/// The committed assignments of `executor`, and which of its reports to
-/// accept: only those for its current assignment at the current epoch.
-fn work_for(
-    state: &GlobalState,
-    executor: &str,
-    progress: Vec<ProgressReport>,
-) -> (Work, Vec<ProgressReport>) {
-    let mut work = Work::default();
-    for cf in state.tasks_of(executor) {
-        let entry = &state.changefeeds[cf];
-        let (Some(info), Some(status), Some(task)) =
-            (&entry.info, &entry.status, entry.tasks.get(executor))
-        else {
-            continue;
-        };
-        if info.state == FeedState::Normal && task.epoch == status.epoch {
-            work.assignments.push(Assignment {
-                namespace: cf.namespace.clone(),
-                changefeed: cf.id.clone(),
-                epoch: task.epoch,
-                sink_uri: info.sink_uri.clone(),
-                config: info.config.clone(),
-                checkpoint_ts: status.checkpoint_ts,
-            });
-        }
-    }
-    let mut accepted = Vec::new();
-    for report in progress {
-        let reason = match state.changefeeds.get(&report.changefeed) {
-            None => Some("unknown_changefeed".to_owned()),
-            Some(entry) => {
-                let current = entry.status.as_ref().map(|s| s.epoch);
-                match entry.tasks.get(executor) {
-                    Some(task) if task.epoch == report.epoch && current == Some(report.epoch) => {
-                        None
-                    }
-                    _ => Some(format!(
-                        "stale_epoch: the changefeed runs at epoch {} on {}",
-                        current.unwrap_or(0),
-                        entry.current_executor().unwrap_or("no executor")
-                    )),
-                }
-            }
-        };
-        match reason {
-            None => accepted.push(report),
-            Some(reason) => work.rejected.push(Rejected {
-                namespace: report.changefeed.namespace.clone(),
-                changefeed: report.changefeed.id.clone(),
-                epoch: report.epoch,
-                reason,
-            }),
-        }
-    }
-    (work, accepted)
 }

@@ -15,9 +15,9 @@ use super::error::{ApiError, ApiResult};
 use super::{bearer_token, json_body, resource, AppState};
 use crate::actors::executor_registry::{
     Caller, Deregister, ExecutorEvent, ExecutorInfo, ExecutorRegistry, ExecutorStatus, GetExecutor,
-    Heartbeat, ListExecutors, Register, RegistryError, Subscribe,
+    ListExecutors, Register, RegistryError, RegistryHandle, Subscribe,
 };
-use crate::actors::owner::{Assignment, Beat, BeatError, Rejected, Work};
+use crate::actors::owner::{Assignment, Rejected, Work};
 use crate::owner::feeds::validate_id;
 use crate::owner::model::ChangefeedId;
 use crate::owner::reactor::ProgressReport;
@@ -46,6 +46,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 fn registry(state: &AppState) -> ApiResult<&Addr<ExecutorRegistry>> {
+    registry_handle(state).map(|r| &r.addr)
+}
+
+fn registry_handle(state: &AppState) -> ApiResult<&RegistryHandle> {
     state.registry.as_ref().ok_or_else(|| {
         ApiError::Unavailable("the executor registry is not running on this server".into())
     })
@@ -185,35 +189,23 @@ async fn heartbeat(
         Some(ms) => Some(Duration::from_millis(ms)),
         None => None,
     };
-    let heartbeat = Heartbeat {
-        id: id.into_inner(),
-        token: token.to_owned(),
-        ttl,
-    };
-    let (ack, work) = match &state.owner {
-        // One message: the owner lives on the registry's thread and asks it
-        // first, so only an authenticated, live executor's progress counts.
-        // If the owner cannot answer after the heartbeat counted, a 503 tells
-        // the executor to keep its current work and ask again (an empty list
-        // would stop everything).
+    // Answered here, on the HTTP worker's thread, from the tables the
+    // registry and the owner share with it: no actor message on this path.
+    // The registry first, so only an authenticated, live executor's
+    // progress counts.
+    let ack = registry_handle(&state)?.table.heartbeat(&id, token, ttl)?;
+    let work = match &state.owner {
+        // If the owner cannot answer after the heartbeat counted, a 503
+        // tells the executor to keep its current work and ask again (an
+        // empty list would stop everything).
         Some(owner) => owner
-            .send(Beat {
-                heartbeat,
-                progress,
-            })
-            .await
-            .map_err(|e| {
-                ApiError::Unavailable(format!("the changefeed owner is not answering: {e}"))
-            })?
-            .map_err(|e| match e {
-                BeatError::Registry(e) => ApiError::Registry(e),
-                other => ApiError::Unavailable(other.to_string()),
-            })?,
+            .work(&id, progress)
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?,
         // A server built without an owner (registry-only tests) has no work
         // to hand out and takes no progress.
-        None => {
-            let ack = registry(&state)?.send(heartbeat).await.map_err(mailbox)??;
-            let rejected = progress
+        None => Work {
+            assignments: Vec::new(),
+            rejected: progress
                 .into_iter()
                 .map(|p| Rejected {
                     namespace: p.changefeed.namespace,
@@ -221,15 +213,8 @@ async fn heartbeat(
                     epoch: p.epoch,
                     reason: "no_owner: this server runs no changefeed owner".into(),
                 })
-                .collect();
-            (
-                ack,
-                Work {
-                    assignments: Vec::new(),
-                    rejected,
-                },
-            )
-        }
+                .collect(),
+        },
     };
     Ok(HttpResponse::Ok().json(HeartbeatResponse {
         ttl_ms: ack.ttl.as_millis() as u64,

@@ -82,10 +82,10 @@ pub struct AppState {
     pub info: ServerInfo,
     pub etcd: EtcdProbe,
     /// The executor registry; `None` where this server does not run one.
-    pub registry: Option<actix::Addr<crate::actors::executor_registry::ExecutorRegistry>>,
-    /// The changefeed owner; `None` where this server runs none (heartbeats
-    /// then carry no assignments).
-    pub owner: Option<actix::Addr<crate::actors::owner::Owner>>,
+    pub registry: Option<crate::actors::executor_registry::RegistryHandle>,
+    /// The changefeed owner's heartbeat side; `None` where this server runs
+    /// no owner (heartbeats then carry no assignments).
+    pub owner: Option<crate::actors::owner::WorkDesk>,
     /// Changefeed administration in etcd; `None` where this server has no etcd.
     pub changefeeds: Option<crate::owner::feeds::Changefeeds>,
     /// The operators' token (`server.admin_token_file`); `None`: no admin.

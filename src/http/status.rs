@@ -36,6 +36,7 @@ async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
         .map_err(ApiError::EtcdUnavailable)?;
     if let Some(registry) = &state.registry {
         let stats = registry
+            .addr
             .send(GetRegistryStats)
             .await
             .map_err(super::executors::mailbox)?;
@@ -98,11 +99,12 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
     let (store, executors) = match &state.registry {
         None => (None, None),
         Some(registry) => {
-            let store_error = match registry.send(PingStore).await {
+            let store_error = match registry.addr.send(PingStore).await {
                 Ok(result) => result.err(),
                 Err(e) => Some(super::executors::mailbox(e).to_string()),
             };
             let counts = registry
+                .addr
                 .send(GetRegistryStats)
                 .await
                 .ok()

@@ -192,6 +192,9 @@ impl Reactor for OwnerReactor {
     type State = GlobalState;
 
     fn tick(&mut self, state: &mut GlobalState) -> Result<(), ReactorError> {
+        // Ticks come only at a consistent snapshot of etcd: from now on the
+        // board may answer heartbeats.
+        state.board().set_ready();
         self.drain_inputs();
         // Taken for the tick (not cloned), put back at its end.
         let Some(live) = self.live.take() else {

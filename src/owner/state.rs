@@ -6,9 +6,11 @@
 //! affected.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::state::{PatchGroup, ReactorState, StateError};
 
+use super::board::{Touched, WorkBoard};
 use super::model::{
     ChangefeedId, ChangefeedInfo, ChangefeedStatus, ExecutorRecord, Key, Keys, TaskPosition,
     TaskStatus,
@@ -56,19 +58,33 @@ pub struct GlobalState {
     /// owner leaves them alone (it must not mistake them for leftovers of a
     /// deleted changefeed) until the key is fixed or deleted.
     pub unreadable: BTreeSet<ChangefeedId>,
+    /// Each executor's work, kept current for the heartbeat path.
+    board: Arc<WorkBoard>,
     patches: Vec<PatchGroup>,
 }
 
 impl GlobalState {
     pub fn new(keys: Keys) -> Self {
+        Self::with_board(keys, Arc::default())
+    }
+
+    /// A state that keeps `board` current; the board is cleared first.
+    pub fn with_board(keys: Keys, board: Arc<WorkBoard>) -> Self {
+        board.clear();
         Self {
             keys,
             changefeeds: BTreeMap::new(),
             executors: BTreeMap::new(),
             by_executor: BTreeMap::new(),
             unreadable: BTreeSet::new(),
+            board,
             patches: Vec::new(),
         }
+    }
+
+    /// The board this state keeps current.
+    pub fn board(&self) -> &Arc<WorkBoard> {
+        &self.board
     }
 
     /// Queues one atomic group of patches.
@@ -181,8 +197,16 @@ impl ReactorState for GlobalState {
             }
             Key::Owner(_) | Key::Executor(_) => unreachable!("handled above"),
         };
+        let touched = match &parsed {
+            Key::TaskStatus { executor, .. } => Touched::Task(executor),
+            Key::TaskPosition { .. } => Touched::Position,
+            _ => Touched::Feed,
+        };
         if entry.is_empty() {
             self.changefeeds.remove(changefeed);
+            self.board.refresh(changefeed, None, touched);
+        } else {
+            self.board.refresh(changefeed, Some(entry), touched);
         }
         result
     }
@@ -265,5 +289,108 @@ mod tests {
         state
             .update("/p/__meta__/owner/abc", Some(b"x"), false)
             .unwrap();
+    }
+
+    fn report(cf: &ChangefeedId, epoch: u64) -> crate::owner::reactor::ProgressReport {
+        crate::owner::reactor::ProgressReport {
+            changefeed: cf.clone(),
+            epoch,
+            checkpoint_ts: 10,
+            resolved_ts: 10,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_board_follows_assignments_pauses_epochs_and_deletes() {
+        use crate::owner::model::ChangefeedStatus;
+        let keys = Keys::new("/p");
+        let mut state = GlobalState::new(keys.clone());
+        let board = state.board().clone();
+        let cf = ChangefeedId::new("default", "a");
+        let put = |state: &mut GlobalState, key: String, value: Vec<u8>| {
+            state.update(&key, Some(&value), false).unwrap()
+        };
+        let task = |epoch| {
+            serde_json::to_vec(&TaskStatus {
+                epoch,
+                assigned_at: "now".into(),
+            })
+            .unwrap()
+        };
+        let status = |epoch, checkpoint_ts| {
+            serde_json::to_vec(&ChangefeedStatus {
+                epoch,
+                checkpoint_ts,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        assert!(
+            board.work_for("e1", vec![]).is_none(),
+            "not ready before the first tick"
+        );
+        board.set_ready();
+        put(
+            &mut state,
+            keys.info(&cf),
+            serde_json::to_vec(&info()).unwrap(),
+        );
+        put(&mut state, keys.status(&cf), status(1, 5));
+        put(&mut state, keys.task_status(&cf, "e1"), task(1));
+        let (work, accepted) = board.work_for("e1", vec![report(&cf, 1)]).unwrap();
+        assert_eq!(work.assignments.len(), 1);
+        assert_eq!(work.assignments[0].epoch, 1);
+        assert_eq!(work.assignments[0].checkpoint_ts, 5);
+        assert_eq!(accepted, vec![report(&cf, 1)]);
+        assert!(work.rejected.is_empty());
+
+        // The checkpoint moves: the assignment says where to resume from.
+        put(&mut state, keys.status(&cf), status(1, 9));
+        let (work, _) = board.work_for("e1", vec![]).unwrap();
+        assert_eq!(work.assignments[0].checkpoint_ts, 9);
+
+        // Moved to e2 at epoch 2: e1's report is stale, e1 runs nothing.
+        put(&mut state, keys.task_status(&cf, "e2"), task(2));
+        put(&mut state, keys.status(&cf), status(2, 9));
+        let (work, accepted) = board.work_for("e1", vec![report(&cf, 1)]).unwrap();
+        assert!(work.assignments.is_empty());
+        assert!(accepted.is_empty());
+        assert_eq!(
+            work.rejected[0].reason,
+            "stale_epoch: the changefeed runs at epoch 2 on e2"
+        );
+        state
+            .update(&keys.task_status(&cf, "e1"), None, false)
+            .unwrap();
+        let (work, _) = board.work_for("e2", vec![]).unwrap();
+        assert_eq!(work.assignments[0].epoch, 2);
+
+        // Paused: still e2's task, but nothing to run.
+        let mut paused = info();
+        paused.state = FeedState::Stopped;
+        put(
+            &mut state,
+            keys.info(&cf),
+            serde_json::to_vec(&paused).unwrap(),
+        );
+        let (work, accepted) = board.work_for("e2", vec![report(&cf, 2)]).unwrap();
+        assert!(work.assignments.is_empty());
+        assert_eq!(accepted.len(), 1, "progress of the current epoch counts");
+
+        // Deleted key by key: the changefeed becomes unknown.
+        for key in [
+            keys.task_status(&cf, "e2"),
+            keys.status(&cf),
+            keys.info(&cf),
+        ] {
+            state.update(&key, None, false).unwrap();
+        }
+        let (work, _) = board.work_for("e2", vec![report(&cf, 2)]).unwrap();
+        assert_eq!(work.rejected[0].reason, "unknown_changefeed");
+
+        // A new state (a restarted worker) starts from an empty board.
+        let _fresh = GlobalState::with_board(keys, board.clone());
+        assert!(board.work_for("e2", vec![]).is_none());
     }
 }

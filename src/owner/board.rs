@@ -1,0 +1,254 @@
+//! `WorkBoard`: what every executor must run, readable from any thread.
+//!
+//! [`GlobalState`](super::state::GlobalState) keeps it current as committed
+//! updates arrive (each update refreshes only the changefeed it touched), so
+//! a heartbeat is answered on the HTTP worker's own thread: no message to the
+//! owner, no wait for a tick. It holds committed data only, like the state
+//! it mirrors.
+//!
+//! Until the worker's first tick (the first consistent snapshot of etcd) and
+//! after the worker stops, the board is not ready and answers nothing: an
+//! empty list would tell every executor to stop its work.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use serde::Serialize;
+
+use super::model::{ChangefeedId, FeedState};
+use super::reactor::ProgressReport;
+use super::state::ChangefeedEntry;
+
+/// A changefeed an executor must run, as committed in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Assignment {
+    pub namespace: String,
+    pub changefeed: String,
+    pub epoch: u64,
+    pub sink_uri: String,
+    pub config: serde_json::Value,
+    /// Where to resume from.
+    pub checkpoint_ts: u64,
+}
+
+/// A progress report the owner refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejected {
+    pub namespace: String,
+    pub changefeed: String,
+    pub epoch: u64,
+    pub reason: String,
+}
+
+/// What an executor learns from a heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Work {
+    pub assignments: Vec<Assignment>,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Which key of a changefeed changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Touched<'a> {
+    /// Its info or status: every executor it has a task on.
+    Feed,
+    /// The task key of this executor.
+    Task(&'a str),
+    /// A position key: no assignment changes.
+    Position,
+}
+
+/// One task key of an executor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    /// The epoch in the task key.
+    epoch: u64,
+    /// `Some` when the executor must run it: the changefeed is `normal` and
+    /// this task is its current epoch.
+    assignment: Option<Assignment>,
+}
+
+/// Where a changefeed runs now, for the reason a report is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Current {
+    epoch: Option<u64>,
+    executor: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    by_executor: HashMap<String, BTreeMap<ChangefeedId, Slot>>,
+    /// Every changefeed with at least one key.
+    feeds: HashMap<ChangefeedId, Current>,
+}
+
+/// See the module documentation.
+#[derive(Debug, Default)]
+pub struct WorkBoard {
+    ready: AtomicBool,
+    tables: RwLock<Tables>,
+}
+
+impl WorkBoard {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the board reflects a consistent snapshot of etcd.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Called at each tick: the state behind the board is a consistent
+    /// snapshot.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Forgets everything (a new worker starts from an empty state).
+    pub fn clear(&self) {
+        self.ready.store(false, Ordering::Release);
+        *self.write() = Tables::default();
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Tables> {
+        // Every write replaces whole values: a panic elsewhere cannot leave
+        // a half-written one behind.
+        self.tables.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Tables> {
+        self.tables.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Brings `cf` up to date after one of its keys changed. `entry` is
+    /// `None` once the changefeed has no key left.
+    pub(super) fn refresh(
+        &self,
+        cf: &ChangefeedId,
+        entry: Option<&ChangefeedEntry>,
+        touched: Touched<'_>,
+    ) {
+        let executor = match touched {
+            Touched::Task(executor) => Some(executor),
+            Touched::Feed | Touched::Position => None,
+        };
+        let mut tables = self.write();
+        let Some(entry) = entry else {
+            tables.feeds.remove(cf);
+            if let Some(executor) = executor {
+                remove_slot(&mut tables, executor, cf);
+            }
+            return;
+        };
+        if touched == Touched::Position {
+            // Progress changes no assignment; only a changefeed seen for the
+            // first time through a position key needs an entry.
+            if !tables.feeds.contains_key(cf) {
+                tables.feeds.insert(cf.clone(), Current::default());
+            }
+            return;
+        }
+        let current = Current {
+            epoch: entry.status.as_ref().map(|s| s.epoch),
+            executor: entry.current_executor().map(str::to_owned),
+        };
+        if tables.feeds.get(cf) != Some(&current) {
+            tables.feeds.insert(cf.clone(), current);
+        }
+        if let Some(executor) = executor {
+            if !entry.tasks.contains_key(executor) {
+                remove_slot(&mut tables, executor, cf);
+            }
+        }
+        for (executor, task) in &entry.tasks {
+            let assignment = match (&entry.info, &entry.status) {
+                (Some(info), Some(status))
+                    if info.state == FeedState::Normal && task.epoch == status.epoch =>
+                {
+                    Some(Assignment {
+                        namespace: cf.namespace.clone(),
+                        changefeed: cf.id.clone(),
+                        epoch: task.epoch,
+                        sink_uri: info.sink_uri.clone(),
+                        config: info.config.clone(),
+                        checkpoint_ts: status.checkpoint_ts,
+                    })
+                }
+                _ => None,
+            };
+            let slot = Slot {
+                epoch: task.epoch,
+                assignment,
+            };
+            let slots = tables.by_executor.entry(executor.clone()).or_default();
+            if slots.get(cf) != Some(&slot) {
+                slots.insert(cf.clone(), slot);
+            }
+        }
+    }
+
+    /// The committed assignments of `executor`, and which of its reports to
+    /// accept: only those for its current assignment at the current epoch.
+    /// `None` while the board is not ready.
+    pub fn work_for(
+        &self,
+        executor: &str,
+        progress: Vec<ProgressReport>,
+    ) -> Option<(Work, Vec<ProgressReport>)> {
+        if !self.is_ready() {
+            return None;
+        }
+        let tables = self.read();
+        let slots = tables.by_executor.get(executor);
+        let mut work = Work {
+            assignments: slots
+                .into_iter()
+                .flat_map(|slots| slots.values())
+                .filter_map(|slot| slot.assignment.clone())
+                .collect(),
+            rejected: Vec::new(),
+        };
+        let mut accepted = Vec::new();
+        for report in progress {
+            let reason = match tables.feeds.get(&report.changefeed) {
+                None => Some("unknown_changefeed".to_owned()),
+                Some(current) => {
+                    let task = slots.and_then(|slots| slots.get(&report.changefeed));
+                    if task.is_some_and(|t| t.epoch == report.epoch)
+                        && current.epoch == Some(report.epoch)
+                    {
+                        None
+                    } else {
+                        Some(format!(
+                            "stale_epoch: the changefeed runs at epoch {} on {}",
+                            current.epoch.unwrap_or(0),
+                            current.executor.as_deref().unwrap_or("no executor")
+                        ))
+                    }
+                }
+            };
+            match reason {
+                None => accepted.push(report),
+                Some(reason) => work.rejected.push(Rejected {
+                    namespace: report.changefeed.namespace.clone(),
+                    changefeed: report.changefeed.id.clone(),
+                    epoch: report.epoch,
+                    reason,
+                }),
+            }
+        }
+        drop(tables);
+        Some((work, accepted))
+    }
+}
+
+fn remove_slot(tables: &mut Tables, executor: &str, cf: &ChangefeedId) {
+    if let Some(slots) = tables.by_executor.get_mut(executor) {
+        slots.remove(cf);
+        if slots.is_empty() {
+            tables.by_executor.remove(executor);
+        }
+    }
+}
