@@ -56,7 +56,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/meta.db?mode=rwc", dir.path().display());
     actix_rt::System::new().block_on(async move {
-        let addr = support::quiet_registry(&url).await;
+        let addr = support::quiet_registry(&url).await.addr;
         // Warm up pools and caches, then measure from here.
         register(&addr, 0, 2_000).await;
         let before = LIVE.load(Ordering::Relaxed);

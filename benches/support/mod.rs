@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
-use actix::prelude::*;
-use flotilla::actors::executor_registry::{ExecutorRegistry, GetRegistryStats, RegistryConfig};
+use flotilla::actors::executor_registry::{
+    ExecutorRegistry, GetRegistryStats, RegistryConfig, RegistryHandle,
+};
 use flotilla::store::{Store, StoreOptions};
 
 /// A loaded registry on the store at `url` where nothing expires by itself
 /// (hour-long TTLs and keepalive): the benches trigger what they measure.
-pub async fn quiet_registry(url: &str) -> Addr<ExecutorRegistry> {
+pub async fn quiet_registry(url: &str) -> RegistryHandle {
     let store = Store::connect(url, &StoreOptions::default())
         .await
         .expect("bench store");
@@ -19,9 +20,9 @@ pub async fn quiet_registry(url: &str) -> Addr<ExecutorRegistry> {
         keepalive_interval: Duration::from_secs(3600),
         ..RegistryConfig::default()
     };
-    let addr = ExecutorRegistry::new(config, store).start();
-    while !addr.send(GetRegistryStats).await.unwrap().loaded {
+    let registry = ExecutorRegistry::new(config, store).start_with_table();
+    while !registry.addr.send(GetRegistryStats).await.unwrap().loaded {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    addr
+    registry
 }
