@@ -112,6 +112,10 @@ pub struct ServerConfig {
     /// File holding the admin bearer token (the whole file, trimmed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token_file: Option<PathBuf>,
+    /// TTL of this server's lease in the leader election: how long a leader
+    /// that stopped answering keeps the leadership (whole seconds, >= 1s).
+    #[serde(with = "human_duration")]
+    pub session_ttl: Duration,
 }
 
 impl Default for ServerConfig {
@@ -121,6 +125,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("data"),
             advertise_addr: None,
             admin_token_file: None,
+            session_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -401,10 +406,20 @@ impl Config {
             ("registry.default_ttl", self.registry.default_ttl),
             ("registry.min_ttl", self.registry.min_ttl),
             ("registry.max_ttl", self.registry.max_ttl),
+            ("server.session_ttl", self.server.session_ttl),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be longer than 0s".into()));
             }
+        }
+        if self.server.session_ttl.subsec_nanos() != 0 {
+            return Err(invalid(
+                "server.session_ttl",
+                format!(
+                    "{} is not a whole number of seconds (etcd leases count seconds)",
+                    humantime::format_duration(self.server.session_ttl)
+                ),
+            ));
         }
         if self.etcd.max_txn_ops == 0 {
             return Err(invalid("etcd.max_txn_ops", "must be > 0".into()));
@@ -982,6 +997,8 @@ mod tests {
                 "[server]\nadmin_token_file = \"/nonexistent/token\"",
                 "server.admin_token_file",
             ),
+            ("[server]\nsession_ttl = \"1500ms\"", "server.session_ttl"),
+            ("[server]\nsession_ttl = \"0s\"", "server.session_ttl"),
             ("[store]\nurl = \"redis://x\"", "store.url"),
             ("[log]\nformat = \"xml\"", "log.format"),
             ("[log]\nlevel = \"info,[\"", "log.level"),

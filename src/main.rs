@@ -10,8 +10,10 @@ use std::time::Duration;
 use actix::Actor;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use flotilla::actors::executor_registry::{ExecutorRegistry, RegistryConfig, StopRegistry};
-use flotilla::actors::owner::{Owner, OwnerSettings, StopOwner};
+use flotilla::actors::election::{self, ElectionConfig};
+use flotilla::actors::executor_registry::RegistryConfig;
+use flotilla::actors::leader::{LeaderRoles, RoleSettings, RoleSlot, StepDown};
+use flotilla::actors::owner::OwnerSettings;
 use flotilla::actors::WorkerConfig;
 use flotilla::config::{self, Config, LogFormat, Override};
 use flotilla::etcd_server::{EmbeddedEtcd, EmbeddedEtcdOptions};
@@ -239,35 +241,48 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             )
         })?;
     info!(backend = store.backend(), "metadata store ready");
-    let registry_handle =
-        ExecutorRegistry::new(registry_config(&config.registry), store).start_with_table();
-    let registry = registry_handle.addr.clone();
     // The owner gets a client of its own without a request timeout: its
     // watch is a long-lived stream, and the worker bounds each request itself.
+    // The election shares it (its requests are bounded by the election).
     let owner_client = etcd_client::Client::connect(
         &endpoints,
         Some(etcd_client::ConnectOptions::new().with_connect_timeout(config.etcd.dial_timeout)),
     )
     .await
     .with_context(|| format!("cannot create an etcd client for {endpoints:?}"))?;
-    let owner = Owner::new(
-        registry.clone(),
-        owner_client,
-        Keys::new(config.etcd.prefix.clone()),
-        OwnerSettings {
-            worker: WorkerConfig {
-                tick_interval: config.etcd.tick_interval,
-                max_txn_ops: config.etcd.max_txn_ops,
-                max_txn_bytes: config.etcd.max_txn_bytes,
-                request_timeout: config.etcd.request_timeout,
-                ..WorkerConfig::new(format!("{}/", config.etcd.prefix.trim_end_matches('/')))
+    let keys = Keys::new(config.etcd.prefix.clone());
+    let registry_settings = registry_config(&config.registry);
+    let failover_floor = registry_settings.default_ttl + config.server.session_ttl;
+    if registry_settings.failover_grace < failover_floor {
+        warn!(
+            failover_grace = %humantime::format_duration(registry_settings.failover_grace),
+            advised = %humantime::format_duration(failover_floor),
+            "registry.failover_grace is shorter than registry.default_ttl + server.session_ttl: \
+             executors may expire after a failover although they kept heartbeating"
+        );
+    }
+    let roles = RoleSlot::default();
+    let leader_roles = LeaderRoles::new(
+        RoleSettings {
+            registry: registry_settings,
+            store,
+            client: owner_client.clone(),
+            keys: keys.clone(),
+            owner: OwnerSettings {
+                worker: WorkerConfig {
+                    tick_interval: config.etcd.tick_interval,
+                    max_txn_ops: config.etcd.max_txn_ops,
+                    max_txn_bytes: config.etcd.max_txn_bytes,
+                    request_timeout: config.etcd.request_timeout,
+                    ..WorkerConfig::new(format!("{}/", config.etcd.prefix.trim_end_matches('/')))
+                },
+                owner: OwnerConfig::default(),
+                restart_backoff: Duration::from_secs(1),
             },
-            owner: OwnerConfig::default(),
-            restart_backoff: Duration::from_secs(1),
         },
-    );
-    let work_desk = owner.desk();
-    let owner = owner.start();
+        roles.clone(),
+    )
+    .start();
     let admin_token = match &config.server.admin_token_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -294,11 +309,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         etcd_endpoints: endpoints,
     };
     let server_id = info.id.clone();
+    let election = election::start(
+        owner_client,
+        ElectionConfig {
+            key_prefix: keys.owner_prefix(),
+            server_id: info.id.clone(),
+            advertise_addr: info.advertise_addr.clone(),
+            session_ttl: config.server.session_ttl,
+            request_timeout: config.etcd.request_timeout,
+        },
+        leader_roles.clone().recipient(),
+    );
     let state = AppState {
         info,
         etcd: probe,
-        registry: Some(registry_handle),
-        owner: Some(work_desk),
+        roles,
+        election: Some(election.view()),
         changefeeds: Some(changefeeds),
         admin_token,
         max_body_bytes: config.http.max_body_bytes,
@@ -339,8 +365,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // Requests are drained; nothing sends to the owner or the registry any
     // more. The owner's worker finishes its in-flight commit first.
-    let _ = owner.send(StopOwner).await;
-    let _ = registry.send(StopRegistry).await;
+    let _ = leader_roles.send(StepDown).await;
+    // The lease is revoked: another server leads at once.
+    election.resign().await;
+    info!("left the leader election");
 
     if let Some(etcd) = embedded {
         info!(pid = etcd.pid(), "stopping embedded etcd");

@@ -221,3 +221,47 @@ static STORE: LazyLock<StoreMetrics> = LazyLock::new(|| StoreMetrics {
 pub fn store() -> &'static StoreMetrics {
     &STORE
 }
+
+/// Metrics of the leader election and request forwarding.
+pub struct ElectionMetrics {
+    pub is_leader: prometheus::IntGauge,
+    pub leader_changes_total: prometheus::IntCounter,
+    pub campaign_seconds: prometheus::Histogram,
+    pub forwarded_requests_total: prometheus::IntCounterVec,
+}
+
+static ELECTION: LazyLock<ElectionMetrics> = LazyLock::new(|| {
+    ElectionMetrics {
+    is_leader: register(
+        prometheus::IntGauge::new(
+            "is_leader",
+            "1 while this server is the elected leader (runs the registry and the owner).",
+        )
+        .expect("valid gauge"),
+    ),
+    leader_changes_total: counter(
+        "leader_changes_total",
+        "Times this server became the leader.",
+    ),
+    campaign_seconds: register(
+        prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "election_campaign_duration_seconds",
+                "Time to join the election: lease grant, election key put, keep-alive start.",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 2.0, 14).expect("valid buckets")),
+        )
+        .expect("valid histogram"),
+    ),
+    forwarded_requests_total: counter_vec(
+        "forwarded_requests_total",
+        "Requests a follower forwarded to the leader, by outcome (ok, no_leader, leader_unreachable).",
+        &["outcome"],
+    ),
+}
+});
+
+/// The election metrics, registered on first use.
+pub fn election() -> &'static ElectionMetrics {
+    &ELECTION
+}

@@ -9,6 +9,7 @@ use actix::prelude::*;
 use actix_web::http::StatusCode;
 use actix_web::{test, web, App};
 use flotilla::actors::executor_registry::{ExecutorRegistry, GetRegistryStats, RegistryConfig};
+use flotilla::actors::leader::{RoleSlot, Roles};
 use flotilla::http::{self, AppState, EtcdProbe, ServerInfo};
 use flotilla::store::{Store, StoreOptions};
 use rand::rngs::StdRng;
@@ -56,8 +57,11 @@ async fn state_with(store: Store) -> (web::Data<AppState>, Addr<ExecutorRegistry
             etcd_endpoints: vec![],
         },
         etcd: EtcdProbe::new(client, Duration::from_millis(100)),
-        registry: Some(handle),
-        owner: None,
+        roles: RoleSlot::fixed(Roles {
+            registry: handle,
+            owner: None,
+        }),
+        election: None,
         changefeeds: None,
         admin_token: Some(ADMIN.into()),
         max_body_bytes: MAX_BODY,
@@ -549,8 +553,8 @@ async fn the_watch_feed_is_readable_by_a_real_http_client() {
     let state = AppState {
         info: state.info.clone(),
         etcd: state.etcd.clone(),
-        registry: state.registry.clone(),
-        owner: None,
+        roles: state.roles.clone(),
+        election: None,
         changefeeds: None,
         admin_token: state.admin_token.clone(),
         max_body_bytes: MAX_BODY,

@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::election::LeaseGuard;
 use crate::labels;
 use crate::metrics;
 use crate::store::{self, Store, StoredExecutor};
@@ -566,6 +567,8 @@ pub struct ExecutorRegistry {
     last_expiry_pass: Instant,
     pending_deletes: BTreeSet<ExecutorId>,
     deleting: bool,
+    /// Whether this server still holds the leadership it runs under.
+    lease: LeaseGuard,
 }
 
 impl ExecutorRegistry {
@@ -582,7 +585,16 @@ impl ExecutorRegistry {
             last_expiry_pass: Instant::now(),
             pending_deletes: BTreeSet::new(),
             deleting: false,
+            lease: LeaseGuard::always(),
         }
+    }
+
+    /// Expires nothing and deletes nothing from SQL once `lease` lapses: a
+    /// deposed leader, frozen and woken up, would otherwise find every
+    /// executor overdue (they heartbeat to the new leader meanwhile).
+    pub fn with_lease_guard(mut self, lease: LeaseGuard) -> Self {
+        self.lease = lease;
+        self
     }
 
     /// Starts the actor on the current arbiter.
@@ -699,6 +711,9 @@ impl ExecutorRegistry {
     }
 
     fn expiry_pass(&mut self, ctx: &mut Context<Self>) -> usize {
+        if !self.lease.is_valid() {
+            return 0;
+        }
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.last_expiry_pass);
         let mut tables = self.table.lock();
@@ -768,7 +783,7 @@ impl ExecutorRegistry {
     /// Deletes removed executors from SQL, a batch at a time, in the
     /// background; failures stay pending and are retried on a later pass.
     fn flush_deletes(&mut self, ctx: &mut Context<Self>) {
-        if self.deleting || self.pending_deletes.is_empty() {
+        if self.deleting || self.pending_deletes.is_empty() || !self.lease.is_valid() {
             return;
         }
         self.deleting = true;

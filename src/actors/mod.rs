@@ -1,8 +1,10 @@
 //! The actix actors of the orchestrator worker. Each file holds one actor and
 //! the messages it receives; [`worker`] wires them together.
 
+pub mod election;
 pub mod etcd_watcher;
 pub mod executor_registry;
+pub mod leader;
 pub mod owner;
 pub mod ticker;
 pub mod txn_committer;

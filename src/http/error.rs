@@ -28,6 +28,9 @@ pub enum ApiError {
     /// etcd did not answer in time.
     #[error("etcd is unavailable: {0}")]
     EtcdUnavailable(String),
+    /// This server does not lead and cannot reach a leader to forward to.
+    #[error("{0}")]
+    NoLeader(String),
     /// A subsystem this request needs is not running or not answering.
     #[error("{0}")]
     Unavailable(String),
@@ -59,6 +62,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::EtcdUnavailable(_) => "etcd_unavailable",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::NoLeader(_) => "no_leader",
             ApiError::Registry(e) => e.code(),
             ApiError::Changefeed(e) => e.code(),
             ApiError::Unauthorized(_) => "unauthorized",
@@ -82,7 +86,7 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::EtcdUnavailable(_) | ApiError::Unavailable(_) => {
+            ApiError::EtcdUnavailable(_) | ApiError::Unavailable(_) | ApiError::NoLeader(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Registry(e) => {

@@ -15,8 +15,9 @@ use super::error::{ApiError, ApiResult};
 use super::{bearer_token, json_body, resource, AppState};
 use crate::actors::executor_registry::{
     Caller, Deregister, ExecutorEvent, ExecutorInfo, ExecutorRegistry, ExecutorStatus, GetExecutor,
-    ListExecutors, Register, RegistryError, RegistryHandle, Subscribe,
+    ListExecutors, Register, RegistryError, Subscribe,
 };
+use crate::actors::leader::Roles;
 use crate::actors::owner::{Assignment, Rejected, Work};
 use crate::owner::feeds::validate_id;
 use crate::owner::model::ChangefeedId;
@@ -45,12 +46,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
-fn registry(state: &AppState) -> ApiResult<&Addr<ExecutorRegistry>> {
-    registry_handle(state).map(|r| &r.addr)
+fn registry(state: &AppState) -> ApiResult<Addr<ExecutorRegistry>> {
+    roles(state).map(|r| r.registry.addr)
 }
 
-fn registry_handle(state: &AppState) -> ApiResult<&RegistryHandle> {
-    state.registry.as_ref().ok_or_else(|| {
+/// The leader-only actors. Missing only when this server stepped down
+/// between routing and here, or runs no registry at all.
+fn roles(state: &AppState) -> ApiResult<Roles> {
+    state.roles.get().ok_or_else(|| {
+        if state.election.is_some() {
+            return ApiError::NoLeader("this server just stopped leading; retry".into());
+        }
         ApiError::Unavailable("the executor registry is not running on this server".into())
     })
 }
@@ -193,8 +199,9 @@ async fn heartbeat(
     // registry and the owner share with it: no actor message on this path.
     // The registry first, so only an authenticated, live executor's
     // progress counts.
-    let ack = registry_handle(&state)?.table.heartbeat(&id, token, ttl)?;
-    let work = match &state.owner {
+    let roles = roles(&state)?;
+    let ack = roles.registry.table.heartbeat(&id, token, ttl)?;
+    let work = match &roles.owner {
         // If the owner cannot answer after the heartbeat counted, a 503
         // tells the executor to keep its current work and ask again (an
         // empty list would stop everything).

@@ -10,6 +10,7 @@
 mod changefeeds;
 mod error;
 mod executors;
+pub mod forward;
 mod status;
 
 use std::net::TcpListener;
@@ -81,11 +82,12 @@ impl EtcdProbe {
 pub struct AppState {
     pub info: ServerInfo,
     pub etcd: EtcdProbe,
-    /// The executor registry; `None` where this server does not run one.
-    pub registry: Option<crate::actors::executor_registry::RegistryHandle>,
-    /// The changefeed owner's heartbeat side; `None` where this server runs
-    /// no owner (heartbeats then carry no assignments).
-    pub owner: Option<crate::actors::owner::WorkDesk>,
+    /// The leader-only actors (executor registry, changefeed owner) while
+    /// this server runs them; empty otherwise.
+    pub roles: crate::actors::leader::RoleSlot,
+    /// The election this server takes part in; `None`: no election, the
+    /// roles are fixed and nothing is forwarded.
+    pub election: Option<tokio::sync::watch::Receiver<crate::actors::election::ElectionView>>,
     /// Changefeed administration in etcd; `None` where this server has no etcd.
     pub changefeeds: Option<crate::owner::feeds::Changefeeds>,
     /// The operators' token (`server.admin_token_file`); `None`: no admin.
@@ -164,6 +166,8 @@ pub fn configure(
         cfg.app_data(state.clone())
             .app_data(web::PathConfig::default().error_handler(error::path_error))
             .app_data(web::QueryConfig::default().error_handler(error::query_error))
+            // First: on a follower it takes every leader-only request.
+            .configure(forward::configure)
             .configure(executors::configure)
             .configure(status::configure)
             .configure(changefeeds::configure)

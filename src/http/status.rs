@@ -4,6 +4,7 @@ use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
 use super::{resource, ApiError, ApiResult, AppState};
+use crate::actors::election::ElectionView;
 use crate::actors::executor_registry::{GetRegistryStats, PingStore, RegistryError};
 
 /// The exposition format `/metrics` speaks.
@@ -34,8 +35,15 @@ async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
         .check()
         .await
         .map_err(ApiError::EtcdUnavailable)?;
-    if let Some(registry) = &state.registry {
-        let stats = registry
+    if let Some(view) = &state.election {
+        // A follower is ready when it has a leader to forward to.
+        if state.roles.is_empty() && view.borrow().leader.is_none() {
+            return Err(ApiError::NoLeader("no leader is elected yet".into()));
+        }
+    }
+    if let Some(roles) = state.roles.get() {
+        let stats = roles
+            .registry
             .addr
             .send(GetRegistryStats)
             .await
@@ -64,8 +72,9 @@ struct Status<'a> {
     store: Option<StoreStatus>,
     /// Executors by status; `null` without a registry.
     executors: Option<ExecutorCounts>,
-    /// The elected leader; `null` until leader election exists.
-    leader: Option<String>,
+    /// The election as this server sees it (leader, members, this server's
+    /// lease); `null` on a server that runs none.
+    election: Option<ElectionView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -96,7 +105,7 @@ struct EtcdStatus<'a> {
 async fn status(state: web::Data<AppState>) -> HttpResponse {
     let info = &state.info;
     let etcd_error = state.etcd.check().await.err();
-    let (store, executors) = match &state.registry {
+    let (store, executors) = match state.roles.get().map(|r| r.registry) {
         None => (None, None),
         Some(registry) => {
             let store_error = match registry.addr.send(PingStore).await {
@@ -136,7 +145,7 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         },
         store,
         executors,
-        leader: None,
+        election: state.election.as_ref().map(|view| view.borrow().clone()),
     })
 }
 
@@ -174,8 +183,8 @@ mod tests {
                 etcd_endpoints: vec![endpoint],
             },
             etcd: EtcdProbe::new(client, Duration::from_millis(300)),
-            registry: None,
-            owner: None,
+            roles: Default::default(),
+            election: None,
             changefeeds: None,
             admin_token: None,
             max_body_bytes: 32,

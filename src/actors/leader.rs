@@ -1,0 +1,177 @@
+//! `LeaderRoles`: starts the leader-only actors when the election says this
+//! server leads, and stops them when it says it no longer does.
+//!
+//! Leader-only: the executor registry (expiry, registrations, the feed) and
+//! the changefeed owner (its reactor and worker, fenced on the election key).
+//! They are published in a [`RoleSlot`] that the HTTP layer reads on every
+//! request: a server whose slot is empty forwards leader-only requests.
+//!
+//! On deposition the slot is emptied first (no request reaches the old
+//! actors any more), then the owner is stopped, then the registry. A new
+//! election starts a fresh registry, which loads the executors from SQL with
+//! a grace period, and a fresh owner, which continues from etcd.
+
+use std::sync::{Arc, PoisonError, RwLock};
+
+use actix::prelude::*;
+use etcd_client::Client;
+use tracing::{info, warn};
+
+use super::election::{Leadership, LeaseGuard};
+use super::executor_registry::{ExecutorRegistry, RegistryConfig, RegistryHandle, StopRegistry};
+use super::owner::{Owner, OwnerSettings, StopOwner, WorkDesk};
+use crate::owner::model::Keys;
+use crate::store::Store;
+
+/// What a leader runs, as the HTTP layer uses it.
+#[derive(Clone)]
+pub struct Roles {
+    pub registry: RegistryHandle,
+    /// `None` on a server built without an owner (registry-only tests).
+    pub owner: Option<WorkDesk>,
+}
+
+/// Where the current [`Roles`] are published; empty while this server does
+/// not lead. Cheap to clone; reads take a shared lock for a few pointer
+/// copies.
+#[derive(Clone, Default)]
+pub struct RoleSlot(Arc<RwLock<Option<Roles>>>);
+
+impl RoleSlot {
+    /// A slot that always holds `roles` (a server without an election).
+    pub fn fixed(roles: Roles) -> Self {
+        Self(Arc::new(RwLock::new(Some(roles))))
+    }
+
+    pub fn get(&self) -> Option<Roles> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+    }
+
+    fn set(&self, roles: Option<Roles>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = roles;
+    }
+}
+
+/// What the leader-only actors are built from.
+pub struct RoleSettings {
+    pub registry: RegistryConfig,
+    pub store: Store,
+    /// The owner's etcd client (created on this arbiter's runtime).
+    pub client: Client,
+    pub keys: Keys,
+    pub owner: OwnerSettings,
+}
+
+/// Stops the leader-only actors (graceful shutdown); answers once they
+/// have been asked to stop, in order.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct StepDown;
+
+struct Running {
+    registry: Addr<ExecutorRegistry>,
+    owner: Addr<Owner>,
+}
+
+pub struct LeaderRoles {
+    settings: RoleSettings,
+    slot: RoleSlot,
+    running: Option<Running>,
+}
+
+impl LeaderRoles {
+    pub fn new(settings: RoleSettings, slot: RoleSlot) -> Self {
+        Self {
+            settings,
+            slot,
+            running: None,
+        }
+    }
+
+    fn start_roles(&mut self, fence: super::worker::Fence, guard: LeaseGuard) {
+        if self.running.is_some() {
+            warn!("elected while the leader roles still run; restarting them");
+            self.stop_roles();
+        }
+        let registry =
+            ExecutorRegistry::new(self.settings.registry.clone(), self.settings.store.clone())
+                .with_lease_guard(guard)
+                .start_with_table();
+        let mut owner_settings = self.settings.owner.clone();
+        owner_settings.worker.fence = Some(fence);
+        let owner = Owner::new(
+            registry.addr.clone(),
+            self.settings.client.clone(),
+            self.settings.keys.clone(),
+            owner_settings,
+        );
+        let desk = owner.desk();
+        let owner = owner.start();
+        self.running = Some(Running {
+            registry: registry.addr.clone(),
+            owner,
+        });
+        self.slot.set(Some(Roles {
+            registry,
+            owner: Some(desk),
+        }));
+        info!("leader roles started: executor registry and changefeed owner");
+    }
+
+    fn stop_roles(&mut self) {
+        // Emptied first: from now on requests are forwarded (or refused),
+        // none reaches the old actors.
+        self.slot.set(None);
+        if let Some(running) = self.running.take() {
+            running.owner.do_send(StopOwner);
+            running.registry.do_send(StopRegistry);
+            info!("leader roles stopped");
+        }
+    }
+}
+
+impl Actor for LeaderRoles {
+    type Context = Context<Self>;
+}
+
+impl Handler<Leadership> for LeaderRoles {
+    type Result = ();
+
+    fn handle(&mut self, msg: Leadership, _: &mut Self::Context) {
+        match msg {
+            Leadership::Elected { fence, guard } => self.start_roles(fence, guard),
+            Leadership::Deposed { reason } => {
+                warn!(%reason, "deposed: stopping the leader roles");
+                self.stop_roles();
+            }
+        }
+    }
+}
+
+impl Handler<StepDown> for LeaderRoles {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: StepDown, _: &mut Self::Context) -> Self::Result {
+        self.slot.set(None);
+        let running = self.running.take();
+        Box::pin(async move {
+            if let Some(running) = running {
+                // In order: the owner's worker finishes its in-flight commit
+                // while the registry still answers it.
+                let _ = running.owner.send(StopOwner).await;
+                let _ = running.registry.send(StopRegistry).await;
+                info!("leader roles stopped");
+            }
+        })
+    }
+}

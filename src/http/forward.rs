@@ -1,0 +1,156 @@
+//! Forwarding: a follower sends leader-only requests to the leader, and
+//! streams the answer back, so clients may talk to any server.
+//!
+//! Leader-only: everything under `/api/v1/` but `/api/v1/status`, which each
+//! server answers itself. A forwarded request carries
+//! [`FORWARDED_BY`]; a server that gets one and does not lead either answers
+//! 503 `no_leader` instead of forwarding again, so a stale view can never
+//! make a loop. With no leader known, a request waits up to
+//! [`NO_LEADER_WAIT`] for one, then gets 503 `no_leader` with `Retry-After`.
+
+use std::time::Duration;
+
+use actix_web::guard::{self, GuardContext};
+use actix_web::http::header::{self, HeaderName};
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::actors::election::Member;
+use crate::metrics;
+
+/// Marks a request a follower forwarded; its value is that server's id.
+pub const FORWARDED_BY: HeaderName = HeaderName::from_static("x-flotilla-forwarded-by");
+
+/// How long a request waits for a leader to be known.
+pub const NO_LEADER_WAIT: Duration = Duration::from_secs(3);
+
+/// Deadline for the leader's response head (a watch's body streams on).
+const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Registered before every other route: takes the requests this server must
+/// forward, and only those.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api/v1")
+            .guard(guard::fn_guard(must_forward))
+            .default_service(web::to(forward)),
+    );
+}
+
+fn must_forward(ctx: &GuardContext<'_>) -> bool {
+    let path = ctx.head().uri.path();
+    if path == "/api/v1/status" {
+        return false;
+    }
+    ctx.app_data::<web::Data<AppState>>()
+        .is_some_and(|state| state.election.is_some() && state.roles.is_empty())
+}
+
+thread_local! {
+    // awc's client is per thread (like the HTTP worker that uses it); one
+    // per worker keeps its connection pool to the leader warm.
+    static CLIENT: awc::Client = awc::Client::builder()
+        .timeout(LEADER_TIMEOUT)
+        .disable_redirects()
+        .finish();
+}
+
+fn no_leader(message: String) -> ApiError {
+    metrics::election()
+        .forwarded_requests_total
+        .with_label_values(&["no_leader"])
+        .inc();
+    ApiError::NoLeader(message)
+}
+
+/// The leader other than this server, waiting up to [`NO_LEADER_WAIT`].
+async fn leader(state: &AppState) -> ApiResult<Member> {
+    let Some(view) = &state.election else {
+        return Err(no_leader("this server runs no election".into()));
+    };
+    let mut view = view.clone();
+    let wait = async {
+        loop {
+            if let Some(leader) = view.borrow_and_update().leader.clone() {
+                return Some(leader);
+            }
+            if view.changed().await.is_err() {
+                return None;
+            }
+        }
+    };
+    match tokio::time::timeout(NO_LEADER_WAIT, wait).await {
+        Ok(Some(leader)) => Ok(leader),
+        _ => Err(no_leader(format!(
+            "no leader is elected (waited {} ms); retry",
+            NO_LEADER_WAIT.as_millis()
+        ))),
+    }
+}
+
+/// Headers that describe one connection, not the request.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
+
+async fn forward(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> ApiResult<HttpResponse> {
+    if let Some(from) = req.headers().get(&FORWARDED_BY) {
+        return Err(no_leader(format!(
+            "forwarded by {} to this server, which is not the leader either; retry",
+            from.to_str().unwrap_or("another server")
+        )));
+    }
+    let leader = leader(&state).await?;
+    if leader.candidate.server_id == state.info.id {
+        // Elected a moment ago: the roles are starting.
+        return Err(no_leader(
+            "this server was just elected and is starting; retry".into(),
+        ));
+    }
+    let url = format!(
+        "http://{}{}",
+        leader.candidate.advertise_addr,
+        req.uri().path_and_query().map_or("/", |p| p.as_str())
+    );
+    let mut request = CLIENT
+        .with(|client| client.request(req.method().clone(), url))
+        .no_decompress()
+        .insert_header((FORWARDED_BY, state.info.id.as_str()));
+    for (name, value) in req.headers() {
+        if !hop_by_hop(name) && *name != header::HOST {
+            request = request.append_header((name.clone(), value.clone()));
+        }
+    }
+    let response = request.send_stream(body).await.map_err(|e| {
+        no_leader(format!(
+            "the leader {} at {} is unreachable ({e}); retry",
+            leader.candidate.server_id, leader.candidate.advertise_addr
+        ))
+    })?;
+    metrics::election()
+        .forwarded_requests_total
+        .with_label_values(&["ok"])
+        .inc();
+    let mut answer = HttpResponse::build(response.status());
+    for (name, value) in response.headers() {
+        if !hop_by_hop(name) && *name != header::CONTENT_LENGTH {
+            answer.append_header((name.clone(), value.clone()));
+        }
+    }
+    Ok(answer.streaming(response))
+}
