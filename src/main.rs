@@ -268,6 +268,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     );
     let work_desk = owner.desk();
     let owner = owner.start();
+    // One server runs the registry and the owner: the leader's work (metric doc).
+    flotilla::metrics::is_leader().set(1);
     let admin_token = match &config.server.admin_token_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -341,6 +343,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // more. The owner's worker finishes its in-flight commit first.
     let _ = owner.send(StopOwner).await;
     let _ = registry.send(StopRegistry).await;
+    flotilla::metrics::is_leader().set(0);
 
     if let Some(etcd) = embedded {
         info!(pid = etcd.pid(), "stopping embedded etcd");
