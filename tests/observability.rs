@@ -330,6 +330,16 @@ fn metrics_pass_promtool_and_label_requests_by_route_pattern() {
         assert!(!help.trim().is_empty(), "no help text: {line}");
     }
     assert_eq!(sample(&scrape, "flotilla_is_leader", &[]), Some(1.0));
+
+    // The README's metrics table names every family a server exports.
+    let readme = std::fs::read_to_string(repo_file("README.md")).unwrap();
+    for line in scrape.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line["# TYPE ".len()..].split(' ').next().unwrap();
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "README.md (Metrics) does not list {name}"
+        );
+    }
 }
 
 #[test]
