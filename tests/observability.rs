@@ -2,7 +2,7 @@
 //! SQLite): `/metrics` passes `promtool check metrics` and labels requests by route
 //! pattern; the shipped alert rules pass `promtool check rules`; the alert rules and
 //! the Grafana dashboard use only metrics a live server exports; `--log-format json`
-//! writes one JSON object per line, through a graceful SIGTERM shutdown.
+//! writes one JSON object per line, through a graceful SIGINT shutdown.
 //!
 //! promtool comes from the Debian package `prometheus` (`scripts/install-deps`).
 
@@ -183,10 +183,10 @@ impl Server {
         body
     }
 
-    /// SIGTERM, then the exit status.
-    fn terminate(&mut self) -> ExitStatus {
+    /// Sends `signal`, then waits for the exit status.
+    fn signal_and_wait(&mut self, signal: libc::c_int) -> ExitStatus {
         // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -194,7 +194,7 @@ impl Server {
             }
             assert!(
                 Instant::now() < deadline,
-                "no exit after SIGTERM:\n{}",
+                "no exit after signal {signal}:\n{}",
                 self.stderr()
             );
             thread::sleep(Duration::from_millis(50));
@@ -406,12 +406,13 @@ fn alert_rules_pass_promtool_and_deploy_files_use_only_exported_metrics() {
 }
 
 #[test]
-fn json_log_format_writes_json_lines_through_a_graceful_shutdown() {
+fn json_log_format_writes_json_lines_through_a_graceful_sigint_shutdown() {
     let mut server = Server::start(&["--log-format", "json"]);
     // Not a quiet route, so it writes an access-log line.
     let (status, _) = server.request("GET", "/api/v1/status", None, None);
     assert_eq!(status, 200);
-    let status = server.terminate();
+    // SIGINT (Ctrl-C); tests/serve.rs covers SIGTERM.
+    let status = server.signal_and_wait(libc::SIGINT);
     let stderr = server.stderr();
     assert_eq!(status.code(), Some(0), "{stderr}");
 
@@ -434,7 +435,9 @@ fn json_log_format_writes_json_lines_through_a_graceful_shutdown() {
     for expected in [
         "HTTP server listening",
         "request",
+        "shutting down: HTTP stops accepting and drains in-flight requests",
         "HTTP server stopped",
+        "embedded etcd stopped",
         "flotilla stopped",
     ] {
         assert!(
