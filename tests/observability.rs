@@ -435,6 +435,12 @@ fn json_log_format_writes_json_lines_through_a_graceful_sigint_shutdown() {
         let message = event["message"]
             .as_str()
             .unwrap_or_else(|| panic!("no message: {line}"));
+        if message == "request" {
+            assert_eq!(event["path"], "/api/v1/status", "{line}");
+            assert_eq!(event["status"], 200, "{line}");
+            let peer = event["peer"].as_str().unwrap_or_default();
+            assert!(peer.starts_with("127.0.0.1:"), "{line}");
+        }
         messages.push(message.to_owned());
     }
     for expected in [

@@ -248,7 +248,7 @@ where
                 path,
                 status = response.status().as_u16(),
                 elapsed_ms = elapsed.as_secs_f64() * 1e3,
-                peer = ?peer,
+                peer = peer.map(tracing::field::display),
                 "request"
             );
         }
