@@ -265,17 +265,22 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            format: LogFormat::Text,
+            format: LogFormat::Human,
             level: "info".into(),
         }
     }
 }
 
+/// `log.format`: how log lines look on stderr.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// One readable line per event (`text` is accepted as an older name).
     #[default]
-    Text,
+    #[serde(alias = "text")]
+    Human,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the
+    /// event's fields at the top level.
     Json,
 }
 
@@ -750,7 +755,7 @@ mod tests {
             config.registry.keepalive_interval,
             Duration::from_millis(500)
         );
-        assert_eq!(config.log.format, LogFormat::Text);
+        assert_eq!(config.log.format, LogFormat::Human);
         assert!(config.etcd.is_embedded());
     }
 
@@ -893,6 +898,18 @@ mod tests {
         assert_eq!(config.registry.mass_expiry_rate, 2.0);
         assert_eq!(config.store.url, "postgres://u@h/db");
         assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn log_format_text_is_an_alias_of_human() {
+        for (value, format) in [
+            ("human", LogFormat::Human),
+            ("text", LogFormat::Human),
+            ("json", LogFormat::Json),
+        ] {
+            let config = Config::from_toml_str(&format!("[log]\nformat = \"{value}\"\n")).unwrap();
+            assert_eq!(config.log.format, format, "{value}");
+        }
     }
 
     #[test]

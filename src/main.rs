@@ -69,8 +69,8 @@ struct ServeArgs {
     /// File holding the admin token (server.admin_token_file)
     #[arg(long, value_name = "FILE")]
     admin_token_file: Option<String>,
-    /// Log format (log.format)
-    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    /// Log format: human or json (log.format)
+    #[arg(long, value_name = "FORMAT", value_parser = ["human", "json", "text"], hide_possible_values = true)]
     log_format: Option<String>,
     /// Log filter such as `info` or `info,flotilla=debug` (log.level)
     #[arg(long, value_name = "FILTER")]
@@ -157,8 +157,9 @@ fn init_tracing(log: &config::LogConfig) {
         // Colour codes only help a person at a terminal; in files they are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+        // Fields at the top level, so `message` and `level` sit side by side.
+        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 

@@ -224,7 +224,6 @@ pub fn store() -> &'static StoreMetrics {
 
 /// Metrics of the leader election and request forwarding.
 pub struct ElectionMetrics {
-    pub is_leader: prometheus::IntGauge,
     pub leader_changes_total: prometheus::IntCounter,
     pub campaign_seconds: prometheus::Histogram,
     pub forwarded_requests_total: prometheus::IntCounterVec,
@@ -232,13 +231,6 @@ pub struct ElectionMetrics {
 
 static ELECTION: LazyLock<ElectionMetrics> = LazyLock::new(|| {
     ElectionMetrics {
-    is_leader: register(
-        prometheus::IntGauge::new(
-            "is_leader",
-            "1 while this server is the elected leader (runs the registry and the owner).",
-        )
-        .expect("valid gauge"),
-    ),
     leader_changes_total: counter(
         "leader_changes_total",
         "Times this server became the leader.",
@@ -264,4 +256,98 @@ static ELECTION: LazyLock<ElectionMetrics> = LazyLock::new(|| {
 /// The election metrics, registered on first use.
 pub fn election() -> &'static ElectionMetrics {
     &ELECTION
+}
+
+/// Metrics of the HTTP API, by route pattern (never the raw path), method and status.
+/// Handles are resolved once per (route, method, status) and cached by
+/// `http::route_metrics`; see there before adding a label.
+pub struct HttpMetrics {
+    pub requests_total: prometheus::IntCounterVec,
+    pub request_duration_seconds: prometheus::HistogramVec,
+}
+
+/// The labels of [`HttpMetrics`], in order.
+pub const HTTP_LABELS: [&str; 3] = ["route", "method", "status"];
+
+static HTTP: LazyLock<HttpMetrics> = LazyLock::new(|| HttpMetrics {
+    requests_total: counter_vec(
+        "http_requests_total",
+        "HTTP requests answered, by route pattern (`unmatched` when no route matched), \
+         method and status.",
+        &HTTP_LABELS,
+    ),
+    request_duration_seconds: register(
+        prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "http_request_duration_seconds",
+                "Time from receiving an HTTP request to its response head (a stream such as \
+                 the executor watch is not timed to its end), by route pattern, method and status.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0,
+            ]),
+            &HTTP_LABELS,
+        )
+        .expect("valid histogram vec"),
+    ),
+});
+
+/// The HTTP metrics, registered on first use.
+pub fn http() -> &'static HttpMetrics {
+    &HTTP
+}
+
+static IS_LEADER: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    gauge(
+        "is_leader",
+        "1 while this server is the elected leader (runs the executor registry and the \
+         changefeed owner), 0 otherwise.",
+    )
+});
+
+/// `flotilla_is_leader`.
+pub fn is_leader() -> &'static prometheus::IntGauge {
+    &IS_LEADER
+}
+
+/// Registers every metric family now and creates the series of every label value known
+/// in advance (outcome `ok`, each removal and resync reason, each store operation), so
+/// a scrape shows them at 0 before the first event: `rate()` and alerts see a series
+/// from the start, and dashboards never reference a name a scrape lacks.
+pub fn register_all() {
+    let worker = worker();
+    for reason in ["initial", "compacted", "canceled", "lost", "silent"] {
+        worker.resyncs_total.with_label_values(&[reason]);
+    }
+    let registry = registry_metrics();
+    for status in ["initing", "running", "tombstone"] {
+        registry.executors.with_label_values(&[status]);
+    }
+    registry.registrations_total.with_label_values(&["ok"]);
+    registry.heartbeats_total.with_label_values(&["ok"]);
+    for reason in ["expired", "deregistered"] {
+        registry.expiries_total.with_label_values(&[reason]);
+    }
+    let store = store();
+    for operation in [
+        "connect",
+        "insert_executor",
+        "delete_executor",
+        "load_executors",
+        "ping",
+    ] {
+        store
+            .operation_duration_seconds
+            .with_label_values(&[operation]);
+        store.errors_total.with_label_values(&[operation]);
+    }
+    http();
+    is_leader();
+    let election = election();
+    for outcome in ["ok", "no_leader"] {
+        election
+            .forwarded_requests_total
+            .with_label_values(&[outcome]);
+    }
 }

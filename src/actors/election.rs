@@ -554,7 +554,7 @@ impl Campaign {
         if leading && !session.leading {
             session.leading = true;
             info!(key = session.key, "election: this server is the leader");
-            metrics::election().is_leader.set(1);
+            metrics::is_leader().set(1);
             metrics::election().leader_changes_total.inc();
             self.leadership.do_send(Leadership::Elected {
                 fence: Fence {
@@ -572,7 +572,7 @@ impl Campaign {
     async fn end(&mut self, session: &Session, lost: Option<&Lost>) {
         if session.leading {
             self.guard.revoke();
-            metrics::election().is_leader.set(0);
+            metrics::is_leader().set(0);
             let reason = lost.map_or_else(|| "shutdown".to_owned(), ToString::to_string);
             warn!(%reason, "election: this server is no longer the leader");
             self.leadership.do_send(Leadership::Deposed { reason });

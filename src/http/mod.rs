@@ -11,6 +11,7 @@ mod changefeeds;
 mod error;
 mod executors;
 pub mod forward;
+mod route_metrics;
 mod status;
 
 use std::net::TcpListener;
@@ -175,9 +176,14 @@ pub fn configure(
     }
 }
 
-/// A resource whose wrong-method requests get a JSON 405 instead of an empty one.
+/// A resource whose wrong-method requests get a JSON 405 instead of an empty one,
+/// counted in the request metrics under `path` as its route label. Register every
+/// route through it, with its full path (no `web::scope`): that keeps the metrics
+/// cheap (see [`route_metrics`]).
 pub(crate) fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(method_not_allowed))
+    web::resource(path)
+        .app_data(route_metrics::RouteMetrics::new(path))
+        .default_service(web::to(method_not_allowed))
 }
 
 async fn not_found(req: HttpRequest) -> ApiResult<HttpResponse> {
@@ -203,8 +209,11 @@ fn is_quiet(path: &str) -> bool {
         || (path.starts_with("/api/v1/executors/") && path.ends_with("/heartbeat"))
 }
 
-/// One structured log line per request (method, path, status, latency, peer).
-fn access_log<S>(
+/// The request middleware: counts every request in the route metrics
+/// (see `route_metrics`) and writes one structured log line per request (method,
+/// path, status, latency, peer) except probes, scrapes and heartbeats. [`serve`] wraps every app in
+/// it (`App::new().wrap_fn(access_log)`); public for the benches.
+pub fn access_log<S>(
     req: actix_web::dev::ServiceRequest,
     service: &S,
 ) -> impl std::future::Future<
@@ -217,25 +226,33 @@ where
         Error = actix_web::Error,
     >,
 {
-    let logged = (!is_quiet(req.path())).then(|| {
-        (
-            std::time::Instant::now(),
-            req.method().clone(),
-            req.path().to_owned(),
-            req.peer_addr(),
-        )
-    });
+    let started = std::time::Instant::now();
+    let method = route_metrics::method_index(req.method());
+    let logged = (!is_quiet(req.path()))
+        .then(|| (req.method().clone(), req.path().to_owned(), req.peer_addr()));
     let response = service.call(req);
     async move {
-        let response = response.await?;
-        if let Some((started, method, path, peer)) = logged {
+        let response = response.await;
+        let elapsed = started.elapsed();
+        let response = match response {
+            Ok(response) => {
+                route_metrics::observe(response.request(), method, response.status(), elapsed);
+                response
+            }
+            Err(e) => {
+                let status = e.as_response_error().status_code();
+                route_metrics::observe_unmatched(method, status, elapsed);
+                return Err(e);
+            }
+        };
+        if let Some((method, path, peer)) = logged {
             tracing::info!(
                 target: "flotilla::http",
                 %method,
                 path,
                 status = response.status().as_u16(),
-                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                peer = ?peer,
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                peer = peer.map(tracing::field::display),
                 "request"
             );
         }
@@ -259,6 +276,7 @@ pub fn serve(listener: TcpListener, config: &HttpConfig, state: AppState) -> Res
     let addr = listener
         .local_addr()
         .map_or_else(|_| config.listen.clone(), |a| a.to_string());
+    crate::metrics::register_all();
     let state = web::Data::new(state);
     let routes = configure(state);
     let server = HttpServer::new(move || App::new().wrap_fn(access_log).configure(routes.clone()))
