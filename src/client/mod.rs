@@ -26,6 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use agent::{simulate, Agent, AgentConfig, AgentHandle, AgentView, ProgressReporter};
 pub use types::*;
 
 /// Where a client connects when told nothing else.
