@@ -319,20 +319,34 @@ impl Runner {
     }
 
     fn backoff(&self, failures: u32, error: &Error) -> Duration {
-        let exponent = failures.saturating_sub(1).min(16);
-        let base = self
-            .config
-            .min_backoff
-            .saturating_mul(1 << exponent)
-            .min(self.config.max_backoff);
-        let jittered = base.mul_f64(rand::rng().random_range(0.5..=1.0));
-        match error {
-            Error::Api {
-                retry_after: Some(after),
-                ..
-            } => jittered.max(*after).min(self.config.max_backoff),
-            _ => jittered,
-        }
+        let retry_after = match error {
+            Error::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        let jitter = rand::rng().random_range(0.5..=1.0);
+        backoff(&self.config, failures, retry_after, jitter)
+    }
+}
+
+/// The delay after `failures` failures in a row: `min_backoff` doubling up to
+/// `max_backoff`, times `jitter` (0.5..=1: a fleet that lost the server together does
+/// not come back together), at least the server's `Retry-After` but never above
+/// `max_backoff`.
+fn backoff(
+    config: &AgentConfig,
+    failures: u32,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    let base = config
+        .min_backoff
+        .saturating_mul(1 << exponent)
+        .min(config.max_backoff);
+    let delay = base.mul_f64(jitter);
+    match retry_after {
+        Some(after) => delay.max(after).min(config.max_backoff),
+        None => delay,
     }
 }
 
@@ -383,5 +397,31 @@ pub async fn simulate(
                 error: None,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let config = AgentConfig::new("a", "b"); // 200 ms .. 10 s
+        let ms = |failures, retry_after: Option<u64>, jitter| {
+            backoff(
+                &config,
+                failures,
+                retry_after.map(Duration::from_millis),
+                jitter,
+            )
+            .as_millis()
+        };
+        assert_eq!(ms(1, None, 1.0), 200);
+        assert_eq!(ms(2, None, 1.0), 400);
+        assert_eq!(ms(3, None, 0.5), 400);
+        assert_eq!(ms(7, None, 1.0), 10_000);
+        assert_eq!(ms(1000, None, 1.0), 10_000, "no overflow");
+        assert_eq!(ms(1, Some(3000), 1.0), 3000, "Retry-After is respected");
+        assert_eq!(ms(1, Some(60_000), 1.0), 10_000, "but capped");
     }
 }
