@@ -259,3 +259,51 @@ async fn agent_subcommand_simulates_progress_and_deregisters_on_sigterm() {
     assert!(agent_log.contains("deregistered"), "{agent_log}");
     assert_eq!(client.get_executor(&id).await.unwrap().status, "tombstone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_keeps_its_work_while_the_server_is_down_and_goes_on_after() {
+    common::init_tracing();
+    let mut server = FlotillaServer::start(ServerOptions::default());
+    let client = Client::new(&server.url()).unwrap();
+    create(&client, "orders").await;
+    let mut config = AgentConfig::new("steady", "127.0.0.1:9102");
+    config.min_backoff = Duration::from_millis(50);
+    config.max_backoff = Duration::from_millis(200);
+    let handle = Agent::spawn(client.clone(), config);
+    let workload = tokio::spawn(simulate(
+        handle.subscribe(),
+        handle.reporter(),
+        Duration::from_millis(50),
+    ));
+    let id = eventually("registered", &server, || async {
+        view_of(&handle).executor_id
+    })
+    .await;
+    let before = advances_on(&server, &client, "orders", &id, START_TS).await;
+
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let down = view_of(&handle);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let still_down = view_of(&handle);
+    assert_eq!(
+        still_down.heartbeats, down.heartbeats,
+        "no answer while down"
+    );
+    assert_eq!(still_down.executor_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        still_down.assignments.len(),
+        1,
+        "an unreachable server is no reason to stop work"
+    );
+
+    // The restarted server reloads the executor (with a grace TTL): same id, no new
+    // registration, and progress lands again.
+    server.restart();
+    let after = advances_on(&server, &client, "orders", &id, before).await;
+    assert!(after > before);
+    assert_eq!(view_of(&handle).registrations, 1);
+
+    workload.abort();
+    handle.stop().await.unwrap();
+}

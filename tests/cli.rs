@@ -315,6 +315,18 @@ fn executor_and_status_commands() {
 }
 
 #[test]
+fn a_5xx_exits_3_with_the_server_code() {
+    let mut server = FlotillaServer::start(ServerOptions::default());
+    server.etcd().kill(0);
+    // The server waits etcd.request_timeout (1 s here), then answers 503.
+    fails(
+        flotilla(&server.url(), &["changefeed", "get", "orders"]),
+        3,
+        "error: etcd_unavailable: ",
+    );
+}
+
+#[test]
 fn an_unreachable_server_exits_3_with_one_line() {
     let url = format!("http://127.0.0.1:{}", free_port());
     for args in [

@@ -31,12 +31,13 @@ pub struct ServerOptions {
 }
 
 pub struct FlotillaServer {
-    child: Child,
+    child: Option<Child>,
     port: u16,
     log_path: PathBuf,
+    admin_token_file: Option<PathBuf>,
     // Dropped after the child is killed (fields drop in order): etcd last.
     _dir: TempDir,
-    _etcd: EtcdCluster,
+    etcd: EtcdCluster,
 }
 
 impl FlotillaServer {
@@ -47,29 +48,61 @@ impl FlotillaServer {
             .prefix("flotilla-server-")
             .tempdir()
             .unwrap();
-        let port = free_port();
-        let log_path = dir.path().join("server.log");
+        let admin_token_file = options.admin_token.as_ref().map(|token| {
+            let file = dir.path().join("admin-token");
+            std::fs::write(&file, token).unwrap();
+            file
+        });
+        let mut server = FlotillaServer {
+            child: None,
+            port: free_port(),
+            log_path: dir.path().join("server.log"),
+            admin_token_file,
+            _dir: dir,
+            etcd,
+        };
+        server.restart();
+        server
+    }
+
+    /// SIGKILLs the server (etcd and the store stay).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, etcd and store; returns once ready.
+    pub fn restart(&mut self) {
+        self.kill();
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--config", "/dev/null", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("127.0.0.1:{}", self.port))
             .arg("--etcd-endpoints")
-            .arg(etcd.endpoint(0))
+            .arg(self.etcd.endpoint(0))
             .arg("--data-dir")
-            .arg(dir.path())
+            .arg(self._dir.path())
             .args(["--cluster-id", "client-test"])
             .env("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "200ms")
             .env("FLOTILLA_REGISTRY_DEFAULT_TTL", "1500ms")
             .env("FLOTILLA_REGISTRY_MIN_TTL", "500ms")
             .env("FLOTILLA_REGISTRY_KEEPALIVE_INTERVAL", "100ms")
+            .env("FLOTILLA_REGISTRY_FAILOVER_GRACE", "5s")
             .env("FLOTILLA_ETCD_TICK_INTERVAL", "50ms")
+            .env("FLOTILLA_ETCD_REQUEST_TIMEOUT", "1s")
             .env("FLOTILLA_LOG_LEVEL", "warn,flotilla=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap());
-        if let Some(token) = &options.admin_token {
-            let file = dir.path().join("admin-token");
-            std::fs::write(&file, token).unwrap();
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log_path)
+                    .unwrap(),
+            );
+        if let Some(file) = &self.admin_token_file {
             command.arg("--admin-token-file").arg(file);
         }
         // SAFETY: only async-signal-safe calls between fork and exec.
@@ -80,16 +113,13 @@ impl FlotillaServer {
                 Ok(())
             });
         }
-        let child = command.spawn().expect("start flotilla serve");
-        let mut server = FlotillaServer {
-            child,
-            port,
-            log_path,
-            _dir: dir,
-            _etcd: etcd,
-        };
-        server.wait_ready();
-        server
+        self.child = Some(command.spawn().expect("start flotilla serve"));
+        self.wait_ready();
+    }
+
+    /// The etcd under the server, to kill or pause it.
+    pub fn etcd(&mut self) -> &mut EtcdCluster {
+        &mut self.etcd
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -112,7 +142,8 @@ impl FlotillaServer {
             if readyz(self.port) {
                 return;
             }
-            if let Some(status) = self.child.try_wait().unwrap() {
+            let child = self.child.as_mut().expect("a server process");
+            if let Some(status) = child.try_wait().unwrap() {
                 panic!("flotilla serve exited early ({status}):\n{}", self.log());
             }
             assert!(
@@ -127,8 +158,7 @@ impl FlotillaServer {
 
 impl Drop for FlotillaServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
