@@ -94,7 +94,7 @@ pub struct ConnectArgs {
 enum Output {
     /// Human-readable tables
     Table,
-    /// The API's JSON (one document; `executors watch` prints one per line)
+    /// JSON with the API's field names (one document; `executors watch` prints one per line)
     Json,
 }
 
