@@ -1,6 +1,7 @@
 //! flotilla: an actor-based control plane for executors running changefeeds.
 //! See ARCHITECTURE.md for the map.
 pub mod actors;
+pub mod client;
 pub mod config;
 pub mod etcd_errors;
 pub mod etcd_server;

@@ -1,6 +1,10 @@
 //! The `flotilla` binary. `flotilla serve` loads and validates the configuration, starts
 //! the embedded etcd when no endpoints are configured, serves the HTTP API, and on
 //! SIGINT/SIGTERM drains HTTP before it stops etcd: requests in flight may still need it.
+//! The other subcommands (`executors`, `changefeed`, `status`, `agent`) are clients of a
+//! server, in `cli`.
+
+mod cli;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +33,8 @@ use tracing::{info, warn};
 #[command(
     name = "flotilla",
     version,
-    about = "Control plane for a fleet of executors running changefeeds"
+    about = "Control plane for a fleet of executors running changefeeds",
+    after_help = cli::TOP_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +45,8 @@ struct Cli {
 enum Command {
     /// Run a control-plane server.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 /// Flags override `FLOTILLA_*` environment variables, which override the file.
@@ -119,7 +126,10 @@ impl ServeArgs {
 }
 
 fn main() -> ExitCode {
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Client(command) => return cli::run(command),
+    };
 
     let file = args.config_file();
     // Non-UTF-8 variables cannot be ours; skipping them beats refusing to start.

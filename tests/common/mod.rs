@@ -691,3 +691,4 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 pub mod postgres;
 pub mod reactors;
+pub mod server;

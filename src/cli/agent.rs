@@ -1,0 +1,153 @@
+//! `flotilla agent`: a thin wrapper over `flotilla::client::Agent`. It logs every
+//! change of its assignments; with `--simulate` it also runs the fake workload that
+//! advances their checkpoints. SIGINT or SIGTERM deregisters and exits.
+
+use std::time::Duration;
+
+use clap::Args;
+use flotilla::client::{self, Agent, AgentConfig, AgentView};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+use super::{parse_pair, ConnectArgs, Failure};
+
+pub const AFTER_HELP: &str = "\
+The agent registers, heartbeats on the server's interval (with jitter), registers again
+when the server has forgotten it (404/410), and backs off with jitter while the server
+cannot be reached. On SIGINT or SIGTERM it deregisters and exits.
+
+Exit codes:
+  0  stopped by a signal and deregistered
+  1  the server refused the registration (bad name, address or label)
+  2  usage error
+  3  stopped by a signal, but the deregistration got no usable answer (the executor
+     expires after its TTL instead)";
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Executor name (the id is <name>-<8 hex digits>)
+    #[arg(long, env = "FLOTILLA_AGENT_NAME", default_value = "agent")]
+    name: String,
+    /// Address the executor announces
+    #[arg(long, env = "FLOTILLA_AGENT_ADDRESS", default_value = "127.0.0.1")]
+    address: String,
+    /// An executor label (repeatable); changefeed selectors match these
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    labels: Vec<(String, String)>,
+    /// TTL to ask for, such as 10s [default: the server's]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    ttl: Option<Duration>,
+    /// Run a fake workload: each assigned changefeed's checkpoint advances with the
+    /// wall clock and is reported in heartbeats
+    #[arg(long)]
+    simulate: bool,
+    /// How often the simulation advances checkpoints
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    simulate_step: Duration,
+    /// Log filter (RUST_LOG syntax), on stderr
+    #[arg(
+        long,
+        env = "FLOTILLA_AGENT_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    log_level: String,
+}
+
+pub async fn run(args: AgentArgs) -> Result<(), Failure> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .map_err(|e| Failure::Usage(format!("--log-level {:?}: {e}", args.log_level)))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let client = args.connect.client()?;
+    let mut interrupt = signal(SignalKind::interrupt())
+        .map_err(|e| Failure::Unavailable(format!("cannot install a SIGINT handler: {e}")))?;
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|e| Failure::Unavailable(format!("cannot install a SIGTERM handler: {e}")))?;
+
+    let config = AgentConfig {
+        labels: args.labels.into_iter().collect(),
+        ttl: args.ttl,
+        ..AgentConfig::new(args.name, args.address)
+    };
+    info!(
+        server = client.server(),
+        simulate = args.simulate,
+        "agent starting"
+    );
+    let mut handle = Agent::spawn(client, config);
+    let mut view = handle.subscribe();
+    let (simulated_view, reporter) = (handle.subscribe(), handle.reporter());
+    let workload = async move {
+        if args.simulate {
+            client::simulate(simulated_view, reporter, args.simulate_step).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let mut workload = std::pin::pin!(workload);
+    let mut shown = AgentView::default();
+    let signal = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break "SIGINT",
+            _ = terminate.recv() => break "SIGTERM",
+            changed = view.changed() => {
+                if changed.is_err() {
+                    break "";
+                }
+                let now = view.borrow_and_update().clone();
+                log_changes(&shown, &now);
+                shown = now;
+            }
+            () = &mut workload => {}
+        }
+    };
+    if signal.is_empty() {
+        // The task ended by itself: a refused registration.
+        return handle.join().await.map_err(Failure::from);
+    }
+    info!(signal, "stopping: deregistering");
+    handle.stop().await.map_err(|e| {
+        if e.is_client_error() {
+            Failure::Refused(format!("deregistration: {e}"))
+        } else {
+            Failure::Unavailable(format!("deregistration: {e}"))
+        }
+    })?;
+    info!("agent stopped");
+    Ok(())
+}
+
+fn log_changes(before: &AgentView, now: &AgentView) {
+    for a in &now.assignments {
+        if !before.assignments.iter().any(|b| {
+            b.namespace == a.namespace && b.changefeed == a.changefeed && b.epoch == a.epoch
+        }) {
+            info!(
+                namespace = a.namespace,
+                changefeed = a.changefeed,
+                epoch = a.epoch,
+                sink_uri = a.sink_uri,
+                checkpoint_ts = a.checkpoint_ts,
+                "assigned"
+            );
+        }
+    }
+    for b in &before.assignments {
+        if !now.assignments.iter().any(|a| {
+            a.namespace == b.namespace && a.changefeed == b.changefeed && a.epoch == b.epoch
+        }) {
+            info!(
+                namespace = b.namespace,
+                changefeed = b.changefeed,
+                epoch = b.epoch,
+                "unassigned"
+            );
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! [`Agent`]: an executor's life on top of [`Client`], as one tokio task.
+//!
+//! The task is a two-state loop (`Unregistered` -> register -> `Registered` ->
+//! heartbeat, and back on 404/410/401) with one delay between steps:
+//! - registered: the server's `heartbeat_interval_ms`, shortened by up to 20 % at
+//!   random so a fleet started together does not beat in lockstep;
+//! - after a failure (no answer, a timeout, a 5xx/503): a doubling backoff with jitter
+//!   (`Retry-After` respected), keeping the current assignments: the server may just be
+//!   restarting, and stopping work for that would be worse than running it a little
+//!   longer; if the executor expired meanwhile, the next heartbeat says 410;
+//! - after 404 (unknown), 410 (tombstone) or 401 (token no longer valid): the
+//!   assignments are dropped (the server moves them elsewhere) and the agent registers
+//!   again at once.
+//!
+//! A registration the server refuses (4xx: a bad name, address or label) ends the task
+//! with that error: retrying cannot fix the configuration.
+//!
+//! The embedding program sees the agent through an [`AgentHandle`]: a `watch` of
+//! [`AgentView`] (the executor id and the current assignments, replaced after every
+//! heartbeat), [`AgentHandle::report`] to queue progress for the next heartbeat, and
+//! [`AgentHandle::stop`], which deregisters. [`simulate`] is a fake workload on top.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::{
+    Assignment, Client, Error, HeartbeatRequest, Progress, RegisterRequest, Rejected, Result,
+};
+
+/// Who the agent registers as, and how it retries.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub name: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    /// The TTL to ask for on every heartbeat; `None`: the server's default.
+    pub ttl: Option<Duration>,
+    /// First delay after a failure; it doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(name: impl Into<String>, address: impl Into<String>) -> AgentConfig {
+        AgentConfig {
+            name: name.into(),
+            address: address.into(),
+            labels: BTreeMap::new(),
+            ttl: None,
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the embedding program sees of the agent; replaced as a whole after every
+/// registration and heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentView {
+    /// The executor id while registered.
+    pub executor_id: Option<String>,
+    /// What this executor must run, as of the last answered heartbeat. A changefeed
+    /// that leaves this list must be stopped (paused, deleted or moved).
+    pub assignments: Vec<Assignment>,
+    /// Progress the server refused at the last heartbeat.
+    pub rejected: Vec<Rejected>,
+    /// Registrations so far: 1 + re-registrations.
+    pub registrations: u64,
+    /// Heartbeats answered so far.
+    pub heartbeats: u64,
+}
+
+/// Starts agents.
+pub struct Agent;
+
+impl Agent {
+    /// Starts the agent task on the current tokio runtime; it registers at once.
+    pub fn spawn(client: Client, config: AgentConfig) -> AgentHandle {
+        let (view_tx, view_rx) = watch::channel(AgentView::default());
+        let (report_tx, report_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(
+            Runner {
+                client,
+                config,
+                view: view_tx,
+                reports: report_rx,
+                progress: HashMap::new(),
+            }
+            .run(stop_rx),
+        );
+        AgentHandle {
+            view: view_rx,
+            reports: report_tx,
+            stop: Some(stop_tx),
+            task,
+        }
+    }
+}
+
+/// The embedding program's side of a running agent. Dropping it stops the agent
+/// (which deregisters) without waiting for it.
+pub struct AgentHandle {
+    view: watch::Receiver<AgentView>,
+    reports: mpsc::UnboundedSender<Progress>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<()>>,
+}
+
+impl AgentHandle {
+    /// The agent as of now.
+    pub fn view(&self) -> AgentView {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that wakes on every change (`changed().await`).
+    pub fn subscribe(&self) -> watch::Receiver<AgentView> {
+        self.view.clone()
+    }
+
+    /// Something that reports progress, for a workload running on its own.
+    pub fn reporter(&self) -> ProgressReporter {
+        ProgressReporter(self.reports.clone())
+    }
+
+    /// Queues progress for the next heartbeat; a later report of the same changefeed
+    /// replaces it. Progress of a changefeed no longer assigned at that epoch is dropped.
+    pub fn report(&self, progress: Progress) {
+        let _ = self.reports.send(progress);
+    }
+
+    /// Whether the task ended by itself (a refused registration).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Deregisters (when registered) and waits for the task. An error: the task had
+    /// already ended with one, or the deregistration failed.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.join().await
+    }
+
+    /// Waits for the task to end by itself.
+    pub async fn join(&mut self) -> Result<()> {
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down.
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Reports progress to an agent (see [`AgentHandle::report`]); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ProgressReporter(mpsc::UnboundedSender<Progress>);
+
+impl ProgressReporter {
+    pub fn report(&self, progress: Progress) {
+        let _ = self.0.send(progress);
+    }
+}
+
+/// The executor's credentials while registered.
+struct Session {
+    id: String,
+    token: String,
+}
+
+struct Runner {
+    client: Client,
+    config: AgentConfig,
+    view: watch::Sender<AgentView>,
+    reports: mpsc::UnboundedReceiver<Progress>,
+    /// The latest report per changefeed, sent with every heartbeat until the
+    /// assignment goes (a resend is harmless: a checkpoint never goes backward).
+    progress: HashMap<(String, String), Progress>,
+}
+
+impl Runner {
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Result<()> {
+        let mut session: Option<Session> = None;
+        let mut failures: u32 = 0;
+        let mut delay = Duration::ZERO;
+        loop {
+            tokio::select! {
+                // A dropped handle stops the agent too.
+                _ = &mut stop => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let outcome = match &session {
+                None => self.register().await.map(|s| {
+                    session = Some(s);
+                    // Beat at once: the first heartbeat makes the executor `running`.
+                    Duration::ZERO
+                }),
+                Some(s) => self.heartbeat(s).await,
+            };
+            delay = match outcome {
+                Ok(next) => {
+                    failures = 0;
+                    next
+                }
+                Err(e) if session.is_none() && e.is_client_error() => {
+                    warn!(error = %e, "registration refused; the agent stops");
+                    return Err(e);
+                }
+                Err(e) if matches!(e.status(), Some(401 | 404 | 410)) => {
+                    let id = session.take().map(|s| s.id).unwrap_or_default();
+                    warn!(id, error = %e, "executor no longer registered; registering again");
+                    self.progress.clear();
+                    self.view.send_modify(|v| {
+                        v.executor_id = None;
+                        v.assignments.clear();
+                        v.rejected.clear();
+                    });
+                    failures = 0;
+                    Duration::ZERO
+                }
+                Err(e) => {
+                    failures += 1;
+                    let delay = self.backoff(failures, &e);
+                    warn!(error = %e, failures, retry_in = ?delay, "server request failed");
+                    delay
+                }
+            };
+        }
+        let Some(session) = session else {
+            return Ok(());
+        };
+        let result = match self
+            .client
+            .deregister(&session.id, Some(&session.token))
+            .await
+        {
+            Ok(()) => {
+                info!(id = session.id, "deregistered");
+                Ok(())
+            }
+            // Already gone: what deregistering wanted.
+            Err(e) if matches!(e.status(), Some(404 | 410)) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.view.send_modify(|v| {
+            v.executor_id = None;
+            v.assignments.clear();
+        });
+        result
+    }
+
+    async fn register(&mut self) -> Result<Session> {
+        let registration = self
+            .client
+            .register(&RegisterRequest {
+                name: self.config.name.clone(),
+                address: self.config.address.clone(),
+                labels: self.config.labels.clone(),
+            })
+            .await?;
+        let id = registration.executor.id;
+        info!(id, "registered");
+        self.view.send_modify(|v| {
+            v.executor_id = Some(id.clone());
+            v.registrations += 1;
+        });
+        Ok(Session {
+            id,
+            token: registration.token,
+        })
+    }
+
+    /// One heartbeat; the delay until the next.
+    async fn heartbeat(&mut self, session: &Session) -> Result<Duration> {
+        while let Ok(report) = self.reports.try_recv() {
+            let key = (report.namespace.clone(), report.changefeed.clone());
+            self.progress.insert(key, report);
+        }
+        let request = HeartbeatRequest {
+            ttl_ms: self.config.ttl.map(|ttl| ttl.as_millis() as u64),
+            progress: self.progress.values().cloned().collect(),
+        };
+        let answer = self
+            .client
+            .heartbeat(&session.id, &session.token, &request)
+            .await?;
+        // Progress of work this executor no longer has at that epoch is stale.
+        let current: HashMap<(&str, &str), u64> = answer
+            .assignments
+            .iter()
+            .map(|a| ((a.namespace.as_str(), a.changefeed.as_str()), a.epoch))
+            .collect();
+        self.progress
+            .retain(|(ns, cf), p| current.get(&(ns.as_str(), cf.as_str())) == Some(&p.epoch));
+        for rejected in &answer.rejected {
+            warn!(
+                changefeed = rejected.changefeed,
+                reason = rejected.reason,
+                "progress rejected"
+            );
+        }
+        self.view.send_if_modified(|v| {
+            let changed = v.assignments != answer.assignments || v.rejected != answer.rejected;
+            v.assignments = answer.assignments;
+            v.rejected = answer.rejected;
+            v.heartbeats += 1;
+            changed
+        });
+        let interval = Duration::from_millis(answer.heartbeat_interval_ms.max(1));
+        Ok(interval.mul_f64(rand::rng().random_range(0.8..=1.0)))
+    }
+
+    fn backoff(&self, failures: u32, error: &Error) -> Duration {
+        let retry_after = match error {
+            Error::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        let jitter = rand::rng().random_range(0.5..=1.0);
+        backoff(&self.config, failures, retry_after, jitter)
+    }
+}
+
+/// The delay after `failures` failures in a row: `min_backoff` doubling up to
+/// `max_backoff`, times `jitter` (0.5..=1: a fleet that lost the server together does
+/// not come back together), at least the server's `Retry-After` but never above
+/// `max_backoff`.
+fn backoff(
+    config: &AgentConfig,
+    failures: u32,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    let base = config
+        .min_backoff
+        .saturating_mul(1 << exponent)
+        .min(config.max_backoff);
+    let delay = base.mul_f64(jitter);
+    match retry_after {
+        Some(after) => delay.max(after).min(config.max_backoff),
+        None => delay,
+    }
+}
+
+/// A fake workload: every `step`, each assigned changefeed's checkpoint moves to where
+/// it was assigned from plus the wall-clock time since (as a TiDB-style timestamp
+/// delta, milliseconds `<< 18`), and is reported. Runs until the future is dropped.
+/// Takes [`AgentHandle::subscribe`] and [`AgentHandle::reporter`].
+pub async fn simulate(
+    view: watch::Receiver<AgentView>,
+    reporter: ProgressReporter,
+    step: Duration,
+) {
+    // Where each (namespace, changefeed) was assigned from, at which epoch, and when.
+    let mut running: HashMap<(String, String), (u64, u64, Instant)> = HashMap::new();
+    let mut ticker = tokio::time::interval(step);
+    loop {
+        ticker.tick().await;
+        let view = view.borrow().clone();
+        running.retain(|(ns, cf), (epoch, _, _)| {
+            let kept = view
+                .assignments
+                .iter()
+                .any(|a| &a.namespace == ns && &a.changefeed == cf && a.epoch == *epoch);
+            if !kept {
+                info!(namespace = ns, changefeed = cf, "simulation: stopped");
+            }
+            kept
+        });
+        for a in &view.assignments {
+            let key = (a.namespace.clone(), a.changefeed.clone());
+            let (epoch, from, since) = *running.entry(key).or_insert_with(|| {
+                info!(
+                    namespace = a.namespace,
+                    changefeed = a.changefeed,
+                    epoch = a.epoch,
+                    checkpoint_ts = a.checkpoint_ts,
+                    "simulation: started"
+                );
+                (a.epoch, a.checkpoint_ts, Instant::now())
+            });
+            let elapsed_ms = since.elapsed().as_millis() as u64;
+            reporter.report(Progress {
+                namespace: a.namespace.clone(),
+                changefeed: a.changefeed.clone(),
+                epoch,
+                checkpoint_ts: from.saturating_add(elapsed_ms << 18),
+                resolved_ts: None,
+                error: None,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let config = AgentConfig::new("a", "b"); // 200 ms .. 10 s
+        let ms = |failures, retry_after: Option<u64>, jitter| {
+            backoff(
+                &config,
+                failures,
+                retry_after.map(Duration::from_millis),
+                jitter,
+            )
+            .as_millis()
+        };
+        assert_eq!(ms(1, None, 1.0), 200);
+        assert_eq!(ms(2, None, 1.0), 400);
+        assert_eq!(ms(3, None, 0.5), 400);
+        assert_eq!(ms(7, None, 1.0), 10_000);
+        assert_eq!(ms(1000, None, 1.0), 10_000, "no overflow");
+        assert_eq!(ms(1, Some(3000), 1.0), 3000, "Retry-After is respected");
+        assert_eq!(ms(1, Some(60_000), 1.0), 10_000, "but capped");
+    }
+}

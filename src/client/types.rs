@@ -1,0 +1,274 @@
+//! The JSON shapes of the HTTP API, as a client sees them.
+//!
+//! These are the client's own types, not the server's: a client must not depend on the
+//! actors, and it must keep working against a server that adds fields. So every answer
+//! type ignores unknown fields and defaults the optional ones, while every request type
+//! sends only what the API accepts (the server rejects unknown fields).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The namespace of requests that name none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// `POST /api/v1/executors` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RegisterRequest {
+    pub name: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// An executor as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Executor {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `initing`, `running` or `tombstone`.
+    pub status: String,
+    /// RFC 3339, UTC.
+    #[serde(default)]
+    pub registered_at: String,
+    /// `None` before the first heartbeat.
+    #[serde(default)]
+    pub last_heartbeat_ms_ago: Option<u64>,
+    #[serde(default)]
+    pub ttl_ms: u64,
+    /// The changefeeds assigned to it, when the server reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changefeeds: Option<Vec<String>>,
+}
+
+/// The answer to a registration: the executor, its secret token and its timing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Registration {
+    #[serde(flatten)]
+    pub executor: Executor,
+    /// Proves the caller is this executor (heartbeats, deregistration). Returned once.
+    pub token: String,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// `POST /api/v1/executors/{id}/heartbeat` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HeartbeatRequest {
+    /// The TTL to ask for; the server clamps it to its bounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub progress: Vec<Progress>,
+}
+
+/// Progress of one assignment, as an executor reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub namespace: String,
+    pub changefeed: String,
+    /// The epoch of the assignment this progress was made under.
+    pub epoch: u64,
+    pub checkpoint_ts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_ts: Option<u64>,
+    /// A failure of the changefeed on this executor: the server unassigns it and retries
+    /// later, elsewhere or here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct HeartbeatResponse {
+    pub ttl_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    /// The changefeeds this executor must run; one missing here must be stopped.
+    #[serde(default)]
+    pub assignments: Vec<Assignment>,
+    /// Progress reports the server refused (stale epoch, unknown changefeed).
+    #[serde(default)]
+    pub rejected: Vec<Rejected>,
+}
+
+/// A changefeed an executor must run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub namespace: String,
+    pub changefeed: String,
+    pub epoch: u64,
+    pub sink_uri: String,
+    #[serde(default)]
+    pub config: Value,
+    /// Where to resume from.
+    pub checkpoint_ts: u64,
+}
+
+/// A progress report the server refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub namespace: String,
+    pub changefeed: String,
+    pub epoch: u64,
+    pub reason: String,
+}
+
+/// `GET /api/v1/executors` filters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecutorFilter {
+    /// `initing`, `running` or `tombstone`.
+    pub status: Option<String>,
+    /// Labels an executor must all have.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A listing: `{"items":[...],"total":N}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct List<T> {
+    pub items: Vec<T>,
+    pub total: usize,
+}
+
+/// `POST /api/v1/changefeeds` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CreateChangefeed {
+    pub id: String,
+    pub sink_uri: String,
+    /// Absent: now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_ts: Option<u64>,
+    /// Absent: run forever.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_ts: Option<u64>,
+    /// A JSON object; absent: `{}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<Value>,
+    /// Labels an executor must have to run it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+}
+
+/// `PUT /api/v1/changefeeds/{id}` body: each field given replaces the stored one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct UpdateChangefeed {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink_uri: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+}
+
+/// A changefeed as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Changefeed {
+    pub namespace: String,
+    pub id: String,
+    pub sink_uri: String,
+    #[serde(default)]
+    pub start_ts: u64,
+    #[serde(default)]
+    pub target_ts: u64,
+    #[serde(default)]
+    pub config: Value,
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// `normal`, `stopped`, `failed` or `finished`.
+    pub state: String,
+    #[serde(default)]
+    pub checkpoint_ts: u64,
+    /// The executor running it; `None` while unassigned.
+    #[serde(default)]
+    pub executor: Option<String>,
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub create_time: String,
+    /// Why a normal changefeed is not running.
+    #[serde(default)]
+    pub pending_reason: Option<String>,
+}
+
+/// `GET /api/v1/changefeeds`: the listing, and the changefeeds that could not be read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangefeedList {
+    pub items: Vec<Changefeed>,
+    pub total: usize,
+    #[serde(default)]
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A changefeed whose stored value is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unreadable {
+    pub id: String,
+    pub key: String,
+    pub message: String,
+}
+
+/// `GET /api/v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub id: String,
+    pub version: String,
+    #[serde(default)]
+    pub cluster_id: String,
+    #[serde(default)]
+    pub advertise_addr: String,
+    pub etcd: EtcdHealth,
+    /// `None` on a server without a registry.
+    #[serde(default)]
+    pub store: Option<StoreHealth>,
+    #[serde(default)]
+    pub executors: Option<ExecutorCounts>,
+    #[serde(default)]
+    pub leader: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdHealth {
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreHealth {
+    pub healthy: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorCounts {
+    pub loaded: bool,
+    pub initing: usize,
+    pub running: usize,
+    pub tombstone: usize,
+    #[serde(default)]
+    pub mass_silence: bool,
+}
+
+/// One event of `GET /api/v1/executors/watch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// Every live executor at `seq`; always the first event.
+    Snapshot { seq: u64, executors: Vec<Executor> },
+    /// An executor registered.
+    Online { seq: u64, executor: Executor },
+    /// An executor left: expired or deregistered.
+    Offline {
+        seq: u64,
+        id: String,
+        reason: String,
+    },
+    /// This watcher fell behind; the stream ends after this. Watch again for a fresh
+    /// snapshot.
+    Resync { reason: String },
+}

@@ -1,0 +1,309 @@
+//! `flotilla::client::Agent` and `flotilla agent --simulate` against a real server over
+//! a real etcd: registration, heartbeats, assignments, progress that moves the
+//! changefeed's checkpoint, re-registration, and a clean stop that deregisters.
+
+mod common;
+
+use std::future::Future;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::server::{FlotillaServer, ServerOptions, BIN};
+use flotilla::client::{
+    simulate, Agent, AgentConfig, AgentHandle, AgentView, Changefeed, Client, CreateChangefeed,
+    Error, ExecutorFilter, DEFAULT_NAMESPACE,
+};
+
+const ADMIN: &str = "agent-admin";
+const START_TS: u64 = 1000;
+
+/// Polls `probe` every 50 ms until it returns `Some`, for at most 10 s.
+async fn eventually<T, F, Fut>(what: &str, server: &FlotillaServer, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 10 s\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn create(admin: &Client, id: &str) {
+    admin
+        .create_changefeed(
+            DEFAULT_NAMESPACE,
+            &CreateChangefeed {
+                id: id.into(),
+                sink_uri: format!("kafka://broker/{id}"),
+                start_ts: Some(START_TS),
+                ..CreateChangefeed::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+async fn changefeed(client: &Client, id: &str) -> Changefeed {
+    client.get_changefeed(DEFAULT_NAMESPACE, id).await.unwrap()
+}
+
+/// Waits until `id` runs on `executor` with a checkpoint past `above`.
+async fn advances_on(
+    server: &FlotillaServer,
+    client: &Client,
+    id: &str,
+    executor: &str,
+    above: u64,
+) -> u64 {
+    eventually("the checkpoint advances", server, || async {
+        let feed = changefeed(client, id).await;
+        (feed.executor.as_deref() == Some(executor) && feed.checkpoint_ts > above)
+            .then_some(feed.checkpoint_ts)
+    })
+    .await
+}
+
+fn view_of(handle: &AgentHandle) -> AgentView {
+    handle.view()
+}
+
+#[tokio::test]
+async fn agent_runs_its_assignment_reports_progress_and_deregisters_on_stop() {
+    common::init_tracing();
+    let server = FlotillaServer::start(ServerOptions {
+        admin_token: Some(ADMIN.into()),
+    });
+    let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
+    let mut config = AgentConfig::new("worker", "127.0.0.1:9100");
+    config.labels.insert("zone".into(), "a".into());
+    config.ttl = Some(Duration::from_secs(2));
+    let handle = Agent::spawn(admin.clone(), config);
+
+    let id = eventually("registered and running", &server, || async {
+        let id = view_of(&handle).executor_id?;
+        let executor = admin.get_executor(&id).await.ok()?;
+        (executor.status == "running").then_some(id)
+    })
+    .await;
+    assert!(id.starts_with("worker-"), "{id}");
+    let executor = admin.get_executor(&id).await.unwrap();
+    assert_eq!(executor.ttl_ms, 2000, "the TTL asked for is sent");
+    assert_eq!(executor.labels["zone"], "a");
+
+    create(&admin, "orders").await;
+    let assignment = eventually("an assignment", &server, || async {
+        view_of(&handle).assignments.into_iter().next()
+    })
+    .await;
+    assert_eq!(
+        (
+            assignment.changefeed.as_str(),
+            assignment.checkpoint_ts,
+            assignment.sink_uri.as_str()
+        ),
+        ("orders", START_TS, "kafka://broker/orders")
+    );
+    // No progress yet: the checkpoint stays where it started.
+    assert_eq!(changefeed(&admin, "orders").await.checkpoint_ts, START_TS);
+
+    let workload = tokio::spawn(simulate(
+        handle.subscribe(),
+        handle.reporter(),
+        Duration::from_millis(50),
+    ));
+    let first = advances_on(&server, &admin, "orders", &id, START_TS).await;
+    let second = advances_on(&server, &admin, "orders", &id, first).await;
+    assert!(second > first);
+    workload.abort();
+
+    handle.stop().await.unwrap();
+    let gone = admin.get_executor(&id).await.unwrap();
+    assert_eq!(gone.status, "tombstone", "deregistered on stop");
+    let running = admin
+        .list_executors(&ExecutorFilter {
+            status: Some("running".into()),
+            ..ExecutorFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.total, 0);
+}
+
+#[tokio::test]
+async fn agent_registers_again_after_being_deregistered() {
+    common::init_tracing();
+    let server = FlotillaServer::start(ServerOptions {
+        admin_token: Some(ADMIN.into()),
+    });
+    let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
+    create(&admin, "orders").await;
+    let handle = Agent::spawn(
+        Client::new(&server.url()).unwrap(),
+        AgentConfig::new("phoenix", "127.0.0.1:9101"),
+    );
+    let workload = tokio::spawn(simulate(
+        handle.subscribe(),
+        handle.reporter(),
+        Duration::from_millis(50),
+    ));
+    let first_id = eventually("registered", &server, || async {
+        view_of(&handle).executor_id
+    })
+    .await;
+    let before = advances_on(&server, &admin, "orders", &first_id, START_TS).await;
+
+    // An operator removes it; its next heartbeat hears 410 and it comes back.
+    admin.deregister(&first_id, None).await.unwrap();
+    let second_id = eventually("registered again", &server, || async {
+        let view = view_of(&handle);
+        view.executor_id.filter(|id| *id != first_id)
+    })
+    .await;
+    assert!(second_id.starts_with("phoenix-"), "{second_id}");
+    assert_eq!(view_of(&handle).registrations, 2);
+    // The changefeed moves to the new executor and goes on from where it was.
+    let after = advances_on(&server, &admin, "orders", &second_id, before).await;
+    assert!(after > before);
+
+    workload.abort();
+    handle.stop().await.unwrap();
+    assert_eq!(
+        admin.get_executor(&second_id).await.unwrap().status,
+        "tombstone"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_registration_ends_the_agent_with_the_server_error() {
+    common::init_tracing();
+    let server = FlotillaServer::start(ServerOptions::default());
+    let mut handle = Agent::spawn(
+        Client::new(&server.url()).unwrap(),
+        AgentConfig::new("not a valid name", "x:1"),
+    );
+    let result = tokio::time::timeout(Duration::from_secs(5), handle.join())
+        .await
+        .expect("the agent gives up at once");
+    match result {
+        Err(Error::Api { status, code, .. }) => {
+            assert_eq!((status, code.as_str()), (400, "invalid_argument"));
+        }
+        other => panic!("expected a 400, got {other:?}"),
+    }
+}
+
+/// Kills the agent if the test fails half-way.
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn agent_subcommand_simulates_progress_and_deregisters_on_sigterm() {
+    common::init_tracing();
+    let server = FlotillaServer::start(ServerOptions::default());
+    let client = Client::new(&server.url()).unwrap();
+    create(&client, "orders").await;
+    let log = server.data_dir().join("agent.log");
+    let mut agent = AgentProcess(
+        Command::new(BIN)
+            .args(["agent", "--simulate", "--simulate-step", "50ms"])
+            .args(["--name", "sim", "--label", "kind=simulated"])
+            .args(["--server", &server.url()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let id = eventually("the agent's executor", &server, || async {
+        let list = client
+            .list_executors(&ExecutorFilter::default())
+            .await
+            .ok()?;
+        list.items.into_iter().map(|e| e.id).next()
+    })
+    .await;
+    assert!(id.starts_with("sim-"), "{id}");
+    let first = advances_on(&server, &client, "orders", &id, START_TS).await;
+    advances_on(&server, &client, "orders", &id, first).await;
+
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let agent_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{agent_log}");
+    assert!(agent_log.contains("deregistered"), "{agent_log}");
+    assert_eq!(client.get_executor(&id).await.unwrap().status, "tombstone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_keeps_its_work_while_the_server_is_down_and_goes_on_after() {
+    common::init_tracing();
+    let mut server = FlotillaServer::start(ServerOptions::default());
+    let client = Client::new(&server.url()).unwrap();
+    create(&client, "orders").await;
+    let mut config = AgentConfig::new("steady", "127.0.0.1:9102");
+    config.min_backoff = Duration::from_millis(50);
+    config.max_backoff = Duration::from_millis(200);
+    let handle = Agent::spawn(client.clone(), config);
+    let workload = tokio::spawn(simulate(
+        handle.subscribe(),
+        handle.reporter(),
+        Duration::from_millis(50),
+    ));
+    let id = eventually("registered", &server, || async {
+        view_of(&handle).executor_id
+    })
+    .await;
+    let before = advances_on(&server, &client, "orders", &id, START_TS).await;
+
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let down = view_of(&handle);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let still_down = view_of(&handle);
+    assert_eq!(
+        still_down.heartbeats, down.heartbeats,
+        "no answer while down"
+    );
+    assert_eq!(still_down.executor_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        still_down.assignments.len(),
+        1,
+        "an unreachable server is no reason to stop work"
+    );
+
+    // The restarted server reloads the executor (with a grace TTL): same id, no new
+    // registration, and progress lands again.
+    server.restart();
+    let after = advances_on(&server, &client, "orders", &id, before).await;
+    assert!(after > before);
+    assert_eq!(view_of(&handle).registrations, 1);
+
+    workload.abort();
+    handle.stop().await.unwrap();
+}

@@ -1,0 +1,447 @@
+//! `flotilla::client` against a real `flotilla serve` over a real etcd: every method,
+//! and how each kind of failure maps onto `client::Error`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use common::server::{FlotillaServer, ServerOptions};
+use flotilla::client::{
+    Client, CreateChangefeed, Error, ExecutorFilter, HeartbeatRequest, Progress, RegisterRequest,
+    UpdateChangefeed, WatchEvent, WatchStream, DEFAULT_NAMESPACE,
+};
+use futures::StreamExt;
+
+const ADMIN: &str = "s3cret-admin";
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn register_request(name: &str, zone: &str) -> RegisterRequest {
+    RegisterRequest {
+        name: name.into(),
+        address: format!("{name}.local:9000"),
+        labels: labels(&[("zone", zone)]),
+    }
+}
+
+/// Asserts `result` is the server's `code` with `status`.
+#[track_caller]
+fn assert_api_error<T: std::fmt::Debug>(result: Result<T, Error>, status: u16, code: &str) {
+    let error = match result {
+        Ok(value) => panic!("expected {status} {code}, got {value:?}"),
+        Err(error) => error,
+    };
+    match &error {
+        Error::Api {
+            status: s,
+            code: c,
+            message,
+            ..
+        } if *s == status && c == code => assert!(!message.is_empty()),
+        other => panic!("expected {status} {code}, got {other:?}"),
+    }
+    assert!(
+        error.to_string().starts_with(&format!("{code}: ")),
+        "{error}"
+    );
+}
+
+async fn next_event(stream: &mut WatchStream) -> WatchEvent {
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a watch event within 5 s")
+        .expect("the watch stream goes on")
+        .expect("a well-formed event")
+}
+
+#[tokio::test]
+async fn executor_methods_and_their_errors() {
+    common::init_tracing();
+    let server = FlotillaServer::start(ServerOptions::default());
+    let client = Client::new(&server.url()).unwrap();
+
+    let mut watch = client.watch_executors().await.unwrap();
+    match next_event(&mut watch).await {
+        WatchEvent::Snapshot { executors, .. } => assert!(executors.is_empty()),
+        other => panic!("expected a snapshot first, got {other:?}"),
+    }
+
+    let a = client.register(&register_request("a", "z1")).await.unwrap();
+    assert!(a.executor.id.starts_with("a-"), "{a:?}");
+    assert_eq!(a.executor.labels, labels(&[("zone", "z1")]));
+    assert_eq!(a.executor.status, "initing");
+    assert_eq!(a.heartbeat_interval_ms, 200);
+    assert!(!a.token.is_empty());
+    match next_event(&mut watch).await {
+        WatchEvent::Online { executor, seq } => {
+            assert_eq!(executor.id, a.executor.id);
+            assert!(seq > 0);
+        }
+        other => panic!("expected online, got {other:?}"),
+    }
+    let b = client.register(&register_request("b", "z2")).await.unwrap();
+    assert!(matches!(
+        next_event(&mut watch).await,
+        WatchEvent::Online { .. }
+    ));
+
+    let beat = client
+        .heartbeat(
+            &a.executor.id,
+            &a.token,
+            &HeartbeatRequest {
+                ttl_ms: Some(60_000),
+                progress: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(beat.ttl_ms, 60_000);
+    assert_eq!(beat.heartbeat_interval_ms, 200);
+    assert!(beat.assignments.is_empty());
+
+    let one = client.get_executor(&a.executor.id).await.unwrap();
+    assert_eq!(one.status, "running");
+    assert!(one.last_heartbeat_ms_ago.is_some());
+    let all = client
+        .list_executors(&ExecutorFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(all.total, 2);
+    let z2 = client
+        .list_executors(&ExecutorFilter {
+            status: None,
+            labels: labels(&[("zone", "z2")]),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        z2.items.iter().map(|e| &e.id).collect::<Vec<_>>(),
+        [&b.executor.id]
+    );
+    let running = client
+        .list_executors(&ExecutorFilter {
+            status: Some("running".into()),
+            labels: BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.items.len(), 1);
+    assert_eq!(running.items[0].id, a.executor.id);
+
+    // Errors keep the server's status and code.
+    assert_api_error(
+        client.get_executor("nobody-00000000").await,
+        404,
+        "unknown_executor",
+    );
+    assert_api_error(
+        client
+            .heartbeat(&a.executor.id, "wrong", &HeartbeatRequest::default())
+            .await,
+        401,
+        "unauthorized",
+    );
+    assert_api_error(
+        client.register(&register_request("bad name", "z1")).await,
+        400,
+        "invalid_argument",
+    );
+    assert_api_error(
+        client
+            .list_executors(&ExecutorFilter {
+                status: Some("sleeping".into()),
+                labels: BTreeMap::new(),
+            })
+            .await,
+        400,
+        "invalid_argument",
+    );
+    // Without an executor token, and with no admin token configured, no one may
+    // deregister.
+    assert_api_error(
+        client.deregister(&b.executor.id, None).await,
+        401,
+        "unauthorized",
+    );
+
+    client
+        .deregister(&b.executor.id, Some(&b.token))
+        .await
+        .unwrap();
+    match next_event(&mut watch).await {
+        WatchEvent::Offline { id, reason, .. } => {
+            assert_eq!(
+                (id.as_str(), reason.as_str()),
+                (b.executor.id.as_str(), "deregistered")
+            );
+        }
+        other => panic!("expected offline, got {other:?}"),
+    }
+    let gone = client
+        .heartbeat(&b.executor.id, &b.token, &HeartbeatRequest::default())
+        .await;
+    let error = gone.unwrap_err();
+    assert_eq!(error.status(), Some(410), "{error}");
+    assert_eq!(error.code(), Some("tombstone_executor"));
+    assert!(error.is_client_error() && !error.is_retryable());
+}
+
+#[tokio::test]
+async fn changefeed_methods_with_the_admin_token_and_progress() {
+    common::init_tracing();
+    let server = FlotillaServer::start(ServerOptions {
+        admin_token: Some(ADMIN.into()),
+    });
+    let anonymous = Client::new(&server.url()).unwrap();
+    let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
+    let ns = DEFAULT_NAMESPACE;
+
+    let status = admin.status().await.unwrap();
+    assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(status.cluster_id, "client-test");
+    assert!(status.etcd.healthy, "{status:?}");
+    assert_eq!(status.store.map(|s| s.healthy), Some(true));
+
+    let create = CreateChangefeed {
+        id: "orders".into(),
+        sink_uri: "kafka://broker/orders".into(),
+        start_ts: Some(1000),
+        config: Some(serde_json::json!({"batch": 10})),
+        ..CreateChangefeed::default()
+    };
+    assert_api_error(
+        anonymous.create_changefeed(ns, &create).await,
+        401,
+        "unauthorized",
+    );
+    let wrong = Client::new(&server.url()).unwrap().with_admin_token("nope");
+    assert_api_error(
+        wrong.create_changefeed(ns, &create).await,
+        401,
+        "unauthorized",
+    );
+
+    let created = admin.create_changefeed(ns, &create).await.unwrap();
+    assert_eq!(
+        (
+            created.id.as_str(),
+            created.state.as_str(),
+            created.checkpoint_ts
+        ),
+        ("orders", "normal", 1000)
+    );
+    assert_eq!(created.config, serde_json::json!({"batch": 10}));
+    assert_api_error(
+        admin.create_changefeed(ns, &create).await,
+        409,
+        "changefeed_exists",
+    );
+    assert_api_error(admin.get_changefeed(ns, "missing").await, 404, "not_found");
+    // A namespace of its own is a separate space.
+    assert_eq!(
+        admin.list_changefeeds("other", None).await.unwrap().total,
+        0
+    );
+
+    // An executor gets it, reports progress, and the checkpoint moves.
+    let executor = admin
+        .register(&register_request("worker", "z1"))
+        .await
+        .unwrap();
+    let id = &executor.executor.id;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let assignment = loop {
+        let beat = admin
+            .heartbeat(id, &executor.token, &HeartbeatRequest::default())
+            .await
+            .unwrap();
+        if let Some(a) = beat.assignments.into_iter().next() {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no assignment:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (
+            assignment.changefeed.as_str(),
+            assignment.sink_uri.as_str(),
+            assignment.checkpoint_ts
+        ),
+        ("orders", "kafka://broker/orders", 1000)
+    );
+    let report = |epoch, checkpoint_ts| HeartbeatRequest {
+        ttl_ms: None,
+        progress: vec![Progress {
+            namespace: ns.into(),
+            changefeed: "orders".into(),
+            epoch,
+            checkpoint_ts,
+            resolved_ts: Some(checkpoint_ts),
+            error: None,
+        }],
+    };
+    let beat = admin
+        .heartbeat(id, &executor.token, &report(assignment.epoch + 7, 5000))
+        .await
+        .unwrap();
+    assert_eq!(beat.rejected.len(), 1, "a stale epoch is refused: {beat:?}");
+    assert!(
+        beat.rejected[0].reason.starts_with("stale_epoch"),
+        "{beat:?}"
+    );
+    admin
+        .heartbeat(id, &executor.token, &report(assignment.epoch, 2000))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let feed = anonymous.get_changefeed(ns, "orders").await.unwrap();
+        if feed.checkpoint_ts == 2000 {
+            assert_eq!(feed.executor.as_deref(), Some(id.as_str()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "checkpoint stuck: {feed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let update = UpdateChangefeed {
+        sink_uri: Some("kafka://broker/orders-v2".into()),
+        ..UpdateChangefeed::default()
+    };
+    assert_api_error(
+        admin.update_changefeed(ns, "orders", &update).await,
+        409,
+        "changefeed_not_paused",
+    );
+    assert_api_error(
+        anonymous.pause_changefeed(ns, "orders").await,
+        401,
+        "unauthorized",
+    );
+    assert_eq!(
+        admin.pause_changefeed(ns, "orders").await.unwrap().state,
+        "stopped"
+    );
+    let updated = admin
+        .update_changefeed(ns, "orders", &update)
+        .await
+        .unwrap();
+    assert_eq!(updated.sink_uri, "kafka://broker/orders-v2");
+    let resumed = admin
+        .resume_changefeed(ns, "orders", Some(3000))
+        .await
+        .unwrap();
+    assert_eq!(
+        (resumed.state.as_str(), resumed.checkpoint_ts),
+        ("normal", 3000)
+    );
+    assert_eq!(
+        admin
+            .resume_changefeed(ns, "orders", None)
+            .await
+            .unwrap()
+            .state,
+        "normal",
+        "resuming a normal changefeed without a checkpoint is a no-op"
+    );
+
+    let listed = anonymous.list_changefeeds(ns, None).await.unwrap();
+    assert_eq!(listed.total, 1);
+    assert_eq!(listed.items[0].id, "orders");
+    assert_eq!(
+        anonymous
+            .list_changefeeds(ns, Some("stopped"))
+            .await
+            .unwrap()
+            .total,
+        0
+    );
+
+    assert_api_error(
+        anonymous.delete_changefeed(ns, "orders").await,
+        401,
+        "unauthorized",
+    );
+    admin.delete_changefeed(ns, "orders").await.unwrap();
+    assert_api_error(admin.get_changefeed(ns, "orders").await, 404, "not_found");
+    assert_api_error(
+        admin.delete_changefeed(ns, "orders").await,
+        404,
+        "not_found",
+    );
+
+    // The admin token deregisters any executor.
+    admin.deregister(id, None).await.unwrap();
+    assert_eq!(admin.get_executor(id).await.unwrap().status, "tombstone");
+}
+
+#[tokio::test]
+async fn no_server_is_unreachable_and_retryable() {
+    // Bound then dropped: nothing listens there.
+    let port = common::server::free_port();
+    let client = Client::new(&format!("127.0.0.1:{port}")).unwrap();
+    let error = client.status().await.unwrap_err();
+    assert!(matches!(error, Error::Unreachable { .. }), "{error:?}");
+    assert!(error.is_retryable() && error.status().is_none());
+    let message = error.to_string();
+    assert!(message.contains("Connection refused"), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+}
+
+#[tokio::test]
+async fn a_silent_server_times_out() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts (the kernel does) and never answers.
+    let client = Client::new(&format!("127.0.0.1:{port}"))
+        .unwrap()
+        .with_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let error = client.get_executor("x").await.unwrap_err();
+    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    assert!(error.is_retryable());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(listener);
+}
+
+#[tokio::test]
+async fn an_answer_that_is_not_ours_is_unexpected() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let proxy = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf);
+        let body = "<html>bad gateway</html>";
+        write!(
+            stream,
+            "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+    });
+    let client = Client::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    let error = client.status().await.unwrap_err();
+    match &error {
+        Error::Unexpected { status, detail, .. } => {
+            assert_eq!(*status, 502);
+            assert!(detail.contains("bad gateway"), "{detail}");
+        }
+        other => panic!("expected Unexpected, got {other:?}"),
+    }
+    assert!(error.is_retryable());
+    proxy.join().unwrap();
+}

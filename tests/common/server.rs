@@ -1,0 +1,180 @@
+//! A real `flotilla serve` process over a real etcd from [`EtcdCluster`], with a
+//! SQLite store in a temp dir and fast registry timings, for tests of the client, the
+//! CLI and the agent. Dropping it kills the server, then etcd.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::EtcdCluster;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// A free loopback port (released before the server binds it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// How a test server is started.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Starts the server with `--admin-token-file` holding this token.
+    pub admin_token: Option<String>,
+}
+
+pub struct FlotillaServer {
+    child: Option<Child>,
+    port: u16,
+    log_path: PathBuf,
+    admin_token_file: Option<PathBuf>,
+    // Dropped after the child is killed (fields drop in order): etcd last.
+    _dir: TempDir,
+    etcd: EtcdCluster,
+}
+
+impl FlotillaServer {
+    /// Starts etcd and the server; returns once `/readyz` says 200.
+    pub fn start(options: ServerOptions) -> FlotillaServer {
+        let etcd = EtcdCluster::single();
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-server-")
+            .tempdir()
+            .unwrap();
+        let admin_token_file = options.admin_token.as_ref().map(|token| {
+            let file = dir.path().join("admin-token");
+            std::fs::write(&file, token).unwrap();
+            file
+        });
+        let mut server = FlotillaServer {
+            child: None,
+            port: free_port(),
+            log_path: dir.path().join("server.log"),
+            admin_token_file,
+            _dir: dir,
+            etcd,
+        };
+        server.restart();
+        server
+    }
+
+    /// SIGKILLs the server (etcd and the store stay).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, etcd and store; returns once ready.
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--config", "/dev/null", "--listen"])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--etcd-endpoints")
+            .arg(self.etcd.endpoint(0))
+            .arg("--data-dir")
+            .arg(self._dir.path())
+            .args(["--cluster-id", "client-test"])
+            .env("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "200ms")
+            .env("FLOTILLA_REGISTRY_DEFAULT_TTL", "1500ms")
+            .env("FLOTILLA_REGISTRY_MIN_TTL", "500ms")
+            .env("FLOTILLA_REGISTRY_KEEPALIVE_INTERVAL", "100ms")
+            .env("FLOTILLA_REGISTRY_FAILOVER_GRACE", "5s")
+            .env("FLOTILLA_ETCD_TICK_INTERVAL", "50ms")
+            .env("FLOTILLA_ETCD_REQUEST_TIMEOUT", "1s")
+            .env("FLOTILLA_LOG_LEVEL", "warn,flotilla=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log_path)
+                    .unwrap(),
+            );
+        if let Some(file) = &self.admin_token_file {
+            command.arg("--admin-token-file").arg(file);
+        }
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // The server must not outlive a test process that is killed.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                Ok(())
+            });
+        }
+        self.child = Some(command.spawn().expect("start flotilla serve"));
+        self.wait_ready();
+    }
+
+    /// The etcd under the server, to kill or pause it.
+    pub fn etcd(&mut self) -> &mut EtcdCluster {
+        &mut self.etcd
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's stderr so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if readyz(self.port) {
+                return;
+            }
+            let child = self.child.as_mut().expect("a server process");
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("flotilla serve exited early ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "flotilla serve not ready after 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for FlotillaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn readyz(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200")
+}
