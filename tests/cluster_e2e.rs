@@ -46,6 +46,7 @@ impl Server {
             .env("FLOTILLA_REGISTRY_MIN_TTL", "500ms")
             .env("FLOTILLA_REGISTRY_KEEPALIVE_INTERVAL", "100ms")
             .env("FLOTILLA_REGISTRY_FAILOVER_GRACE", "5s")
+            .env("FLOTILLA_SERVER_SESSION_TTL", "2s")
             .env("FLOTILLA_ETCD_TICK_INTERVAL", "50ms")
             .env("FLOTILLA_LOG_LEVEL", "warn,flotilla=info")
             .stdout(Stdio::null())

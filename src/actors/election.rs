@@ -25,7 +25,7 @@
 //! stalled (a frozen process, an unreachable etcd).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -392,8 +392,9 @@ impl Campaign {
     /// Keeps the lease alive and follows the election until the session is
     /// lost (`Some`) or a stop is asked for (`None`).
     async fn serve(&mut self, session: &mut Session) -> Option<Lost> {
+        // `None` while broken; re-created at the next keep-alive tick.
         let mut events = match self.watch(session.create_revision).await {
-            Ok(events) => events,
+            Ok(events) => Some(events),
             Err(e) => return Some(Lost::Etcd(e)),
         };
         if let Err(lost) = self.evaluate(session).await {
@@ -403,6 +404,7 @@ impl Campaign {
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let margin = safety_margin(session.ttl);
         let mut deadline = self.deadline(session, margin);
+        let mut broken = false;
         loop {
             tokio::select! {
                 _ = &mut self.stop => {
@@ -413,12 +415,45 @@ impl Campaign {
                     return Some(Lost::DeadlinePassed);
                 }
                 _ = keepalive.tick() => {
+                    if broken {
+                        // The stream to etcd broke (a member restarted, the
+                        // connection dropped): open another for the same
+                        // lease. Only the lease's deadline ends the session.
+                        let mut client = self.client.clone();
+                        let reopen = self.timed("lease keep-alive", client.lease_keep_alive(session.lease));
+                        match tokio::time::timeout_at(deadline.into(), reopen).await {
+                            Ok(Ok((keeper, keepalives))) => {
+                                session.keeper = keeper;
+                                session.keepalives = keepalives;
+                                session.sent.clear();
+                                broken = false;
+                            }
+                            Ok(Err(e)) => {
+                                warn!(error = %e, "election: cannot renew the lease yet");
+                                continue;
+                            }
+                            Err(_) => return Some(Lost::DeadlinePassed),
+                        }
+                    }
+                    if events.is_none() {
+                        match self.watch(session.create_revision).await {
+                            Ok(stream) => {
+                                events = Some(stream);
+                                if let Err(lost) = self.evaluate(session).await {
+                                    return Some(lost);
+                                }
+                            }
+                            Err(e) => warn!(error = %e, "election: cannot watch the members yet"),
+                        }
+                    }
                     if let Err(e) = session.keeper.keep_alive().await {
-                        return Some(Lost::Etcd(format!("keep-alive: {e}")));
+                        warn!(error = %e, "election: keep-alive failed; reconnecting");
+                        broken = true;
+                        continue;
                     }
                     session.sent.push_back(Instant::now());
                 }
-                answer = session.keepalives.message() => match answer {
+                answer = session.keepalives.message(), if !broken => match answer {
                     Ok(Some(answer)) => {
                         let sent = session.sent.pop_front().unwrap_or_else(Instant::now);
                         if answer.ttl() <= 0 {
@@ -428,10 +463,12 @@ impl Campaign {
                         self.guard.extend_to(sent + ttl - margin);
                         deadline = self.deadline(session, margin);
                     }
-                    Ok(None) => return Some(Lost::Etcd("keep-alive stream ended".into())),
-                    Err(e) => return Some(Lost::Etcd(format!("keep-alive: {e}"))),
+                    Ok(None) | Err(_) => {
+                        warn!("election: the keep-alive stream broke; reconnecting");
+                        broken = true;
+                    }
                 },
-                event = events.message() => {
+                event = next_event(&mut events) => {
                     let deleted_ours = match event {
                         Ok(Some(response)) => response.events().iter().any(|e| {
                             e.event_type() == EventType::Delete
@@ -439,12 +476,11 @@ impl Campaign {
                         }),
                         Ok(None) | Err(_) => {
                             // The watch broke (etcd restarted, a member went
-                            // away): a new one, and a fresh read below.
-                            match self.watch(session.create_revision).await {
-                                Ok(e) => events = e,
-                                Err(e) => return Some(Lost::Etcd(e)),
-                            }
-                            false
+                            // away): a new one at the next tick, then a
+                            // fresh read.
+                            warn!("election: the members watch broke; re-creating it");
+                            events = None;
+                            continue;
                         }
                     };
                     if deleted_ours {
@@ -602,17 +638,12 @@ impl Campaign {
     }
 }
 
-/// Whether a server runs leader-only work now. Shared by the election's
-/// supervisor and the HTTP layer.
-#[derive(Debug, Clone, Default)]
-pub struct LeaderFlag(Arc<AtomicBool>);
-
-impl LeaderFlag {
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-
-    pub fn set(&self, leading: bool) {
-        self.0.store(leading, Ordering::Release);
+/// The next watch response; never resolves while there is no watch.
+async fn next_event(
+    events: &mut Option<WatchStream>,
+) -> Result<Option<etcd_client::WatchResponse>, etcd_client::Error> {
+    match events {
+        Some(events) => events.message().await,
+        None => std::future::pending().await,
     }
 }

@@ -122,6 +122,16 @@ async fn forward(
             "this server was just elected and is starting; retry".into(),
         ));
     }
+    if leader.candidate.advertise_addr == state.info.advertise_addr {
+        // A run of this server killed before it could resign: its key holds
+        // the leadership until its lease expires. Forwarding would only
+        // come back here.
+        return Err(no_leader(format!(
+            "the leadership is held by {}, an earlier run of this server at the same \
+             address, until its lease expires; retry",
+            leader.candidate.server_id
+        )));
+    }
     let url = format!(
         "http://{}{}",
         leader.candidate.advertise_addr,

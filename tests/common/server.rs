@@ -90,6 +90,8 @@ impl FlotillaServer {
             .env("FLOTILLA_REGISTRY_MIN_TTL", "500ms")
             .env("FLOTILLA_REGISTRY_KEEPALIVE_INTERVAL", "100ms")
             .env("FLOTILLA_REGISTRY_FAILOVER_GRACE", "5s")
+            // A killed server's leadership lapses after this; short for tests.
+            .env("FLOTILLA_SERVER_SESSION_TTL", "2s")
             .env("FLOTILLA_ETCD_TICK_INTERVAL", "50ms")
             .env("FLOTILLA_ETCD_REQUEST_TIMEOUT", "1s")
             .env("FLOTILLA_LOG_LEVEL", "warn,flotilla=info")
