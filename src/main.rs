@@ -272,6 +272,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
              executors may expire after a failover although they kept heartbeating"
         );
     }
+    let server_id = server_id();
     let roles = RoleSlot::default();
     let leader_roles = LeaderRoles::new(
         RoleSettings {
@@ -287,7 +288,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     request_timeout: config.etcd.request_timeout,
                     ..WorkerConfig::new(format!("{}/", config.etcd.prefix.trim_end_matches('/')))
                 },
-                owner: OwnerConfig::default(),
+                owner: OwnerConfig {
+                    server_id: server_id.clone(),
+                    ..OwnerConfig::default()
+                },
                 restart_backoff: Duration::from_secs(1),
             },
         },
@@ -309,7 +313,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .local_addr()
         .context("cannot read the bound HTTP address")?;
     let info = ServerInfo {
-        id: server_id(),
+        id: server_id,
         version: env!("CARGO_PKG_VERSION"),
         cluster_id: config.server.cluster_id.clone(),
         advertise_addr: config

@@ -53,6 +53,7 @@ fn owner_settings() -> OwnerSettings {
         owner: OwnerConfig {
             max_retries: 3,
             retry_backoff: Duration::from_millis(100),
+            server_id: "owner-test".into(),
         },
         restart_backoff: Duration::from_millis(200),
     }

@@ -597,7 +597,16 @@ async fn status(args: StatusArgs) -> CliResult {
             ("version", s.version.clone()),
             ("cluster", s.cluster_id.clone()),
             ("address", s.advertise_addr.clone()),
-            ("leader", table::or_dash(s.leader.as_deref())),
+            (
+                "leader",
+                match s.election.as_ref().and_then(|e| e.leader.as_ref()) {
+                    Some(l) if s.election.as_ref().is_some_and(|e| e.is_leader) => {
+                        format!("this server ({})", l.advertise_addr)
+                    }
+                    Some(l) => format!("{} ({})", l.server_id, l.advertise_addr),
+                    None => "-".to_owned(),
+                },
+            ),
             (
                 "etcd",
                 format!(

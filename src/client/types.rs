@@ -225,8 +225,36 @@ pub struct ServerStatus {
     pub store: Option<StoreHealth>,
     #[serde(default)]
     pub executors: Option<ExecutorCounts>,
+    /// The leader election as that server sees it; `None` on a server that
+    /// runs none.
     #[serde(default)]
-    pub leader: Option<String>,
+    pub election: Option<ElectionStatus>,
+}
+
+/// `election` of [`ServerStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ElectionStatus {
+    #[serde(default)]
+    pub leader: Option<ElectionMember>,
+    /// Every server campaigning, the leader first.
+    #[serde(default)]
+    pub members: Vec<ElectionMember>,
+    /// The server's own lease (hex), while it holds one.
+    #[serde(default)]
+    pub lease: Option<String>,
+    #[serde(default)]
+    pub is_leader: bool,
+}
+
+/// A server in the leader election.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ElectionMember {
+    pub server_id: String,
+    pub advertise_addr: String,
+    #[serde(default)]
+    pub lease: String,
+    #[serde(default)]
+    pub create_revision: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

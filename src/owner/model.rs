@@ -252,6 +252,10 @@ pub struct ChangefeedStatus {
     /// Unix millis before which it is not reassigned (backoff after an error).
     #[serde(default)]
     pub retry_after_ms: u64,
+    /// The server whose owner wrote this value (empty: the API wrote it).
+    /// Lets an audit of etcd's history tell which leader wrote what.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub written_by: String,
 }
 
 /// `<p>/<ns>/task/status/<executor>/<id>`: the assignment.
@@ -260,6 +264,9 @@ pub struct TaskStatus {
     pub epoch: u64,
     /// RFC 3339.
     pub assigned_at: String,
+    /// The server whose owner made the assignment.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub written_by: String,
 }
 
 /// `<p>/<ns>/task/position/<executor>/<id>`: the last progress reported.

@@ -61,6 +61,8 @@ pub struct OwnerConfig {
     /// Backoff before the n-th reassignment after an error:
     /// `retry_backoff * 2^(n-1)`, capped at 64x.
     pub retry_backoff: Duration,
+    /// This server's id, recorded in what the owner writes (`written_by`).
+    pub server_id: String,
 }
 
 impl Default for OwnerConfig {
@@ -68,6 +70,7 @@ impl Default for OwnerConfig {
         Self {
             max_retries: 3,
             retry_backoff: Duration::from_secs(2),
+            server_id: String::new(),
         }
     }
 }
@@ -338,6 +341,7 @@ impl Reactor for OwnerReactor {
                             let task = TaskStatus {
                                 epoch: plan.status.epoch,
                                 assigned_at: rfc3339(now),
+                                written_by: self.config.server_id.clone(),
                             };
                             plan.group.push(DataPatch::put(
                                 state.keys.task_status(cf, &executor),
@@ -373,6 +377,7 @@ impl Reactor for OwnerReactor {
                     .push(DataPatch::put(state.keys.info(cf), json(&info)));
             }
             if plan.status_changed {
+                plan.status.written_by.clone_from(&self.config.server_id);
                 plan.group
                     .push(DataPatch::put(state.keys.status(cf), json(&plan.status)));
             }

@@ -249,6 +249,7 @@ mod tests {
         let task = TaskStatus {
             epoch: 1,
             assigned_at: "now".into(),
+            written_by: String::new(),
         };
         state
             .update(
@@ -315,6 +316,7 @@ mod tests {
             serde_json::to_vec(&TaskStatus {
                 epoch,
                 assigned_at: "now".into(),
+                written_by: String::new(),
             })
             .unwrap()
         };

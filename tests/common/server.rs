@@ -76,46 +76,17 @@ impl FlotillaServer {
     /// Starts the server again on the same port, etcd and store; returns once ready.
     pub fn restart(&mut self) {
         self.kill();
-        let mut command = Command::new(BIN);
-        command
-            .args(["serve", "--config", "/dev/null", "--listen"])
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--etcd-endpoints")
-            .arg(self.etcd.endpoint(0))
-            .arg("--data-dir")
-            .arg(self._dir.path())
-            .args(["--cluster-id", "client-test"])
-            .env("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "200ms")
-            .env("FLOTILLA_REGISTRY_DEFAULT_TTL", "1500ms")
-            .env("FLOTILLA_REGISTRY_MIN_TTL", "500ms")
-            .env("FLOTILLA_REGISTRY_KEEPALIVE_INTERVAL", "100ms")
-            .env("FLOTILLA_REGISTRY_FAILOVER_GRACE", "5s")
-            // A killed server's leadership lapses after this; short for tests.
-            .env("FLOTILLA_SERVER_SESSION_TTL", "2s")
-            .env("FLOTILLA_ETCD_TICK_INTERVAL", "50ms")
-            .env("FLOTILLA_ETCD_REQUEST_TIMEOUT", "1s")
-            .env("FLOTILLA_LOG_LEVEL", "warn,flotilla=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.log_path)
-                    .unwrap(),
-            );
-        if let Some(file) = &self.admin_token_file {
-            command.arg("--admin-token-file").arg(file);
-        }
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                // The server must not outlive a test process that is killed.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-                Ok(())
-            });
-        }
-        self.child = Some(command.spawn().expect("start flotilla serve"));
+        let spec = ServerSpec {
+            port: self.port,
+            etcd_endpoints: self.etcd.endpoint(0),
+            data_dir: self._dir.path().to_owned(),
+            store_url: None,
+            cluster_id: "client-test".into(),
+            admin_token_file: self.admin_token_file.clone(),
+            log_path: self.log_path.clone(),
+            env: Vec::new(),
+        };
+        self.child = Some(spec.spawn());
         self.wait_ready();
     }
 
@@ -158,13 +129,82 @@ impl FlotillaServer {
     }
 }
 
+/// How to start one `flotilla serve` process.
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    pub port: u16,
+    /// Comma-separated client URLs.
+    pub etcd_endpoints: String,
+    pub data_dir: PathBuf,
+    /// `None`: SQLite under `data_dir`.
+    pub store_url: Option<String>,
+    pub cluster_id: String,
+    pub admin_token_file: Option<PathBuf>,
+    /// stderr goes here (appended across restarts).
+    pub log_path: PathBuf,
+    /// Extra `FLOTILLA_*` settings, after (so over) the fast test timings.
+    pub env: Vec<(String, String)>,
+}
+
+impl ServerSpec {
+    /// Starts the process with fast registry timings; does not wait for it.
+    pub fn spawn(&self) -> Child {
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--config", "/dev/null", "--listen"])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--etcd-endpoints")
+            .arg(&self.etcd_endpoints)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--cluster-id")
+            .arg(&self.cluster_id)
+            .env("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "200ms")
+            .env("FLOTILLA_REGISTRY_DEFAULT_TTL", "1500ms")
+            .env("FLOTILLA_REGISTRY_MIN_TTL", "500ms")
+            .env("FLOTILLA_REGISTRY_KEEPALIVE_INTERVAL", "100ms")
+            .env("FLOTILLA_REGISTRY_FAILOVER_GRACE", "5s")
+            // A killed server's leadership lapses after this; short for tests.
+            .env("FLOTILLA_SERVER_SESSION_TTL", "2s")
+            .env("FLOTILLA_ETCD_TICK_INTERVAL", "50ms")
+            .env("FLOTILLA_ETCD_REQUEST_TIMEOUT", "1s")
+            .env("FLOTILLA_LOG_LEVEL", "warn,flotilla=info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log_path)
+                    .unwrap(),
+            );
+        if let Some(url) = &self.store_url {
+            command.arg("--store-url").arg(url);
+        }
+        if let Some(file) = &self.admin_token_file {
+            command.arg("--admin-token-file").arg(file);
+        }
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // The server must not outlive a test process that is killed.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                Ok(())
+            });
+        }
+        command.spawn().expect("start flotilla serve")
+    }
+}
+
 impl Drop for FlotillaServer {
     fn drop(&mut self) {
         self.kill();
     }
 }
 
-fn readyz(port: u16) -> bool {
+/// Whether `GET /readyz` on `port` answers 200.
+pub fn readyz(port: u16) -> bool {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
