@@ -28,7 +28,7 @@ const SESSION_TTL: Duration = Duration::from_secs(2);
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 const FAILOVER_GRACE: Duration = Duration::from_secs(8);
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Server {
     spec: ServerSpec,
@@ -147,9 +147,7 @@ impl Ha {
     }
 
     async fn status(&self, i: usize) -> Option<ServerStatus> {
-        if self.servers[i].child.is_none() {
-            return None;
-        }
+        self.servers[i].child.as_ref()?;
         self.client(i).status().await.ok()
     }
 
@@ -349,7 +347,7 @@ async fn create_changefeeds(client: &Client, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_under_load_expires_no_executor_and_moves_no_changefeed() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     common::init_tracing();
     let mut ha = Ha::start("ha_failover").await;
     let leader = ha.leader(Duration::from_secs(10)).await;
@@ -422,7 +420,7 @@ async fn killing_the_leader_under_load_expires_no_executor_and_moves_no_changefe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_leader_key_deposes_that_leader_and_a_leader_resumes() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     common::init_tracing();
     let ha = Ha::start("ha_delete_key").await;
     let leader = ha.leader(Duration::from_secs(10)).await;
@@ -468,7 +466,7 @@ async fn deleting_the_leader_key_deposes_that_leader_and_a_leader_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_never_writes_after_its_lease_is_gone() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     common::init_tracing();
     let ha = Ha::start("ha_frozen").await;
     let leader = ha.leader(Duration::from_secs(10)).await;
@@ -571,7 +569,7 @@ async fn a_frozen_leader_never_writes_after_its_lease_is_gone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_one_etcd_member_is_harmless_and_losing_two_is_reported_then_recovered() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     common::init_tracing();
     let mut ha = Ha::start("ha_etcd_loss").await;
     let leader = ha.leader(Duration::from_secs(10)).await;

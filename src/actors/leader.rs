@@ -11,6 +11,7 @@
 //! election starts a fresh registry, which loads the executors from SQL with
 //! a grace period, and a fresh owner, which continues from etcd.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use actix::prelude::*;
@@ -32,33 +33,49 @@ pub struct Roles {
 }
 
 /// Where the current [`Roles`] are published; empty while this server does
-/// not lead. Cheap to clone; reads take a shared lock for a few pointer
-/// copies.
+/// not lead. Cheap to clone. Every request asks [`Self::is_empty`] (one
+/// atomic load); handlers borrow the roles under a shared lock.
 #[derive(Clone, Default)]
-pub struct RoleSlot(Arc<RwLock<Option<Roles>>>);
+pub struct RoleSlot(Arc<SlotInner>);
+
+#[derive(Default)]
+struct SlotInner {
+    roles: RwLock<Option<Roles>>,
+    /// Mirrors `roles.is_some()`, for the per-request routing check.
+    filled: AtomicBool,
+}
 
 impl RoleSlot {
     /// A slot that always holds `roles` (a server without an election).
     pub fn fixed(roles: Roles) -> Self {
-        Self(Arc::new(RwLock::new(Some(roles))))
+        let slot = Self::default();
+        slot.set(Some(roles));
+        slot
     }
 
     pub fn get(&self) -> Option<Roles> {
-        self.0
+        self.with(|roles| roles.cloned())
+    }
+
+    /// Runs `f` on the current roles without copying them. Keep `f` short
+    /// and synchronous: a role change waits for it.
+    pub fn with<T>(&self, f: impl FnOnce(Option<&Roles>) -> T) -> T {
+        f(self
+            .0
+            .roles
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .as_ref())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_none()
+        !self.0.filled.load(Ordering::Acquire)
     }
 
     fn set(&self, roles: Option<Roles>) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = roles;
+        let mut slot = self.0.roles.write().unwrap_or_else(PoisonError::into_inner);
+        self.0.filled.store(roles.is_some(), Ordering::Release);
+        *slot = roles;
     }
 }
 

@@ -53,12 +53,14 @@ fn registry(state: &AppState) -> ApiResult<Addr<ExecutorRegistry>> {
 /// The leader-only actors. Missing only when this server stepped down
 /// between routing and here, or runs no registry at all.
 fn roles(state: &AppState) -> ApiResult<Roles> {
-    state.roles.get().ok_or_else(|| {
-        if state.election.is_some() {
-            return ApiError::NoLeader("this server just stopped leading; retry".into());
-        }
-        ApiError::Unavailable("the executor registry is not running on this server".into())
-    })
+    state.roles.get().ok_or_else(|| not_leading(state))
+}
+
+fn not_leading(state: &AppState) -> ApiError {
+    if state.election.is_some() {
+        return ApiError::NoLeader("this server just stopped leading; retry".into());
+    }
+    ApiError::Unavailable("the executor registry is not running on this server".into())
 }
 
 /// `POST /api/v1/executors` body.
@@ -199,14 +201,27 @@ async fn heartbeat(
     // registry and the owner share with it: no actor message on this path.
     // The registry first, so only an authenticated, live executor's
     // progress counts.
-    let roles = roles(&state)?;
-    let ack = roles.registry.table.heartbeat(&id, token, ttl)?;
-    let work = match &roles.owner {
+    let (ack, work) = state.roles.with(|roles| -> ApiResult<_> {
+        let roles = roles.ok_or_else(|| not_leading(&state))?;
+        let ack = roles.registry.table.heartbeat(&id, token, ttl)?;
+        Ok((ack, work_for(roles, &id, progress)?))
+    })?;
+    Ok(HttpResponse::Ok().json(HeartbeatResponse {
+        ttl_ms: ack.ttl.as_millis() as u64,
+        heartbeat_interval_ms: ack.heartbeat_interval.as_millis() as u64,
+        assignments: work.assignments,
+        rejected: work.rejected,
+    }))
+}
+
+/// The owner's answer to a heartbeat the registry accepted.
+fn work_for(roles: &Roles, id: &str, progress: Vec<ProgressReport>) -> ApiResult<Work> {
+    Ok(match &roles.owner {
         // If the owner cannot answer after the heartbeat counted, a 503
         // tells the executor to keep its current work and ask again (an
         // empty list would stop everything).
         Some(owner) => owner
-            .work(&id, progress)
+            .work(id, progress)
             .map_err(|e| ApiError::Unavailable(e.to_string()))?,
         // A server built without an owner (registry-only tests) has no work
         // to hand out and takes no progress.
@@ -222,13 +237,7 @@ async fn heartbeat(
                 })
                 .collect(),
         },
-    };
-    Ok(HttpResponse::Ok().json(HeartbeatResponse {
-        ttl_ms: ack.ttl.as_millis() as u64,
-        heartbeat_interval_ms: ack.heartbeat_interval.as_millis() as u64,
-        assignments: work.assignments,
-        rejected: work.rejected,
-    }))
+    })
 }
 
 #[derive(Debug, Serialize)]
