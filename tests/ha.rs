@@ -127,6 +127,14 @@ impl Ha {
         }
     }
 
+    /// Starts a killed server again (same port, data dir and log).
+    fn respawn(&mut self, i: usize) {
+        assert!(self.servers[i].child.is_none(), "server {i} still runs");
+        let child = self.servers[i].spec.spawn();
+        self.servers[i].child = Some(child);
+        self.wait_ready(i);
+    }
+
     fn signal(&self, i: usize, signal: libc::c_int) {
         // SAFETY: kill(2) on a child we spawned and have not reaped.
         assert_eq!(unsafe { libc::kill(self.pid(i), signal) }, 0);
@@ -393,6 +401,12 @@ async fn killing_the_leader_under_load_expires_no_executor_and_moves_no_changefe
         live.items.iter().all(|e| e.status == "running"),
         "no executor expired"
     );
+    let listed: usize = live
+        .items
+        .iter()
+        .map(|e| e.changefeeds.as_ref().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(listed, 1000, "each executor lists the changefeeds it runs");
     let moved: Vec<_> = before
         .iter()
         .filter(|(id, place)| after.get(*id) != Some(place))
@@ -643,5 +657,57 @@ async fn losing_one_etcd_member_is_harmless_and_losing_two_is_reported_then_reco
         "etcd loss: {} heartbeats ok, {} refused",
         observed.ok,
         observed.refused.len()
+    );
+}
+
+/// The failover figure of BENCHMARKS.md: leader SIGKILL -> first heartbeat
+/// answered through the new leader, over 10 kills (the killed server comes
+/// back as a follower each time). `scripts/bench-failover` runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: run by scripts/bench-failover"]
+async fn failover_time_over_ten_kills() {
+    let _serial = SERIAL.lock().await;
+    let mut ha = Ha::start("ha_bench").await;
+    let mut times = Vec::new();
+    for run in 0..10 {
+        let leader = ha.leader(Duration::from_secs(30)).await;
+        let follower = (leader + 1) % 3;
+        let client = Client::new(&ha.url(follower))
+            .unwrap()
+            .with_timeout(Duration::from_secs(2));
+        let registration = client
+            .register(&RegisterRequest {
+                name: format!("probe{run}"),
+                address: "10.0.0.1:9000".into(),
+                labels: BTreeMap::new(),
+            })
+            .await
+            .expect("register the probe");
+        let empty = HeartbeatRequest::default();
+        let beat = || client.heartbeat(&registration.executor.id, &registration.token, &empty);
+        beat().await.expect("a heartbeat before the kill");
+        let killed = Instant::now();
+        ha.kill(leader);
+        loop {
+            match beat().await {
+                Ok(_) => break,
+                Err(ClientError::Api { status, code, .. }) if matches!(status, 401 | 404 | 410) => {
+                    panic!("the probe was refused after the failover: {status} {code}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let took = killed.elapsed();
+        eprintln!("run {run}: first heartbeat through the new leader {took:?} after the kill");
+        times.push(took);
+        ha.respawn(leader);
+    }
+    times.sort();
+    let median = (times[4] + times[5]) / 2;
+    eprintln!(
+        "failover over {} kills (session TTL {SESSION_TTL:?}): median {median:?}, max {:?}, min {:?}",
+        times.len(),
+        times[times.len() - 1],
+        times[0]
     );
 }

@@ -58,6 +58,11 @@ pub struct WorkDesk {
 }
 
 impl WorkDesk {
+    /// The changefeeds (`namespace/id`) each of `executors` must run.
+    pub fn assigned<'a>(&self, executors: impl IntoIterator<Item = &'a str>) -> Vec<Vec<String>> {
+        self.board.assigned(executors)
+    }
+
     /// The committed work of `executor`; its progress reports for its
     /// current assignments go to the reactor, the others come back
     /// rejected. Call it only for an executor the registry just accepted a

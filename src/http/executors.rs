@@ -242,8 +242,36 @@ fn work_for(roles: &Roles, id: &str, progress: Vec<ProgressReport>) -> ApiResult
 
 #[derive(Debug, Serialize)]
 struct ListResponse {
-    items: Vec<ExecutorInfo>,
+    items: Vec<ExecutorView>,
     total: usize,
+}
+
+/// An executor as the API shows it: the registry's view and the changefeeds
+/// (`namespace/id`) the owner has assigned to it.
+#[derive(Debug, Serialize)]
+struct ExecutorView {
+    #[serde(flatten)]
+    info: ExecutorInfo,
+    changefeeds: Vec<String>,
+}
+
+fn with_changefeeds(state: &AppState, items: Vec<ExecutorInfo>) -> Vec<ExecutorView> {
+    let mut assigned = state.roles.with(|roles| {
+        roles
+            .and_then(|r| r.owner.as_ref())
+            .map(|owner| owner.assigned(items.iter().map(|e| e.id.as_str())))
+    });
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, info)| ExecutorView {
+            info,
+            changefeeds: assigned
+                .as_mut()
+                .map(|lists| std::mem::take(&mut lists[i]))
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// `GET /api/v1/executors?status=running&label=zone=a&label=disk=ssd`
@@ -280,6 +308,7 @@ async fn list(
         }
     }
     let items = registry(&state)?.send(filter).await.map_err(mailbox)?;
+    let items = with_changefeeds(&state, items);
     Ok(HttpResponse::Ok().json(ListResponse {
         total: items.len(),
         items,
@@ -293,7 +322,8 @@ async fn get(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<Htt
         })
         .await
         .map_err(mailbox)??;
-    Ok(HttpResponse::Ok().json(info))
+    let view = with_changefeeds(&state, vec![info]).pop();
+    Ok(HttpResponse::Ok().json(view))
 }
 
 async fn deregister(

@@ -189,6 +189,24 @@ impl WorkBoard {
         }
     }
 
+    /// The changefeeds (`namespace/id`) each of `executors` must run, under
+    /// one read lock; empty lists while the board is not ready.
+    pub fn assigned<'a>(&self, executors: impl IntoIterator<Item = &'a str>) -> Vec<Vec<String>> {
+        let ready = self.is_ready();
+        let tables = self.read();
+        executors
+            .into_iter()
+            .map(|executor| match tables.by_executor.get(executor) {
+                Some(slots) if ready => slots
+                    .iter()
+                    .filter(|(_, slot)| slot.assignment.is_some())
+                    .map(|(cf, _)| format!("{}/{}", cf.namespace, cf.id))
+                    .collect(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
     /// The committed assignments of `executor`, and which of its reports to
     /// accept: only those for its current assignment at the current epoch.
     /// `None` while the board is not ready.
