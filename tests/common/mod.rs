@@ -689,6 +689,7 @@ fn tail(path: &Path, lines: usize) -> String {
         Err(e) => format!("<cannot read {}: {e}>", path.display()),
     }
 }
+pub mod cluster;
 pub mod postgres;
 pub mod reactors;
 pub mod server;
