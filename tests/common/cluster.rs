@@ -125,6 +125,13 @@ impl Ha {
         }
     }
 
+    /// Starts a killed server again without waiting for it to be ready.
+    pub fn respawn_nowait(&mut self, i: usize) {
+        assert!(self.servers[i].child.is_none(), "server {i} still runs");
+        let child = self.servers[i].spec.spawn();
+        self.servers[i].child = Some(child);
+    }
+
     /// Starts a killed server again (same port, data dir and log).
     pub fn respawn(&mut self, i: usize) {
         assert!(self.servers[i].child.is_none(), "server {i} still runs");
