@@ -141,6 +141,14 @@ pub struct HttpConfig {
     /// How long in-flight requests may take to finish after a shutdown signal.
     #[serde(with = "human_duration")]
     pub shutdown_timeout: Duration,
+    /// Open connections per HTTP worker thread; beyond it new connections
+    /// wait in the listen backlog.
+    pub max_connections: usize,
+    /// Registrations per second per client address (0: no limit); beyond
+    /// it 429 `too_many_requests` with `Retry-After`.
+    pub register_rate: f64,
+    /// Registrations a client address may make at once.
+    pub register_burst: u32,
 }
 
 impl Default for HttpConfig {
@@ -149,6 +157,9 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8300".into(),
             max_body_bytes: 64 * 1024,
             shutdown_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            register_rate: 20.0,
+            register_burst: 100,
         }
     }
 }
@@ -236,6 +247,8 @@ pub struct RegistryConfig {
     pub mass_expiry_fraction: f64,
     /// Executors expired per second during a mass expiry.
     pub mass_expiry_rate: f64,
+    /// Most executors registered at once; beyond it 503 `registry_full`.
+    pub max_executors: usize,
 }
 
 impl Default for RegistryConfig {
@@ -249,6 +262,7 @@ impl Default for RegistryConfig {
             failover_grace: Duration::from_secs(15),
             mass_expiry_fraction: 0.55,
             mass_expiry_rate: 1.0,
+            max_executors: 100_000,
         }
     }
 }
@@ -374,6 +388,24 @@ impl Config {
         check_host_port(&self.http.listen).map_err(|m| invalid("http.listen", m))?;
         if self.http.max_body_bytes == 0 {
             return Err(invalid("http.max_body_bytes", "must be > 0".into()));
+        }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be > 0".into()));
+        }
+        if !self.http.register_rate.is_finite() || self.http.register_rate < 0.0 {
+            return Err(invalid(
+                "http.register_rate",
+                format!(
+                    "{} must be a number >= 0 (0: no limit)",
+                    self.http.register_rate
+                ),
+            ));
+        }
+        if self.http.register_burst == 0 {
+            return Err(invalid("http.register_burst", "must be > 0".into()));
+        }
+        if self.registry.max_executors == 0 {
+            return Err(invalid("registry.max_executors", "must be > 0".into()));
         }
 
         for endpoint in &self.etcd.endpoints {

@@ -21,6 +21,7 @@ use flotilla::actors::owner::OwnerSettings;
 use flotilla::actors::WorkerConfig;
 use flotilla::config::{self, Config, LogFormat, Override};
 use flotilla::etcd_server::{EmbeddedEtcd, EmbeddedEtcdOptions};
+use flotilla::http::limits::RegisterLimiter;
 use flotilla::http::{self, AppState, EtcdProbe, ServerInfo};
 use flotilla::owner::feeds::Changefeeds;
 use flotilla::owner::model::Keys;
@@ -343,6 +344,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         changefeeds: Some(changefeeds),
         admin_token,
         max_body_bytes: config.http.max_body_bytes,
+        register_limit: RegisterLimiter::new(config.http.register_rate, config.http.register_burst),
     };
     let server = http::serve(listener, &config.http, state)?;
     info!(server_id, listen = %bound, "HTTP server listening");
@@ -409,6 +411,7 @@ fn registry_config(c: &flotilla::config::RegistryConfig) -> RegistryConfig {
         failover_grace: c.failover_grace,
         mass_expiry_fraction: c.mass_expiry_fraction,
         mass_expiry_rate: c.mass_expiry_rate,
+        max_executors: c.max_executors,
         ..RegistryConfig::default()
     }
 }

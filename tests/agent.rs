@@ -82,6 +82,7 @@ async fn agent_runs_its_assignment_reports_progress_and_deregisters_on_stop() {
     common::init_tracing();
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
+        ..ServerOptions::default()
     });
     let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
     let mut config = AgentConfig::new("worker", "127.0.0.1:9100");
@@ -144,6 +145,7 @@ async fn agent_registers_again_after_being_deregistered() {
     common::init_tracing();
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
+        ..ServerOptions::default()
     });
     let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
     create(&admin, "orders").await;

@@ -48,6 +48,7 @@ async fn fixture_with(admin_token: Option<&str>, timeout: Duration) -> Fixture {
         changefeeds: Some(Changefeeds::new(client.clone(), keys.clone(), timeout)),
         admin_token: admin_token.map(str::to_owned),
         max_body_bytes: MAX_BODY,
+        register_limit: Default::default(),
     });
     Fixture {
         etcd,
@@ -1060,6 +1061,7 @@ async fn without_etcd_the_routes_are_503_unavailable() {
         changefeeds: None,
         admin_token: None,
         max_body_bytes: MAX_BODY,
+        register_limit: Default::default(),
     });
     let app = test::init_service(App::new().configure(http::configure(state))).await;
     let (status, body) = call!(app, list_req(""));

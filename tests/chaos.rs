@@ -55,11 +55,7 @@ impl Agent {
             let clients: Vec<Client> = shared
                 .urls
                 .iter()
-                .map(|u| {
-                    Client::new(u)
-                        .unwrap()
-                        .with_timeout(Duration::from_secs(3))
-                })
+                .map(|u| Client::new(u).unwrap().with_timeout(Duration::from_secs(3)))
                 .collect();
             let mut server = n % clients.len();
             let mut registration = None;
@@ -116,7 +112,10 @@ impl Agent {
                             })
                             .collect();
                     }
-                    Err(ClientError::Api { status, .. }) if matches!(status, 401 | 404 | 410) => {
+                    Err(ClientError::Api {
+                        status: 401 | 404 | 410,
+                        ..
+                    }) => {
                         shared.refused.fetch_add(1, Ordering::Relaxed);
                         registration = None;
                         continue;
@@ -157,7 +156,9 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
         registrations: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     });
-    let mut agents: Vec<Agent> = (0..AGENTS).map(|n| Agent::spawn(n, shared.clone())).collect();
+    let mut agents: Vec<Agent> = (0..AGENTS)
+        .map(|n| Agent::spawn(n, shared.clone()))
+        .collect();
     let mut report = Report::default();
 
     // Watches the checkpoints (never backward) and the leader (how long none).
@@ -168,11 +169,7 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
         tokio::spawn(async move {
             let clients: Vec<Client> = urls
                 .iter()
-                .map(|u| {
-                    Client::new(u)
-                        .unwrap()
-                        .with_timeout(Duration::from_secs(1))
-                })
+                .map(|u| Client::new(u).unwrap().with_timeout(Duration::from_secs(1)))
                 .collect();
             let mut checkpoints: HashMap<String, u64> = HashMap::new();
             let mut violations = Vec::new();
@@ -318,7 +315,10 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
     tokio::time::sleep(FAILOVER_GRACE + Duration::from_secs(4)).await;
 
     let admin = ha.client(leader);
-    let feeds = admin.list_changefeeds("default", None).await.expect("list changefeeds");
+    let feeds = admin
+        .list_changefeeds("default", None)
+        .await
+        .expect("list changefeeds");
     let ids: BTreeSet<&str> = feeds.items.iter().map(|c| c.id.as_str()).collect();
     if feeds.items.len() != CHANGEFEEDS || ids.len() != CHANGEFEEDS {
         report.violations.push(format!(
@@ -340,9 +340,9 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
     for agent in &agents {
         let id = agent.id.lock().unwrap().clone();
         if !running.contains(id.as_str()) {
-            report
-                .violations
-                .push(format!("live executor {id:?} is not registered and running"));
+            report.violations.push(format!(
+                "live executor {id:?} is not registered and running"
+            ));
         }
     }
 

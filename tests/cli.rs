@@ -67,6 +67,7 @@ fn fails(output: Output, code: i32, prefix: &str) {
 fn changefeed_commands_print_tables_and_json_and_exit_by_outcome() {
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
+        ..ServerOptions::default()
     });
     let url = server.url();
     let token_file = server.data_dir().join("cli-token");
@@ -225,6 +226,7 @@ fn changefeed_commands_print_tables_and_json_and_exit_by_outcome() {
 fn executor_and_status_commands() {
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
+        ..ServerOptions::default()
     });
     let url = server.url();
     let run = |args: &[&str]| flotilla(&url, args);

@@ -200,6 +200,7 @@ async fn changefeed_methods_with_the_admin_token_and_progress() {
     common::init_tracing();
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
+        ..ServerOptions::default()
     });
     let anonymous = Client::new(&server.url()).unwrap();
     let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);

@@ -10,6 +10,7 @@ use actix_web::http::StatusCode;
 use actix_web::{test, web, App};
 use flotilla::actors::executor_registry::{ExecutorRegistry, GetRegistryStats, RegistryConfig};
 use flotilla::actors::leader::{RoleSlot, Roles};
+use flotilla::http::limits::RegisterLimiter;
 use flotilla::http::{self, AppState, EtcdProbe, ServerInfo};
 use flotilla::store::{Store, StoreOptions};
 use rand::rngs::StdRng;
@@ -33,7 +34,15 @@ fn config() -> RegistryConfig {
 }
 
 async fn state_with(store: Store) -> (web::Data<AppState>, Addr<ExecutorRegistry>) {
-    let handle = ExecutorRegistry::new(config(), store).start_with_table();
+    state_with_limits(store, config(), RegisterLimiter::default()).await
+}
+
+async fn state_with_limits(
+    store: Store,
+    config: RegistryConfig,
+    register_limit: RegisterLimiter,
+) -> (web::Data<AppState>, Addr<ExecutorRegistry>) {
+    let handle = ExecutorRegistry::new(config, store).start_with_table();
     let registry = handle.addr.clone();
     for _ in 0..500 {
         if registry.send(GetRegistryStats).await.unwrap().loaded {
@@ -65,6 +74,7 @@ async fn state_with(store: Store) -> (web::Data<AppState>, Addr<ExecutorRegistry
         changefeeds: None,
         admin_token: Some(ADMIN.into()),
         max_body_bytes: MAX_BODY,
+        register_limit,
     });
     (state, registry)
 }
@@ -558,6 +568,7 @@ async fn the_watch_feed_is_readable_by_a_real_http_client() {
         changefeeds: None,
         admin_token: state.admin_token.clone(),
         max_body_bytes: MAX_BODY,
+        register_limit: Default::default(),
     };
     let server = http::serve(listener, &flotilla::config::HttpConfig::default(), state).unwrap();
     let handle = server.handle();
@@ -641,4 +652,76 @@ async fn the_watch_feed_is_readable_by_a_real_http_client() {
     assert_eq!(offline["id"], first["id"]);
     assert_eq!(offline["reason"], "deregistered");
     handle.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn registrations_beyond_a_clients_burst_get_429_and_leave_no_trace() {
+    let dir = TempDir::new().unwrap();
+    let (state, registry) =
+        state_with_limits(sqlite(&dir).await, config(), RegisterLimiter::new(1.0, 3)).await;
+    let app = app!(state);
+    let peer = |ip: &str| {
+        format!("{ip}:40000")
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+    };
+    for i in 0..3 {
+        let (status, body) = call!(
+            app,
+            register_req(&format!("burst{i}"), json!({})).peer_addr(peer("10.1.1.1"))
+        );
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let resp = test::call_service(
+        &app,
+        register_req("burst3", json!({}))
+            .peer_addr(peer("10.1.1.1"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        resp.headers().get("retry-after").unwrap().to_str().unwrap(),
+        "1"
+    );
+    let body: Value = serde_json::from_slice(&test::read_body(resp).await).unwrap();
+    assert_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        &body,
+        429,
+        "too_many_requests",
+    );
+    // Another address has its own budget; the refused one left nothing.
+    let (status, _) = call!(
+        app,
+        register_req("other", json!({})).peer_addr(peer("10.1.1.2"))
+    );
+    assert_eq!(status, StatusCode::CREATED);
+    let stats = registry.send(GetRegistryStats).await.unwrap();
+    assert_eq!(stats.initing, 4);
+}
+
+#[actix_rt::test]
+async fn a_full_registry_refuses_with_503_and_stores_nothing() {
+    let dir = TempDir::new().unwrap();
+    let store = sqlite(&dir).await;
+    let full = RegistryConfig {
+        max_executors: 2,
+        ..config()
+    };
+    let (state, registry) =
+        state_with_limits(store.clone(), full, RegisterLimiter::default()).await;
+    let app = app!(state);
+    for i in 0..2 {
+        let (status, _) = call!(app, register_req(&format!("cap{i}"), json!({})));
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let (status, body) = call!(app, register_req("cap2", json!({})));
+    assert_error(status, &body, 503, "registry_full");
+    assert_eq!(registry.send(GetRegistryStats).await.unwrap().initing, 2);
+    assert_eq!(
+        store.load_executors().await.unwrap().len(),
+        2,
+        "nothing stored"
+    );
 }

@@ -1,6 +1,8 @@
 //! End-to-end tests of `flotilla serve`: the real binary, a real embedded etcd, plain
 //! HTTP over a TcpStream, and signals.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -292,4 +294,47 @@ fn missing_explicit_config_file_fails() {
         stderr.contains("cannot read config file nope.toml"),
         "{stderr}"
     );
+}
+
+/// `http.max_connections` caps open connections per HTTP worker: with every
+/// worker full, a new connection gets no answer; when one closes, it does.
+#[test]
+fn connections_beyond_the_limit_wait_until_one_closes() {
+    let server = common::server::FlotillaServer::start(common::server::ServerOptions {
+        env: vec![("FLOTILLA_HTTP_MAX_CONNECTIONS".into(), "2".into())],
+        ..Default::default()
+    });
+    let addr = server.url().trim_start_matches("http://").to_owned();
+    // Answered within 500 ms on a fresh keep-alive connection, or not.
+    let answered = |stream: &mut TcpStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 12];
+        stream.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
+    };
+    let mut open = Vec::new();
+    let blocked = loop {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        if !answered(&mut stream) {
+            break stream;
+        }
+        open.push(stream);
+        assert!(open.len() <= 64, "64 connections and no limit reached");
+    };
+    assert!(!open.is_empty(), "the limit lets connections in first");
+    // The waiting connection is served once another closes.
+    drop(open.pop());
+    let mut blocked = blocked;
+    blocked
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 12];
+    blocked
+        .read_exact(&mut buf)
+        .expect("served after a slot freed");
+    assert!(buf.starts_with(b"HTTP/1.1 200"));
 }

@@ -61,6 +61,10 @@ pub struct RegistryConfig {
     pub max_tombstones: usize,
     /// Events buffered per watch subscriber before it is cut off.
     pub watch_buffer: usize,
+    /// Most executors registered at once (registrations in flight count);
+    /// beyond it a registration is refused, so a flood cannot grow memory
+    /// or the SQL table without bound.
+    pub max_executors: usize,
 }
 
 impl Default for RegistryConfig {
@@ -77,6 +81,7 @@ impl Default for RegistryConfig {
             tombstone_retention: Duration::from_secs(600),
             max_tombstones: 100_000,
             watch_buffer: 1024,
+            max_executors: 100_000,
         }
     }
 }
@@ -107,6 +112,9 @@ pub enum RegistryError {
     /// The registry is still loading executors from SQL.
     #[error("the registry is still loading executors from the metadata store")]
     NotReady,
+    /// `max_executors` are registered already.
+    #[error("the registry holds its maximum of {0} executors; retry later")]
+    Full(usize),
 }
 
 impl RegistryError {
@@ -119,6 +127,7 @@ impl RegistryError {
             RegistryError::Unauthorized(_) => "unauthorized",
             RegistryError::StoreUnavailable(_) => "store_unavailable",
             RegistryError::NotReady => "not_ready",
+            RegistryError::Full(_) => "registry_full",
         }
     }
 }
@@ -856,8 +865,19 @@ impl Handler<Register> for ExecutorRegistry {
                 .inc();
             return Box::pin(fut::ready(result));
         }
-        if !self.table.lock().loaded {
-            return Box::pin(fut::ready(Err(RegistryError::NotReady)));
+        {
+            let tables = self.table.lock();
+            if !tables.loaded {
+                return Box::pin(fut::ready(Err(RegistryError::NotReady)));
+            }
+            if tables.executors.len() + self.reserved.len() >= self.config.max_executors {
+                let result = Err(RegistryError::Full(self.config.max_executors));
+                metrics::registry_metrics()
+                    .registrations_total
+                    .with_label_values(&[outcome(&result)])
+                    .inc();
+                return Box::pin(fut::ready(result));
+            }
         }
         let id = self.new_id(&msg.name);
         self.reserved.insert(id.clone());

@@ -28,6 +28,10 @@ pub enum ApiError {
     /// etcd did not answer in time.
     #[error("etcd is unavailable: {0}")]
     EtcdUnavailable(String),
+    /// Too many registrations from this client address; retry after the
+    /// given number of seconds.
+    #[error("too many registrations from this address; retry in {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
     /// This server does not lead and cannot reach a leader to forward to.
     #[error("{0}")]
     NoLeader(String),
@@ -63,6 +67,7 @@ impl ApiError {
             ApiError::EtcdUnavailable(_) => "etcd_unavailable",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::NoLeader(_) => "no_leader",
+            ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Registry(e) => e.code(),
             ApiError::Changefeed(e) => e.code(),
             ApiError::Unauthorized(_) => "unauthorized",
@@ -96,7 +101,9 @@ impl ResponseError for ApiError {
                     R::UnknownExecutor(_) => StatusCode::NOT_FOUND,
                     R::TombstoneExecutor(_) => StatusCode::GONE,
                     R::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-                    R::StoreUnavailable(_) | R::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+                    R::StoreUnavailable(_) | R::NotReady | R::Full(_) => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
                 }
             }
             ApiError::Changefeed(e) => {
@@ -115,6 +122,7 @@ impl ResponseError for ApiError {
                 }
             }
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -133,6 +141,12 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
+        }
+        if let ApiError::TooManyRequests { retry_after_secs } = self {
+            response.insert_header((
+                actix_web::http::header::RETRY_AFTER,
+                retry_after_secs.to_string(),
+            ));
         }
         if self.status_code() == StatusCode::UNAUTHORIZED {
             response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));

@@ -86,6 +86,7 @@ async fn register(
     req: HttpRequest,
     body: web::Payload,
 ) -> ApiResult<HttpResponse> {
+    limit_registration(&state, &req)?;
     let request: RegisterRequest = json_body(&req, body, state.max_body_bytes)
         .await?
         .ok_or_else(|| {
@@ -111,6 +112,18 @@ async fn register(
             token: registration.token,
             heartbeat_interval_ms: registration.heartbeat_interval.as_millis() as u64,
         }))
+}
+
+/// Takes a registration token for the client's address, unless a member
+/// forwarded the request (it was limited there).
+pub(super) fn limit_registration(state: &AppState, req: &HttpRequest) -> ApiResult<()> {
+    if req.headers().contains_key(&super::forward::FORWARDED_BY) {
+        return Ok(());
+    }
+    match req.peer_addr() {
+        Some(peer) => state.register_limit.check(peer.ip()),
+        None => Ok(()),
+    }
 }
 
 /// `POST /api/v1/executors/{id}/heartbeat` body; it may be empty.

@@ -115,6 +115,9 @@ async fn forward(
             from.to_str().unwrap_or("another server")
         )));
     }
+    if req.method() == actix_web::http::Method::POST && req.path() == "/api/v1/executors" {
+        super::executors::limit_registration(&state, &req)?;
+    }
     let leader = leader(&state).await?;
     if leader.candidate.server_id == state.info.id {
         // Elected a moment ago: the roles are starting.

@@ -11,6 +11,7 @@ mod changefeeds;
 mod error;
 mod executors;
 pub mod forward;
+pub mod limits;
 mod route_metrics;
 mod status;
 
@@ -95,6 +96,8 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// Largest request body accepted (`http.max_body_bytes`).
     pub max_body_bytes: usize,
+    /// Registrations per client address (`http.register_rate`, `_burst`).
+    pub register_limit: limits::RegisterLimiter,
 }
 
 impl AppState {
@@ -280,6 +283,7 @@ pub fn serve(listener: TcpListener, config: &HttpConfig, state: AppState) -> Res
     let state = web::Data::new(state);
     let routes = configure(state);
     let server = HttpServer::new(move || App::new().wrap_fn(access_log).configure(routes.clone()))
+        .max_connections(config.max_connections)
         .disable_signals()
         .shutdown_timeout(config.shutdown_timeout.as_secs_f64().ceil() as u64)
         .listen(listener)

@@ -188,6 +188,7 @@ mod tests {
             changefeeds: None,
             admin_token: None,
             max_body_bytes: 32,
+            register_limit: Default::default(),
         })
     }
 

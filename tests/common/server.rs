@@ -28,10 +28,13 @@ pub fn free_port() -> u16 {
 pub struct ServerOptions {
     /// Starts the server with `--admin-token-file` holding this token.
     pub admin_token: Option<String>,
+    /// Extra `FLOTILLA_*` settings.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct FlotillaServer {
     child: Option<Child>,
+    env: Vec<(String, String)>,
     port: u16,
     log_path: PathBuf,
     admin_token_file: Option<PathBuf>,
@@ -55,6 +58,7 @@ impl FlotillaServer {
         });
         let mut server = FlotillaServer {
             child: None,
+            env: options.env,
             port: free_port(),
             log_path: dir.path().join("server.log"),
             admin_token_file,
@@ -84,7 +88,7 @@ impl FlotillaServer {
             cluster_id: "client-test".into(),
             admin_token_file: self.admin_token_file.clone(),
             log_path: self.log_path.clone(),
-            env: Vec::new(),
+            env: self.env.clone(),
         };
         self.child = Some(spec.spawn());
         self.wait_ready();
