@@ -34,6 +34,7 @@ fn state(runtime: &tokio::runtime::Runtime) -> web::Data<AppState> {
         admin_token: None,
         max_body_bytes: 1024,
         register_limit: Default::default(),
+        peer_tls: None,
     })
 }
 

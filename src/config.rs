@@ -149,6 +149,15 @@ pub struct HttpConfig {
     pub register_rate: f64,
     /// Registrations a client address may make at once.
     pub register_burst: u32,
+    /// PEM certificate chain and key: set both to serve HTTPS only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA the other servers' certificates are checked against when
+    /// forwarding to the leader over HTTPS; required with `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -160,6 +169,9 @@ impl Default for HttpConfig {
             max_connections: 10_000,
             register_rate: 20.0,
             register_burst: 100,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -188,6 +200,15 @@ pub struct EtcdConfig {
     pub embedded_client_port: u16,
     /// Peer port of the embedded etcd, on 127.0.0.1.
     pub embedded_peer_port: u16,
+    /// PEM CA that signed etcd's certificate (endpoints are then `https://`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM certificate and key flotilla presents to an etcd that checks
+    /// client certificates (`--client-cert-auth`); both or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for EtcdConfig {
@@ -202,6 +223,9 @@ impl Default for EtcdConfig {
             max_txn_bytes: 1_310_720,
             embedded_client_port: 2379,
             embedded_peer_port: 2380,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -403,6 +427,77 @@ impl Config {
         }
         if self.http.register_burst == 0 {
             return Err(invalid("http.register_burst", "must be > 0".into()));
+        }
+        match (&self.http.tls_cert_file, &self.http.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                crate::tls::server_config(cert, key)
+                    .map_err(|e| invalid("http.tls_cert_file", e.to_string()))?;
+                let Some(ca) = &self.http.tls_ca_file else {
+                    return Err(invalid(
+                        "http.tls_ca_file",
+                        "is required with http.tls_cert_file: servers check each other's \
+                         certificates when they forward to the leader"
+                            .into(),
+                    ));
+                };
+                crate::tls::client_config(ca)
+                    .map_err(|e| invalid("http.tls_ca_file", e.to_string()))?;
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "http.tls_key_file",
+                    "is required with http.tls_cert_file".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "http.tls_cert_file",
+                    "is required with http.tls_key_file".into(),
+                ))
+            }
+            (None, None) => {}
+        }
+        let etcd_tls = [
+            &self.etcd.tls_ca_file,
+            &self.etcd.tls_cert_file,
+            &self.etcd.tls_key_file,
+        ];
+        if etcd_tls.iter().any(|f| f.is_some()) {
+            if self.etcd.endpoints.is_empty() {
+                return Err(invalid(
+                    "etcd.tls_ca_file",
+                    "needs etcd.endpoints: the embedded etcd runs without TLS".into(),
+                ));
+            }
+            if let Some(plain) = self
+                .etcd
+                .endpoints
+                .iter()
+                .find(|e| !e.starts_with("https://"))
+            {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!("{plain:?} must be https:// when etcd.tls_* is set"),
+                ));
+            }
+            let identity = match (&self.etcd.tls_cert_file, &self.etcd.tls_key_file) {
+                (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(invalid(
+                        "etcd.tls_key_file",
+                        "is required with etcd.tls_cert_file".into(),
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "etcd.tls_cert_file",
+                        "is required with etcd.tls_key_file".into(),
+                    ))
+                }
+            };
+            crate::tls::etcd_options(self.etcd.tls_ca_file.as_deref(), identity)
+                .map_err(|e| invalid("etcd.tls_ca_file", e.to_string()))?;
         }
         if self.registry.max_executors == 0 {
             return Err(invalid("registry.max_executors", "must be > 0".into()));
@@ -814,6 +909,14 @@ mod tests {
         let server = defaults["server"].as_table_mut().unwrap();
         server.insert("advertise_addr".into(), "".into());
         server.insert("admin_token_file".into(), "".into());
+        let http = defaults["http"].as_table_mut().unwrap();
+        for key in ["tls_cert_file", "tls_key_file", "tls_ca_file"] {
+            http.insert(key.into(), "".into());
+        }
+        let etcd = defaults["etcd"].as_table_mut().unwrap();
+        for key in ["tls_ca_file", "tls_cert_file", "tls_key_file"] {
+            etcd.insert(key.into(), "".into());
+        }
         for (section, keys) in defaults {
             assert!(
                 text.contains(&format!("[{section}]")),
@@ -1047,6 +1150,19 @@ mod tests {
                 "server.admin_token_file",
             ),
             ("[server]\nsession_ttl = \"1500ms\"", "server.session_ttl"),
+            (
+                "[http]\ntls_cert_file = \"/nonexistent\"",
+                "http.tls_key_file",
+            ),
+            (
+                "[http]\ntls_cert_file = \"/nonexistent\"\ntls_key_file = \"/nonexistent\"",
+                "http.tls_cert_file",
+            ),
+            ("[etcd]\ntls_ca_file = \"/x\"", "etcd.tls_ca_file"),
+            (
+                "[etcd]\nendpoints = [\"http://h:2379\"]\ntls_ca_file = \"/x\"",
+                "etcd.endpoints",
+            ),
             ("[server]\nsession_ttl = \"0s\"", "server.session_ttl"),
             ("[store]\nurl = \"redis://x\"", "store.url"),
             ("[log]\nformat = \"xml\"", "log.format"),

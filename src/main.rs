@@ -225,8 +225,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     // Created here, on the main System, which outlives the HTTP workers that use it.
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(config.etcd.dial_timeout)
+    let etcd_options = etcd_connect_options(&config)?;
+    let options = etcd_options
+        .clone()
         .with_timeout(config.etcd.request_timeout);
     let client = etcd_client::Client::connect(&endpoints, Some(options))
         .await
@@ -256,12 +257,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // The owner gets a client of its own without a request timeout: its
     // watch is a long-lived stream, and the worker bounds each request itself.
     // The election shares it (its requests are bounded by the election).
-    let owner_client = etcd_client::Client::connect(
-        &endpoints,
-        Some(etcd_client::ConnectOptions::new().with_connect_timeout(config.etcd.dial_timeout)),
-    )
-    .await
-    .with_context(|| format!("cannot create an etcd client for {endpoints:?}"))?;
+    let owner_client = etcd_client::Client::connect(&endpoints, Some(etcd_options))
+        .await
+        .with_context(|| format!("cannot create an etcd client for {endpoints:?}"))?;
     let keys = Keys::new(config.etcd.prefix.clone());
     let registry_settings = registry_config(&config.registry);
     let failover_floor = registry_settings.default_ttl + config.server.session_ttl;
@@ -325,6 +323,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         etcd_endpoints: endpoints,
     };
     let server_id = info.id.clone();
+    let peer_tls = match (&config.http.tls_cert_file, &config.http.tls_ca_file) {
+        (Some(_), Some(ca)) => Some(std::sync::Arc::new(
+            flotilla::tls::client_config(ca).context("http.tls_ca_file")?,
+        )),
+        _ => None,
+    };
     let election = election::start(
         owner_client,
         ElectionConfig {
@@ -345,6 +349,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         admin_token,
         max_body_bytes: config.http.max_body_bytes,
         register_limit: RegisterLimiter::new(config.http.register_rate, config.http.register_burst),
+        peer_tls,
     };
     let server = http::serve(listener, &config.http, state)?;
     info!(server_id, listen = %bound, "HTTP server listening");
@@ -414,6 +419,23 @@ fn registry_config(c: &flotilla::config::RegistryConfig) -> RegistryConfig {
         max_executors: c.max_executors,
         ..RegistryConfig::default()
     }
+}
+
+/// How every etcd client of this server connects: the dial timeout and,
+/// for an external etcd with TLS, its CA and this server's identity.
+fn etcd_connect_options(config: &Config) -> anyhow::Result<etcd_client::ConnectOptions> {
+    let options = etcd_client::ConnectOptions::new().with_connect_timeout(config.etcd.dial_timeout);
+    let etcd = &config.etcd;
+    if etcd.tls_ca_file.is_none() && etcd.tls_cert_file.is_none() {
+        return Ok(options);
+    }
+    let identity = etcd
+        .tls_cert_file
+        .as_deref()
+        .zip(etcd.tls_key_file.as_deref());
+    let tls = flotilla::tls::etcd_options(etcd.tls_ca_file.as_deref(), identity)
+        .context("etcd TLS (etcd.tls_*)")?;
+    Ok(options.with_tls(tls))
 }
 
 /// A per-process id: readable (host name) and unique across restarts (random suffix).

@@ -49,6 +49,7 @@ async fn fixture_with(admin_token: Option<&str>, timeout: Duration) -> Fixture {
         admin_token: admin_token.map(str::to_owned),
         max_body_bytes: MAX_BODY,
         register_limit: Default::default(),
+        peer_tls: None,
     });
     Fixture {
         etcd,
@@ -1062,6 +1063,7 @@ async fn without_etcd_the_routes_are_503_unavailable() {
         admin_token: None,
         max_body_bytes: MAX_BODY,
         register_limit: Default::default(),
+        peer_tls: None,
     });
     let app = test::init_service(App::new().configure(http::configure(state))).await;
     let (status, body) = call!(app, list_req(""));

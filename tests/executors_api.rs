@@ -75,6 +75,7 @@ async fn state_with_limits(
         admin_token: Some(ADMIN.into()),
         max_body_bytes: MAX_BODY,
         register_limit,
+        peer_tls: None,
     });
     (state, registry)
 }
@@ -569,6 +570,7 @@ async fn the_watch_feed_is_readable_by_a_real_http_client() {
         admin_token: state.admin_token.clone(),
         max_body_bytes: MAX_BODY,
         register_limit: Default::default(),
+        peer_tls: None,
     };
     let server = http::serve(listener, &flotilla::config::HttpConfig::default(), state).unwrap();
     let handle = server.handle();

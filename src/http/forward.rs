@@ -49,11 +49,26 @@ fn must_forward(ctx: &GuardContext<'_>) -> bool {
 
 thread_local! {
     // awc's client is per thread (like the HTTP worker that uses it); one
-    // per worker keeps its connection pool to the leader warm.
-    static CLIENT: awc::Client = awc::Client::builder()
-        .timeout(LEADER_TIMEOUT)
-        .disable_redirects()
-        .finish();
+    // per worker keeps its connection pool to the leader warm. Built on the
+    // first forward, with the server's TLS settings.
+    static CLIENT: std::cell::OnceCell<awc::Client> = const { std::cell::OnceCell::new() };
+}
+
+fn client(state: &AppState) -> awc::Client {
+    CLIENT.with(|cell| {
+        cell.get_or_init(|| {
+            let mut connector = awc::Connector::new();
+            if let Some(tls) = &state.peer_tls {
+                connector = connector.rustls_0_23(tls.clone());
+            }
+            awc::Client::builder()
+                .connector(connector)
+                .timeout(LEADER_TIMEOUT)
+                .disable_redirects()
+                .finish()
+        })
+        .clone()
+    })
 }
 
 fn no_leader(message: String) -> ApiError {
@@ -136,12 +151,17 @@ async fn forward(
         )));
     }
     let url = format!(
-        "http://{}{}",
+        "{}://{}{}",
+        if state.peer_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         leader.candidate.advertise_addr,
         req.uri().path_and_query().map_or("/", |p| p.as_str())
     );
-    let mut request = CLIENT
-        .with(|client| client.request(req.method().clone(), url))
+    let mut request = client(&state)
+        .request(req.method().clone(), url)
         .no_decompress()
         .insert_header((FORWARDED_BY, state.info.id.as_str()));
     for (name, value) in req.headers() {

@@ -28,6 +28,9 @@ use crate::config::HttpConfig;
 /// Errors setting up the HTTP server (request errors are [`ApiError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The TLS certificate or key cannot be used (`http.tls_*`).
+    #[error("HTTPS (http.tls_cert_file, http.tls_key_file): {0}")]
+    Tls(#[source] crate::tls::Error),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr} (http.listen / --listen): {source}")]
     Bind {
@@ -98,6 +101,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Registrations per client address (`http.register_rate`, `_burst`).
     pub register_limit: limits::RegisterLimiter,
+    /// How to reach the other servers when forwarding: `None` over plain
+    /// HTTP, or HTTPS trusting `http.tls_ca_file`.
+    pub peer_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl AppState {
@@ -285,8 +291,14 @@ pub fn serve(listener: TcpListener, config: &HttpConfig, state: AppState) -> Res
     let server = HttpServer::new(move || App::new().wrap_fn(access_log).configure(routes.clone()))
         .max_connections(config.max_connections)
         .disable_signals()
-        .shutdown_timeout(config.shutdown_timeout.as_secs_f64().ceil() as u64)
-        .listen(listener)
-        .map_err(|source| Error::Bind { addr, source })?;
+        .shutdown_timeout(config.shutdown_timeout.as_secs_f64().ceil() as u64);
+    let server = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::tls::server_config(cert, key).map_err(Error::Tls)?;
+            server.listen_rustls_0_23(listener, tls)
+        }
+        _ => server.listen(listener),
+    }
+    .map_err(|source| Error::Bind { addr, source })?;
     Ok(server.run())
 }

@@ -189,6 +189,7 @@ mod tests {
             admin_token: None,
             max_body_bytes: 32,
             register_limit: Default::default(),
+            peer_tls: None,
         })
     }
 
