@@ -228,6 +228,28 @@ fn https_server_talks_to_an_etcd_that_checks_client_certificates() {
     assert_eq!(code, 201, "{executor}");
     assert!(executor["token"].as_str().is_some());
 
+    // A second server follows and forwards to the leader over HTTPS.
+    let (_follower, follower) = serve(dir, &etcd_url, true, "follower");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        if let Some((200, list)) = curl(dir, "GET", &format!("{follower}/api/v1/executors"), None) {
+            break list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no forwarded answer:\n{}",
+            log(dir, "follower.log")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(listed["total"], 1, "{listed}");
+    let (_, follower_status) =
+        curl(dir, "GET", &format!("{follower}/api/v1/status"), None).unwrap();
+    assert_eq!(
+        follower_status["election"]["is_leader"], false,
+        "{follower_status}"
+    );
+
     // Plain HTTP to the HTTPS port gets no HTTP answer.
     let plain = Command::new("curl")
         .args([
