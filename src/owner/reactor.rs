@@ -94,8 +94,17 @@ fn unix_now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// RFC 3339 for `ms` after the Unix epoch. Past the year 9999 humantime's
+/// formatter fails (and `to_string` would panic on that): a stored status can
+/// hold any `u64` (found by `fuzz/global_state`), so those are printed raw.
 fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    use std::fmt::Write;
+    let mut out = String::new();
+    let time = UNIX_EPOCH + Duration::from_millis(ms);
+    if write!(out, "{}", humantime::format_rfc3339_millis(time)).is_err() {
+        out = format!("{ms} ms after the Unix epoch");
+    }
+    out
 }
 
 fn json(value: &impl serde::Serialize) -> Vec<u8> {
@@ -283,7 +292,7 @@ impl Reactor for OwnerReactor {
                             plan.delete_task(state, entry, executor);
                             *load.get_mut(executor).expect("live") -= 1;
                             assigned = None;
-                            plan.status.retries += 1;
+                            plan.status.retries = plan.status.retries.saturating_add(1);
                             plan.status_changed = true;
                             if plan.status.retries > self.config.max_retries {
                                 let mut failed = info.clone();
@@ -335,9 +344,18 @@ impl Reactor for OwnerReactor {
                         })
                         .min_by(|a, b| a.1.cmp(b.1).then_with(|| a.0.cmp(b.0)))
                         .map(|(id, _)| id.clone());
-                    match candidate {
-                        Some(executor) => {
-                            plan.status.epoch += 1;
+                    // A hand-written status can hold the last epoch: the
+                    // changefeed cannot be assigned again (reusing an epoch
+                    // would accept a stale executor's reports) until an
+                    // operator repairs the status or re-creates it.
+                    let next_epoch = plan.status.epoch.checked_add(1);
+                    match (candidate, next_epoch) {
+                        (Some(_), None) => Some(format!(
+                            "epoch {} is the last one: repair the status key or re-create the changefeed",
+                            plan.status.epoch
+                        )),
+                        (Some(executor), Some(epoch)) => {
+                            plan.status.epoch = epoch;
                             let task = TaskStatus {
                                 epoch: plan.status.epoch,
                                 assigned_at: rfc3339(now),
@@ -351,8 +369,8 @@ impl Reactor for OwnerReactor {
                             plan.status_changed = true;
                             None
                         }
-                        None if live.is_empty() => Some("no live executor".to_owned()),
-                        None => Some(format!(
+                        (None, _) if live.is_empty() => Some("no live executor".to_owned()),
+                        (None, _) => Some(format!(
                             "no live executor matches the selector {:?}",
                             info.selector
                         )),
@@ -532,6 +550,76 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         }
+    }
+
+    /// Found by `fuzz/global_state`: a status written from outside with a
+    /// `retry_after_ms` past the year 9999 made every tick panic formatting
+    /// it; the last epoch or retry count overflowed.
+    #[test]
+    fn extreme_values_in_a_stored_status_do_not_panic_the_tick() {
+        let mut h = Harness::new();
+        h.executors(&[("e1", &[])]);
+        let put_status = |h: &mut Harness, cf: &ChangefeedId, status: ChangefeedStatus| {
+            h.tester
+                .external_write(&h.keys.status(cf), Some(&json(&status)));
+        };
+        let backing_off = h.create("backoff", &[]);
+        put_status(
+            &mut h,
+            &backing_off,
+            ChangefeedStatus {
+                retry_after_ms: u64::MAX,
+                ..Default::default()
+            },
+        );
+        let last_epoch = h.create("last-epoch", &[]);
+        put_status(
+            &mut h,
+            &last_epoch,
+            ChangefeedStatus {
+                epoch: u64::MAX,
+                ..Default::default()
+            },
+        );
+        h.tick();
+        let reason = |h: &Harness, cf| h.entry(cf).status.clone().unwrap().pending_reason;
+        assert_eq!(h.assignment(&backing_off), None);
+        assert!(
+            reason(&h, &backing_off)
+                .unwrap()
+                .contains("18446744073709551615 ms after the Unix epoch"),
+            "{:?}",
+            reason(&h, &backing_off)
+        );
+        assert_eq!(h.assignment(&last_epoch), None);
+        assert!(reason(&h, &last_epoch).unwrap().contains("is the last one"));
+        assert_eq!(
+            h.entry(&last_epoch).status.as_ref().unwrap().epoch,
+            u64::MAX
+        );
+
+        // Retries at their maximum: one more error is still counted.
+        let failing = h.create("failing", &[]);
+        h.tick();
+        let (executor, epoch) = h.assignment(&failing).unwrap();
+        put_status(
+            &mut h,
+            &failing,
+            ChangefeedStatus {
+                epoch,
+                // Ahead of the report: no progress resets the count.
+                checkpoint_ts: 1_000,
+                retries: u32::MAX,
+                ..Default::default()
+            },
+        );
+        h.progress(&executor, &failing, epoch, 200, Some("boom"));
+        h.tick();
+        assert_eq!(h.entry(&failing).status.as_ref().unwrap().retries, u32::MAX);
+        assert_eq!(
+            h.entry(&failing).info.as_ref().unwrap().state,
+            FeedState::Failed
+        );
     }
 
     #[test]

@@ -49,6 +49,19 @@ impl<S: ReactorState> StateTester<S> {
             .unwrap_or_else(|e| panic!("state rejected {key}: {e}"));
     }
 
+    /// Like [`external_write`](Self::external_write), but returns the state's
+    /// verdict instead of panicking: the value is stored either way, as etcd
+    /// would store it, and a rejected one is what the worker would skip.
+    pub fn try_external_write(
+        &mut self,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), super::StateError> {
+        self.revision += 1;
+        self.store(key, value);
+        self.state.update(key, value, false)
+    }
+
     /// Ticks `reactor` once and commits its patches. Returns the reactor's
     /// result and the plan that was applied.
     pub fn tick<R: Reactor<State = S>>(
