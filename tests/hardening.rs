@@ -158,6 +158,7 @@ impl Api {
 fn every_route_admits_exactly_the_intended_callers() {
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
+        ..ServerOptions::default()
     });
     let mut api = Api {
         port: server.port(),
@@ -328,6 +329,7 @@ fn progress_of(answer: &Value, step: u64) -> Value {
 async fn garbage_written_into_etcd_is_skipped_reported_and_poisons_nothing() {
     let mut server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
+        ..ServerOptions::default()
     });
     let mut api = Api {
         port: server.port(),

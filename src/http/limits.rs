@@ -37,7 +37,7 @@ pub struct RegisterLimiter {
 impl Default for RegisterLimiter {
     /// The defaults of `http.register_rate` and `http.register_burst`.
     fn default() -> Self {
-        Self::new(20.0, 100)
+        Self::new(100.0, 1000)
     }
 }
 
