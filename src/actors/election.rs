@@ -55,14 +55,14 @@ pub struct ElectionConfig {
 }
 
 /// What a server writes in its election key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Candidate {
     pub server_id: String,
     pub advertise_addr: String,
 }
 
 /// A server seen in the election, in create_revision order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Member {
     #[serde(flatten)]
     pub candidate: Candidate,
@@ -72,7 +72,7 @@ pub struct Member {
 }
 
 /// What this server knows of the election.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ElectionView {
     /// The current leader, as last read from etcd.
     pub leader: Option<Member>,
