@@ -24,7 +24,12 @@ pub enum ApiError {
     NotFound(String),
     /// The path exists but not with this method.
     #[error("method {method} is not allowed on {path}")]
-    MethodNotAllowed { method: String, path: String },
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        /// The methods the route answers, for the `Allow` header.
+        allow: Option<&'static str>,
+    },
     /// etcd did not answer in time.
     #[error("etcd is unavailable: {0}")]
     EtcdUnavailable(String),
@@ -190,6 +195,12 @@ impl ResponseError for ApiError {
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
         }
+        if let ApiError::MethodNotAllowed {
+            allow: Some(allow), ..
+        } = self
+        {
+            response.insert_header((actix_web::http::header::ALLOW, *allow));
+        }
         if self.status_code() == StatusCode::UNAUTHORIZED {
             response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
         }
@@ -246,6 +257,7 @@ mod tests {
                 ApiError::MethodNotAllowed {
                     method: "PATCH".into(),
                     path: "/x".into(),
+                    allow: Some("GET"),
                 },
                 "method_not_allowed",
                 405,

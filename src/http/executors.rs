@@ -75,10 +75,14 @@ pub(super) struct RegisterRequest {
     )]
     name: String,
     /// Where the executor can be reached (`host:port`, a URL): no spaces.
-    #[schema(min_length = 1, max_length = 256, pattern = r"^\S+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$"
+    )]
     address: String,
     #[serde(default)]
-    #[schema(value_type = Option<crate::labels::LabelMap>)]
+    #[schema(value_type = crate::labels::LabelMap, required = false)]
     labels: BTreeMap<String, String>,
 }
 
@@ -179,6 +183,23 @@ pub(super) struct ProgressItem {
 fn default_namespace() -> String {
     super::changefeeds::DEFAULT_NAMESPACE.to_owned()
 }
+
+/// One `?label=key=value` filter of the listing, in the document: a string
+/// with a `=` (the server splits it at the first one).
+pub(super) struct LabelFilter;
+
+impl utoipa::PartialSchema for LabelFilter {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("="))
+            .examples(["zone=a"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for LabelFilter {}
 
 /// Most progress items one heartbeat may carry.
 const MAX_PROGRESS_ITEMS: usize = 10_000;
@@ -354,7 +375,7 @@ fn with_changefeeds(state: &AppState, items: Vec<ExecutorInfo>) -> Vec<ExecutorV
     tag = "executors",
     params(
         ("status" = Option<ExecutorStatus>, Query, description = "Only executors in this status"),
-        ("label" = Option<Vec<String>>, Query, explode = true,
+        ("label" = Option<Vec<LabelFilter>>, Query, explode = true,
          description = "`key=value`; repeatable, all must match"),
     ),
     responses(

@@ -250,6 +250,9 @@ async fn method_not_allowed(req: HttpRequest) -> ApiResult<HttpResponse> {
     Err(ApiError::MethodNotAllowed {
         method: req.method().to_string(),
         path: req.path().to_owned(),
+        allow: req
+            .match_pattern()
+            .and_then(|pattern| openapi::allowed_methods(&pattern)),
     })
 }
 

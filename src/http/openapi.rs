@@ -61,8 +61,10 @@ pub const DOCS_PATH: &str = "/api/v1/docs/";
         docs_redirect,
         docs,
     ),
-    components(schemas(ErrorBody)),
-    modifiers(&SecuritySchemes),
+    // Schemas of bodies are collected from the handlers; those only parameters
+    // use are listed here.
+    components(schemas(ErrorBody, executors::LabelFilter)),
+    modifiers(&SecuritySchemes, &OptionalBodies),
     tags(
         (name = "executors", description = "Registration, heartbeats and the live registry (leader)"),
         (name = "changefeeds", description = "Changefeeds, stored in etcd (leader)"),
@@ -97,6 +99,47 @@ impl utoipa::Modify for SecuritySchemes {
     }
 }
 
+/// A body a handler takes as `Option<T>` may be left out (empty), but is
+/// never JSON `null`: the derive says `oneOf: [T, null]`; the document says
+/// `T`, not required.
+struct OptionalBodies;
+
+impl utoipa::Modify for OptionalBodies {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{Schema, SchemaType, Type};
+        use utoipa::openapi::{RefOr, Required};
+        let is_null = |schema: &RefOr<Schema>| matches!(schema, RefOr::T(Schema::Object(o)) if o.schema_type == SchemaType::Type(Type::Null));
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let Some(RefOr::T(body)) = operation.request_body.as_mut() else {
+                    continue;
+                };
+                let mut optional = false;
+                for content in body.content.values_mut() {
+                    let RefOr::T(content) = content else { continue };
+                    if let Some(RefOr::T(Schema::OneOf(one_of))) = &content.schema {
+                        if let [schema, null] = one_of.items.as_slice() {
+                            if is_null(null) {
+                                content.schema = Some(schema.clone());
+                                optional = true;
+                            }
+                        }
+                    }
+                }
+                if optional {
+                    body.required = Some(Required::False);
+                }
+            }
+        }
+    }
+}
+
 /// The document as JSON, built once.
 pub fn document() -> &'static str {
     static DOCUMENT: OnceLock<String> = OnceLock::new();
@@ -105,6 +148,50 @@ pub fn document() -> &'static str {
             .to_pretty_json()
             .expect("the OpenAPI document serializes")
     })
+}
+
+/// An actix route pattern as an OpenAPI path: `{file:.*}` -> `{file}`.
+fn openapi_path(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    let mut in_regex = false;
+    for c in pattern.chars() {
+        match c {
+            ':' if out.rfind('{') > out.rfind('}') => in_regex = true,
+            '}' => {
+                in_regex = false;
+                out.push(c);
+            }
+            _ if in_regex => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The `Allow` header of a 405 on the route `pattern`: the methods the
+/// document gives it (a unit test checks they are the ones served).
+pub(super) fn allowed_methods(pattern: &str) -> Option<&'static str> {
+    static ALLOW: OnceLock<std::collections::HashMap<String, String>> = OnceLock::new();
+    let allow = ALLOW.get_or_init(|| {
+        let document: serde_json::Value =
+            serde_json::from_str(document()).expect("the document is JSON");
+        document["paths"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(path, item)| {
+                let methods: Vec<String> = item
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, op)| op.get("responses").is_some())
+                    .map(|(method, _)| method.to_uppercase())
+                    .collect();
+                (path.clone(), methods.join(", "))
+            })
+            .collect()
+    });
+    allow.get(&openapi_path(pattern)).map(String::as_str)
 }
 
 pub(super) fn configure(cfg: &mut web::ServiceConfig) {
@@ -216,29 +303,6 @@ mod tests {
 
     fn parsed() -> Value {
         serde_json::from_str(document()).expect("the document is JSON")
-    }
-
-    /// An actix pattern as an OpenAPI path: `{file:.*}` -> `{file}`.
-    fn openapi_path(pattern: &str) -> String {
-        let mut out = String::new();
-        let mut in_regex = false;
-        for c in pattern.chars() {
-            match c {
-                ':' if out.ends_with(|c: char| c.is_alphanumeric()) && out.contains('{') => {
-                    in_regex = out.rfind('{') > out.rfind('}');
-                    if !in_regex {
-                        out.push(c);
-                    }
-                }
-                '}' => {
-                    in_regex = false;
-                    out.push(c);
-                }
-                _ if in_regex => {}
-                _ => out.push(c),
-            }
-        }
-        out
     }
 
     /// Documented operations: path -> methods.
@@ -376,7 +440,17 @@ mod tests {
                 let resp = atest::call_service(&app, req).await;
                 if resp.status() != StatusCode::METHOD_NOT_ALLOWED {
                     served.insert(method.to_string());
+                    continue;
                 }
+                // RFC 9110: a 405 lists what the route allows.
+                let allow = resp.headers().get(header::ALLOW).expect("Allow on a 405");
+                let allow: BTreeSet<String> = allow
+                    .to_str()
+                    .unwrap()
+                    .split(", ")
+                    .map(str::to_owned)
+                    .collect();
+                assert_eq!(&allow, methods, "Allow of {method} {path}");
             }
             assert_eq!(&served, methods, "{path}: served (left) vs documented");
         }

@@ -156,18 +156,20 @@ pub struct CreateChangefeed {
 /// `PUT /api/v1/changefeeds/{id}` body: each field given replaces the stored one.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct UpdateChangefeed {
     #[serde(default)]
     #[schema(
+        nullable = false,
         max_length = 1024,
         pattern = r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s\x00-\x1f\x7f-\x9f]*$"
     )]
     pub sink_uri: Option<String>,
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Object, required = false)]
     pub config: Option<Value>,
     #[serde(default)]
-    #[schema(value_type = Option<crate::labels::LabelMap>)]
+    #[schema(value_type = crate::labels::LabelMap, required = false)]
     pub selector: Option<BTreeMap<String, String>>,
 }
 
