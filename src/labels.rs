@@ -13,6 +13,38 @@ pub const MAX_LABELS: usize = 32;
 /// The pattern, as the error messages show it.
 pub const LABEL_PATTERN: &str = "^[a-zA-Z0-9]([-.a-zA-Z0-9]*[a-zA-Z0-9])?$";
 
+/// The OpenAPI schema of a label map (executor labels, changefeed selectors):
+/// at most [`MAX_LABELS`] entries whose keys and values follow the rules above.
+pub struct LabelMap;
+
+impl utoipa::PartialSchema for LabelMap {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let label = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_LABEL_LEN))
+                .pattern(Some(LABEL_PATTERN))
+        };
+        ObjectBuilder::new()
+            .description(Some(format!(
+                "At most {MAX_LABELS} labels; keys and values 1..{MAX_LABEL_LEN} characters \
+                 matching {LABEL_PATTERN}."
+            )))
+            .max_properties(Some(MAX_LABELS))
+            .property_names(Some(label()))
+            .additional_properties(Some(label()))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for LabelMap {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Labels".into()
+    }
+}
+
 /// Whether `s` matches [`LABEL_PATTERN`] (any length; without a regex engine).
 pub fn matches_pattern(s: &str) -> bool {
     let bytes = s.as_bytes();

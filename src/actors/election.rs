@@ -55,14 +55,14 @@ pub struct ElectionConfig {
 }
 
 /// What a server writes in its election key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Candidate {
     pub server_id: String,
     pub advertise_addr: String,
 }
 
 /// A server seen in the election, in create_revision order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Member {
     #[serde(flatten)]
     pub candidate: Candidate,
@@ -72,7 +72,7 @@ pub struct Member {
 }
 
 /// What this server knows of the election.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ElectionView {
     /// The current leader, as last read from etcd.
     pub leader: Option<Member>,
@@ -446,12 +446,30 @@ impl Campaign {
                             Err(e) => warn!(error = %e, "election: cannot watch the members yet"),
                         }
                     }
-                    if let Err(e) = session.keeper.keep_alive().await {
-                        warn!(error = %e, "election: keep-alive failed; reconnecting");
-                        broken = true;
-                        continue;
+                    match tokio::time::timeout(self.config.request_timeout, session.keeper.keep_alive()).await {
+                        Ok(Ok(())) => session.sent.push_back(Instant::now()),
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "election: keep-alive failed; reconnecting");
+                            broken = true;
+                            continue;
+                        }
+                        Err(_) => {
+                            warn!("election: keep-alive stuck; reconnecting");
+                            broken = true;
+                            continue;
+                        }
                     }
-                    session.sent.push_back(Instant::now());
+                    // Read the members at every tick too, not only on watch
+                    // events: a read that failed after the last event (etcd
+                    // busy, a member down) would otherwise leave this server
+                    // believing another leads while its own key is the
+                    // oldest, and nobody would lead until the next event.
+                    let read = tokio::time::timeout_at(deadline.into(), self.evaluate(session));
+                    match read.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(lost)) => return Some(lost),
+                        Err(_) => return Some(Lost::DeadlinePassed),
+                    }
                 }
                 answer = session.keepalives.message(), if !broken => match answer {
                     Ok(Some(answer)) => {

@@ -135,7 +135,9 @@ impl RegistryError {
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 /// Lifecycle of an executor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutorStatus {
     /// Registered (or loaded after a restart), no heartbeat yet.
@@ -157,14 +159,16 @@ impl ExecutorStatus {
 }
 
 /// What the outside sees of an executor. Never carries the token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ExecutorInfo {
+    /// `<name>-<8 hex digits>`.
     pub id: String,
     pub name: String,
     pub address: String,
     pub labels: BTreeMap<String, String>,
     pub status: ExecutorStatus,
     /// RFC 3339, UTC.
+    #[schema(format = DateTime)]
     pub registered_at: String,
     /// Milliseconds since the last heartbeat; `null` before the first one.
     pub last_heartbeat_ms_ago: Option<u64>,

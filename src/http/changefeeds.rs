@@ -7,12 +7,13 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::{bearer_token, json_body, resource, AppState};
 use crate::owner::feeds::{
     self, ChangefeedView, Changefeeds, CreateChangefeed, ResumeChangefeed, Unreadable,
     UpdateChangefeed,
 };
+use crate::owner::model::FeedState;
 
 /// The namespace of requests that name none.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -87,18 +88,47 @@ struct ListQuery {
 }
 
 /// A body that must be empty or `{}` (pause).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NoFields {}
+pub(super) struct NoFields {}
 
-#[derive(Debug, Serialize)]
-struct ListResponse {
+/// `GET /api/v1/changefeeds`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = ChangefeedList)]
+pub(super) struct ListResponse {
     items: Vec<ChangefeedView>,
     total: usize,
     unreadable: Vec<Unreadable>,
 }
 
-async fn create(
+/// Create a changefeed.
+///
+/// `start_ts` absent or 0 means now (unix milliseconds `<< 18`); `target_ts` is
+/// 0 (run forever) or greater than `start_ts`. The answer is the stored
+/// changefeed: `checkpoint_ts = start_ts`, epoch 0, no executor.
+#[utoipa::path(
+    post,
+    path = "/api/v1/changefeeds",
+    operation_id = "create_changefeed",
+    tag = "changefeeds",
+    params(("namespace" = Option<String>, Query, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "Default `default`")),
+    request_body(content = CreateChangefeed, content_type = "application/json"),
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 201, description = "Created", body = ChangefeedView,
+         headers(("Location" = String, description = "The changefeed's URL"))),
+        (status = 400, description = "`invalid_argument`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: the server has an admin token and the request does not carry it",
+         body = ErrorBody, headers(("WWW-Authenticate" = String))),
+        (status = 409, description = "`changefeed_exists`: the id is taken", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 500, description = "`corrupt_value` (a malformed value in etcd, named) or `etcd_error`", body = ErrorBody),
+        (status = 503, description = "`etcd_unavailable`, `unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn create(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Payload,
@@ -129,8 +159,25 @@ async fn create(
         .json(view))
 }
 
-/// `GET /api/v1/changefeeds?namespace=default&state=normal`
-async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
+/// List the changefeeds of a namespace, sorted by id.
+///
+/// `GET /api/v1/changefeeds?namespace=default&state=normal`. Changefeeds whose
+/// stored values cannot be decoded are named under `unreadable`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/changefeeds",
+    operation_id = "list_changefeeds",
+    tag = "changefeeds",
+    params(("namespace" = Option<String>, Query, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "Default `default`"), ("state" = Option<FeedState>, Query, description = "Only changefeeds in this state")),
+    responses(
+        (status = 200, description = "The changefeeds", body = ListResponse),
+        (status = 400, description = "`invalid_argument`", body = ErrorBody),
+        (status = 500, description = "`corrupt_value` (a malformed value in etcd, named) or `etcd_error`", body = ErrorBody),
+        (status = 503, description = "`etcd_unavailable`, `unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let query: ListQuery = query(&req)?;
     let filter = query.state.as_deref().map(feeds::parse_state).transpose()?;
     let namespace = query.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
@@ -142,7 +189,23 @@ async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpRes
     }))
 }
 
-async fn get(
+/// One changefeed, with its state, checkpoint and executor.
+#[utoipa::path(
+    get,
+    path = "/api/v1/changefeeds/{id}",
+    operation_id = "get_changefeed",
+    tag = "changefeeds",
+    params(("id" = String, Path, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "The changefeed id"), ("namespace" = Option<String>, Query, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "Default `default`")),
+    responses(
+        (status = 200, description = "The changefeed", body = ChangefeedView),
+        (status = 400, description = "`invalid_argument`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 500, description = "`corrupt_value` (a malformed value in etcd, named) or `etcd_error`", body = ErrorBody),
+        (status = 503, description = "`etcd_unavailable`, `unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn get(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
@@ -152,7 +215,30 @@ async fn get(
     Ok(HttpResponse::Ok().json(view))
 }
 
-async fn update(
+/// Update a paused changefeed: each field given replaces the stored one.
+#[utoipa::path(
+    put,
+    path = "/api/v1/changefeeds/{id}",
+    operation_id = "update_changefeed",
+    tag = "changefeeds",
+    params(("id" = String, Path, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "The changefeed id"), ("namespace" = Option<String>, Query, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "Default `default`")),
+    request_body(content = UpdateChangefeed, content_type = "application/json"),
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Updated", body = ChangefeedView),
+        (status = 400, description = "`invalid_argument`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: the server has an admin token and the request does not carry it",
+         body = ErrorBody, headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`changefeed_not_paused` (pause it first) or `conflict`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 500, description = "`corrupt_value` (a malformed value in etcd, named) or `etcd_error`", body = ErrorBody),
+        (status = 503, description = "`etcd_unavailable`, `unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn update(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
@@ -173,7 +259,31 @@ async fn update(
     Ok(HttpResponse::Ok().json(view))
 }
 
-async fn pause(
+/// Pause a changefeed: `normal` -> `stopped` (already stopped: no-op).
+#[utoipa::path(
+    post,
+    path = "/api/v1/changefeeds/{id}/pause",
+    operation_id = "pause_changefeed",
+    tag = "changefeeds",
+    params(("id" = String, Path, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "The changefeed id"), ("namespace" = Option<String>, Query, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "Default `default`")),
+    request_body(content = Option<NoFields>, content_type = "application/json",
+                 description = "Empty or `{}`"),
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Paused", body = ChangefeedView),
+        (status = 400, description = "`invalid_argument`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: the server has an admin token and the request does not carry it",
+         body = ErrorBody, headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`changefeed_wrong_state` (failed or finished) or `conflict`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 500, description = "`corrupt_value` (a malformed value in etcd, named) or `etcd_error`", body = ErrorBody),
+        (status = 503, description = "`etcd_unavailable`, `unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn pause(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
@@ -186,7 +296,34 @@ async fn pause(
     Ok(HttpResponse::Ok().json(view))
 }
 
-async fn resume(
+/// Resume a changefeed: `stopped` or `failed` -> `normal`.
+///
+/// Clears the error, the retry count and the backoff. With `checkpoint_ts` (in
+/// `[start_ts, target_ts)`) it also rewrites the checkpoint. Already normal: a
+/// no-op without a checkpoint, 409 `changefeed_not_paused` with one.
+#[utoipa::path(
+    post,
+    path = "/api/v1/changefeeds/{id}/resume",
+    operation_id = "resume_changefeed",
+    tag = "changefeeds",
+    params(("id" = String, Path, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "The changefeed id"), ("namespace" = Option<String>, Query, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "Default `default`")),
+    request_body(content = Option<ResumeChangefeed>, content_type = "application/json"),
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "Resumed", body = ChangefeedView),
+        (status = 400, description = "`invalid_argument`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: the server has an admin token and the request does not carry it",
+         body = ErrorBody, headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`changefeed_not_paused`, `changefeed_wrong_state` (finished) or `conflict`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 500, description = "`corrupt_value` (a malformed value in etcd, named) or `etcd_error`", body = ErrorBody),
+        (status = 503, description = "`etcd_unavailable`, `unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn resume(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
@@ -203,7 +340,27 @@ async fn resume(
     Ok(HttpResponse::Ok().json(view))
 }
 
-async fn delete(
+/// Delete a changefeed: every key of it, in one txn.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/changefeeds/{id}",
+    operation_id = "delete_changefeed",
+    tag = "changefeeds",
+    params(("id" = String, Path, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "The changefeed id"), ("namespace" = Option<String>, Query, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "Default `default`")),
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "`invalid_argument`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: the server has an admin token and the request does not carry it",
+         body = ErrorBody, headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`not_found`: nothing there", body = ErrorBody),
+        (status = 409, description = "`conflict`", body = ErrorBody),
+        (status = 500, description = "`corrupt_value` (a malformed value in etcd, named) or `etcd_error`", body = ErrorBody),
+        (status = 503, description = "`etcd_unavailable`, `unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn delete(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,

@@ -24,7 +24,12 @@ pub enum ApiError {
     NotFound(String),
     /// The path exists but not with this method.
     #[error("method {method} is not allowed on {path}")]
-    MethodNotAllowed { method: String, path: String },
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        /// The methods the route answers, for the `Allow` header.
+        allow: Option<&'static str>,
+    },
     /// etcd did not answer in time.
     #[error("etcd is unavailable: {0}")]
     EtcdUnavailable(String),
@@ -76,11 +81,67 @@ impl ApiError {
     }
 }
 
+/// Every `code` an error response can carry: [`ApiError::code`]'s, with the
+/// registry's and the changefeeds' own. The OpenAPI document lists them as the
+/// `code` enum, so a client can match on them and a checker can catch a new one
+/// left out (`codes_and_statuses_match` checks each variant's code is here).
+pub const CODES: &[&str] = &[
+    "invalid_argument",
+    "payload_too_large",
+    "unsupported_media_type",
+    "not_found",
+    "method_not_allowed",
+    "unauthorized",
+    "unknown_executor",
+    "tombstone_executor",
+    "changefeed_exists",
+    "changefeed_not_paused",
+    "changefeed_wrong_state",
+    "conflict",
+    "store_unavailable",
+    "not_ready",
+    "etcd_unavailable",
+    "unavailable",
+    "no_leader",
+    "corrupt_value",
+    "etcd_error",
+    "internal",
+];
+
 /// The JSON body of every error response.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody<'a> {
     pub code: &'a str,
     pub message: String,
+}
+
+/// Written by hand (not derived): `code` is a borrowed string whose values are
+/// [`CODES`], which a derive cannot know.
+impl utoipa::PartialSchema for ErrorBody<'_> {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .description(Some(
+                "The body of every error response: a stable machine-readable `code` and a \
+                 message for people.",
+            ))
+            .property(
+                "code",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(CODES.iter().copied())),
+            )
+            .required("code")
+            .property("message", ObjectBuilder::new().schema_type(Type::String))
+            .required("message")
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ErrorBody<'_> {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Error".into()
+    }
 }
 
 impl ResponseError for ApiError {
@@ -148,6 +209,12 @@ impl ResponseError for ApiError {
                 retry_after_secs.to_string(),
             ));
         }
+        if let ApiError::MethodNotAllowed {
+            allow: Some(allow), ..
+        } = self
+        {
+            response.insert_header((actix_web::http::header::ALLOW, *allow));
+        }
         if self.status_code() == StatusCode::UNAUTHORIZED {
             response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
         }
@@ -200,6 +267,22 @@ mod tests {
                 503,
             ),
             (ApiError::Internal("x".into()), "internal", 500),
+            (
+                ApiError::MethodNotAllowed {
+                    method: "PATCH".into(),
+                    path: "/x".into(),
+                    allow: Some("GET"),
+                },
+                "method_not_allowed",
+                405,
+            ),
+            (ApiError::NoLeader("x".into()), "no_leader", 503),
+            (RegistryError::NotReady.into(), "not_ready", 503),
+            (
+                FeedError::Etcd(etcd_client::Error::InvalidArgs("x".into())).into(),
+                "etcd_error",
+                500,
+            ),
             (ApiError::Unavailable("x".into()), "unavailable", 503),
             (
                 RegistryError::UnknownExecutor("x".into()).into(),
@@ -279,6 +362,7 @@ mod tests {
         ] {
             assert_eq!(err.code(), code);
             assert_eq!(err.status_code().as_u16(), status, "{code}");
+            assert!(CODES.contains(&code), "{code} is missing from CODES");
         }
     }
 }

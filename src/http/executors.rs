@@ -11,7 +11,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::{bearer_token, json_body, resource, AppState};
 use crate::actors::executor_registry::{
     Caller, Deregister, ExecutorEvent, ExecutorInfo, ExecutorRegistry, ExecutorStatus, GetExecutor,
@@ -64,24 +64,60 @@ fn not_leading(state: &AppState) -> ApiError {
 }
 
 /// `POST /api/v1/executors` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterRequest {
+pub(super) struct RegisterRequest {
+    /// The executor's name; its id is `<name>-<8 hex digits>`.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[a-zA-Z0-9]([-.a-zA-Z0-9]*[a-zA-Z0-9])?$"
+    )]
     name: String,
+    /// Where the executor can be reached (`host:port`, a URL): no spaces.
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$"
+    )]
     address: String,
     #[serde(default)]
+    #[schema(value_type = crate::labels::LabelMap, required = false)]
     labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Serialize)]
-struct RegisterResponse {
+/// The registered executor, with the token it authenticates with (returned
+/// once, never again) and the interval to heartbeat at.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct RegisterResponse {
     #[serde(flatten)]
     executor: ExecutorInfo,
     token: String,
     heartbeat_interval_ms: u64,
 }
 
-async fn register(
+/// Register an executor.
+///
+/// Validates the name, address and labels, writes the executor to the SQL store
+/// (503 `store_unavailable` if that fails: nothing is registered), and returns its
+/// id, its token (returned once) and the heartbeat interval.
+#[utoipa::path(
+    post,
+    path = "/api/v1/executors",
+    operation_id = "register_executor",
+    tag = "executors",
+    request_body(content = RegisterRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Registered", body = RegisterResponse,
+         headers(("Location" = String, description = "The executor's URL"))),
+        (status = 400, description = "`invalid_argument`: no body, malformed JSON, an unknown field, a bad name, address or label", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`, `not_ready`, `unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn register(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Payload,
@@ -127,20 +163,27 @@ pub(super) fn limit_registration(state: &AppState, req: &HttpRequest) -> ApiResu
 }
 
 /// `POST /api/v1/executors/{id}/heartbeat` body; it may be empty.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct HeartbeatRequest {
+pub(super) struct HeartbeatRequest {
+    /// The TTL this executor asks for, clamped to the server's bounds;
+    /// absent: the server's default.
+    #[schema(minimum = 1)]
     ttl_ms: Option<u64>,
+    /// Progress of the current assignments (at most 10,000 items).
     #[serde(default)]
+    #[schema(max_items = 10000)]
     progress: Vec<ProgressItem>,
 }
 
 /// Progress of one assignment, as an executor reports it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ProgressItem {
+pub(super) struct ProgressItem {
     #[serde(default = "default_namespace")]
+    #[schema(pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", default = "default")]
     namespace: String,
+    #[schema(pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$")]
     changefeed: String,
     epoch: u64,
     checkpoint_ts: u64,
@@ -154,13 +197,30 @@ fn default_namespace() -> String {
     super::changefeeds::DEFAULT_NAMESPACE.to_owned()
 }
 
+/// One `?label=key=value` filter of the listing, in the document: a string
+/// with a `=` (the server splits it at the first one).
+pub(super) struct LabelFilter;
+
+impl utoipa::PartialSchema for LabelFilter {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("="))
+            .examples(["zone=a"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for LabelFilter {}
+
 /// Most progress items one heartbeat may carry.
 const MAX_PROGRESS_ITEMS: usize = 10_000;
 /// Longest error message kept from a report.
 const MAX_ERROR_LEN: usize = 4096;
 
-#[derive(Debug, Serialize)]
-struct HeartbeatResponse {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct HeartbeatResponse {
     ttl_ms: u64,
     heartbeat_interval_ms: u64,
     /// The changefeeds this executor must run, as committed in etcd; a
@@ -170,7 +230,34 @@ struct HeartbeatResponse {
     rejected: Vec<Rejected>,
 }
 
-async fn heartbeat(
+/// Heartbeat: keep the executor alive, report progress, learn assignments.
+///
+/// The body may be empty. `assignments` lists the changefeeds this executor must
+/// run, as committed in etcd; one that leaves the list must be stopped. Progress
+/// for anything but a current assignment at its current epoch comes back in
+/// `rejected`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/executors/{id}/heartbeat",
+    operation_id = "heartbeat",
+    tag = "executors",
+    params(("id" = String, Path, description = "The executor id")),
+    request_body(content = Option<HeartbeatRequest>, content_type = "application/json"),
+    security(("executor_token" = [])),
+    responses(
+        (status = 200, description = "Alive", body = HeartbeatResponse),
+        (status = 400, description = "`invalid_argument`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token, or not this executor's",
+         body = ErrorBody, headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`unknown_executor`: register first", body = ErrorBody),
+        (status = 410, description = "`tombstone_executor`: expired or deregistered; register again", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `no_leader`: keep the current work and retry", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn heartbeat(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
@@ -253,18 +340,22 @@ fn work_for(roles: &Roles, id: &str, progress: Vec<ProgressReport>) -> ApiResult
     })
 }
 
-#[derive(Debug, Serialize)]
-struct ListResponse {
+/// `GET /api/v1/executors`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = ExecutorList)]
+pub(super) struct ListResponse {
     items: Vec<ExecutorView>,
     total: usize,
 }
 
 /// An executor as the API shows it: the registry's view and the changefeeds
 /// (`namespace/id`) the owner has assigned to it.
-#[derive(Debug, Serialize)]
-struct ExecutorView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Executor)]
+pub(super) struct ExecutorView {
     #[serde(flatten)]
     info: ExecutorInfo,
+    /// `namespace/id` of each changefeed assigned to it.
     changefeeds: Vec<String>,
 }
 
@@ -287,8 +378,27 @@ fn with_changefeeds(state: &AppState, items: Vec<ExecutorInfo>) -> Vec<ExecutorV
         .collect()
 }
 
+/// List executors, optionally filtered by status and labels.
+///
 /// `GET /api/v1/executors?status=running&label=zone=a&label=disk=ssd`
-async fn list(
+#[utoipa::path(
+    get,
+    path = "/api/v1/executors",
+    operation_id = "list_executors",
+    tag = "executors",
+    params(
+        ("status" = Option<ExecutorStatus>, Query, description = "Only executors in this status"),
+        ("label" = Option<Vec<LabelFilter>>, Query, explode = true,
+         description = "`key=value`; repeatable, all must match"),
+    ),
+    responses(
+        (status = 200, description = "The executors", body = ListResponse),
+        (status = 400, description = "`invalid_argument`: a bad filter or an unknown parameter", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn list(
     state: web::Data<AppState>,
     query: web::Query<Vec<(String, String)>>,
 ) -> ApiResult<HttpResponse> {
@@ -328,7 +438,24 @@ async fn list(
     }))
 }
 
-async fn get(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+/// One executor; a recently expired one shows `"status": "tombstone"`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/executors/{id}",
+    operation_id = "get_executor",
+    tag = "executors",
+    params(("id" = String, Path, description = "The executor id")),
+    responses(
+        (status = 200, description = "The executor", body = ExecutorView),
+        (status = 404, description = "`unknown_executor`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn get(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
     let info = registry(&state)?
         .send(GetExecutor {
             id: id.into_inner(),
@@ -339,7 +466,25 @@ async fn get(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<Htt
     Ok(HttpResponse::Ok().json(view))
 }
 
-async fn deregister(
+/// Deregister an executor (graceful), with its own token or the admin token.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/executors/{id}",
+    operation_id = "deregister_executor",
+    tag = "executors",
+    params(("id" = String, Path, description = "The executor id")),
+    security(("executor_token" = []), ("admin_token" = [])),
+    responses(
+        (status = 204, description = "Deregistered: announced offline, its changefeeds move"),
+        (status = 401, description = "`unauthorized`: no token, or neither this executor's nor the admin's",
+         body = ErrorBody, headers(("WWW-Authenticate" = String))),
+        (status = 404, description = "`unknown_executor`", body = ErrorBody),
+        (status = 410, description = "`tombstone_executor`: already gone", body = ErrorBody),
+        (status = 503, description = "`not_ready`, `unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn deregister(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
@@ -366,7 +511,23 @@ async fn deregister(
 /// `GET /api/v1/executors/watch`: `snapshot`, then `online` / `offline`
 /// events, in order; `resync` (then the end of the stream) when this client
 /// fell behind.
-async fn watch(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+#[utoipa::path(
+    get,
+    path = "/api/v1/executors/watch",
+    operation_id = "watch_executors",
+    tag = "executors",
+    summary = "Server-Sent Events feed of the executors",
+    description = "First a `snapshot` event `{\"seq\",\"executors\"}`, then `online` \
+        (an executor) and `offline` (`{\"id\",\"reason\"}`) events with `id:` = seq, \
+        and a `: keepalive` comment every 15 s of quiet. A client that falls behind \
+        gets `resync` and the end of the stream: reconnect for a fresh snapshot.",
+    responses(
+        (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
+        (status = 503, description = "`not_ready`, `unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn watch(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     let subscription = registry(&state)?.send(Subscribe).await.map_err(mailbox)??;
     let snapshot = sse_frame(
         "snapshot",

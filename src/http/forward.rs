@@ -1,8 +1,9 @@
 //! Forwarding: a follower sends leader-only requests to the leader, and
 //! streams the answer back, so clients may talk to any server.
 //!
-//! Leader-only: everything under `/api/v1/` but `/api/v1/status`, which each
-//! server answers itself. A forwarded request carries
+//! Leader-only: everything under `/api/v1/` but what each server answers
+//! itself ([`answered_here`]): `/api/v1/status`, the OpenAPI document and
+//! the docs page. A forwarded request carries
 //! [`FORWARDED_BY`]; a server that gets one and does not lead either answers
 //! 503 `no_leader` instead of forwarding again, so a stale view can never
 //! make a loop. With no leader known, a request waits up to
@@ -38,9 +39,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
+/// `/api/v1/` paths every server answers itself: its own status, and the
+/// API's document and docs page (the same on every server, and wanted when
+/// there is no leader too).
+fn answered_here(path: &str) -> bool {
+    path == "/api/v1/status"
+        || path == super::openapi::SPEC_PATH
+        || path == "/api/v1/docs"
+        || path.starts_with(super::openapi::DOCS_PATH)
+}
+
 fn must_forward(ctx: &GuardContext<'_>) -> bool {
-    let path = ctx.head().uri.path();
-    if path == "/api/v1/status" {
+    if answered_here(ctx.head().uri.path()) {
         return false;
     }
     ctx.app_data::<web::Data<AppState>>()
@@ -186,4 +196,71 @@ async fn forward(
         }
     }
     Ok(answer.streaming(response))
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::StatusCode;
+    use actix_web::{test as atest, App};
+    use serde_json::Value;
+
+    use super::*;
+    use crate::actors::election::ElectionView;
+    use crate::http::{configure, test_support};
+
+    /// A follower (an election, no roles): what it forwards and what it
+    /// answers itself. A request marked as forwarded is refused at once
+    /// (503 `no_leader`) where it would be forwarded, so the test needs no
+    /// leader.
+    #[actix_web::test]
+    async fn a_follower_answers_status_and_docs_itself_and_forwards_the_rest() {
+        let (_election, view) = tokio::sync::watch::channel(ElectionView::default());
+        let state = web::Data::new(AppState {
+            election: Some(view),
+            ..test_support::unreachable_etcd_state().await
+        });
+        let app = atest::init_service(App::new().configure(configure(state))).await;
+        let call = |method: actix_web::http::Method, uri: &str| {
+            atest::TestRequest::default()
+                .method(method)
+                .uri(uri)
+                .insert_header((FORWARDED_BY, "another-server"))
+                .to_request()
+        };
+        use actix_web::http::Method;
+        for (method, uri) in [
+            (Method::GET, "/api/v1/executors"),
+            (Method::POST, "/api/v1/executors/e-1/heartbeat"),
+            (Method::GET, "/api/v1/changefeeds/c?namespace=n"),
+            (Method::DELETE, "/api/v1/changefeeds/c"),
+            (Method::GET, "/api/v1/nothing-here"),
+            (Method::GET, "/api/v1/statuses"),
+            (Method::GET, "/api/v1/openapi.json.bak"),
+            (Method::GET, "/api/v1/docsx"),
+        ] {
+            let resp = atest::call_service(&app, call(method.clone(), uri)).await;
+            assert_eq!(
+                resp.status(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{method} {uri}"
+            );
+            let body: Value = serde_json::from_slice(&atest::read_body(resp).await).unwrap();
+            assert_eq!(body["code"], "no_leader", "{method} {uri}");
+            assert!(
+                body["message"].as_str().unwrap().contains("another-server"),
+                "{method} {uri}: {body}"
+            );
+        }
+        for (uri, status) in [
+            ("/api/v1/status", StatusCode::OK),
+            ("/api/v1/openapi.json", StatusCode::OK),
+            ("/api/v1/docs", StatusCode::PERMANENT_REDIRECT),
+            ("/api/v1/docs/", StatusCode::OK),
+            ("/api/v1/docs/swagger-ui.css", StatusCode::OK),
+            ("/healthz", StatusCode::OK),
+        ] {
+            let resp = atest::call_service(&app, call(Method::GET, uri)).await;
+            assert_eq!(resp.status(), status, "{uri}");
+        }
+    }
 }

@@ -6,12 +6,15 @@
 //! call it from [`configure`]. To give handlers access to something new (an actor's
 //! `Addr`, the store), add a field to [`AppState`]; handlers take `web::Data<AppState>`.
 //! Handlers return [`Result<T, ApiError>`](ApiError) so every error has the same JSON shape.
+//! Every route is documented in the OpenAPI document ([`openapi`]): annotate the handler
+//! with `#[utoipa::path]` and list it in [`openapi::ApiDoc`] (a unit test fails otherwise).
 
 mod changefeeds;
 mod error;
 mod executors;
 pub mod forward;
 pub mod limits;
+pub mod openapi;
 mod route_metrics;
 mod status;
 
@@ -181,6 +184,7 @@ pub fn configure(
             .configure(executors::configure)
             .configure(status::configure)
             .configure(changefeeds::configure)
+            .configure(openapi::configure)
             .default_service(web::to(not_found));
     }
 }
@@ -190,9 +194,59 @@ pub fn configure(
 /// route through it, with its full path (no `web::scope`): that keeps the metrics
 /// cheap (see [`route_metrics`]).
 pub(crate) fn resource(path: &str) -> actix_web::Resource {
+    #[cfg(test)]
+    REGISTERED.with(|paths| paths.borrow_mut().insert(path.to_owned()));
     web::resource(path)
         .app_data(route_metrics::RouteMetrics::new(path))
         .default_service(web::to(method_not_allowed))
+}
+
+/// What the unit tests of the HTTP modules share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// A server without roles, election or changefeeds, whose etcd is a closed
+    /// port: every probe fails fast.
+    pub(crate) async fn unreachable_etcd_state() -> AppState {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(200))
+            .with_timeout(Duration::from_millis(200));
+        let client = etcd_client::Client::connect([endpoint.as_str()], Some(options))
+            .await
+            .expect("connecting is lazy");
+        AppState {
+            info: ServerInfo {
+                id: "test-1".into(),
+                version: "0.0.0",
+                cluster_id: "c1".into(),
+                advertise_addr: "127.0.0.1:8300".into(),
+                etcd_endpoints: vec![endpoint],
+            },
+            etcd: EtcdProbe::new(client, Duration::from_millis(300)),
+            roles: Default::default(),
+            election: None,
+            changefeeds: None,
+            admin_token: None,
+            max_body_bytes: 65536,
+            register_limit: Default::default(),
+            peer_tls: None,
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Every path given to [`resource`] on this thread: what the OpenAPI
+    /// tests compare the document against.
+    pub(crate) static REGISTERED: std::cell::RefCell<std::collections::BTreeSet<String>> =
+        Default::default();
 }
 
 async fn not_found(req: HttpRequest) -> ApiResult<HttpResponse> {
@@ -207,6 +261,9 @@ async fn method_not_allowed(req: HttpRequest) -> ApiResult<HttpResponse> {
     Err(ApiError::MethodNotAllowed {
         method: req.method().to_string(),
         path: req.path().to_owned(),
+        allow: req
+            .match_pattern()
+            .and_then(|pattern| openapi::allowed_methods(&pattern)),
     })
 }
 

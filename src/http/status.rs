@@ -3,7 +3,7 @@
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
-use super::{resource, ApiError, ApiResult, AppState};
+use super::{resource, ApiError, ApiResult, AppState, ErrorBody};
 use crate::actors::election::ElectionView;
 use crate::actors::executor_registry::{GetRegistryStats, PingStore, RegistryError};
 
@@ -17,19 +17,42 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/v1/status").get(status));
 }
 
-#[derive(Debug, Serialize)]
-struct Healthy {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct Healthy {
+    #[schema(value_type = String, example = "ok")]
     status: &'static str,
 }
 
 /// The process is up and serving HTTP; says nothing about its dependencies.
-async fn healthz() -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "operations",
+    summary = "Liveness",
+    responses((status = 200, description = "Serving HTTP", body = Healthy)),
+)]
+pub(super) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Healthy { status: "ok" })
 }
 
 /// Ready to do work: etcd answers and the registry has loaded its executors.
 /// A load balancer should stop routing here otherwise.
-async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "operations",
+    summary = "Readiness",
+    description = "200 when etcd answers and the registry (on the leader) has loaded its \
+        executors, or (on a follower) a leader is known to forward to.",
+    responses(
+        (status = 200, description = "Ready", body = Healthy),
+        (status = 503, description = "`etcd_unavailable`, `not_ready`, `unavailable` or `no_leader`",
+         body = ErrorBody, headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     state
         .etcd
         .check()
@@ -55,17 +78,33 @@ async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(Healthy { status: "ok" }))
 }
 
-async fn metrics() -> HttpResponse {
+/// Every metric in the Prometheus text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    responses(
+        (status = 200, description = "The text exposition format, version 0.0.4",
+         content_type = "text/plain; version=0.0.4", body = String),
+    ),
+)]
+pub(super) async fn metrics() -> HttpResponse {
     HttpResponse::Ok()
         .content_type(PROMETHEUS_CONTENT_TYPE)
         .body(crate::metrics::render())
 }
 
-#[derive(Debug, Serialize)]
-struct Status<'a> {
+/// This server as it sees itself.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = ServerStatus)]
+pub(super) struct Status<'a> {
+    /// Unique per process.
     id: &'a str,
     version: &'a str,
     cluster_id: &'a str,
+    /// The address other servers and executors use to reach this one.
     advertise_addr: &'a str,
     etcd: EtcdStatus<'a>,
     /// The SQL store, as the registry sees it; `null` without a registry.
@@ -77,15 +116,16 @@ struct Status<'a> {
     election: Option<ElectionView>,
 }
 
-#[derive(Debug, Serialize)]
-struct StoreStatus {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct StoreStatus {
     healthy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct ExecutorCounts {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct ExecutorCounts {
+    /// Whether the registry has loaded the executors from SQL.
     loaded: bool,
     initing: usize,
     running: usize,
@@ -93,8 +133,8 @@ struct ExecutorCounts {
     mass_silence: bool,
 }
 
-#[derive(Debug, Serialize)]
-struct EtcdStatus<'a> {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct EtcdStatus<'a> {
     endpoints: &'a [String],
     healthy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,7 +142,16 @@ struct EtcdStatus<'a> {
 }
 
 /// Always 200: it reports unhealthy parts instead of failing.
-async fn status(state: web::Data<AppState>) -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = "/api/v1/status",
+    operation_id = "server_status",
+    tag = "operations",
+    summary = "This server: id, version, etcd and store health, executors, election",
+    description = "Answered by every server itself (never forwarded to the leader); always 200.",
+    responses((status = 200, description = "This server's status", body = Status)),
+)]
+pub(super) async fn status(state: web::Data<AppState>) -> HttpResponse {
     let info = &state.info;
     let etcd_error = state.etcd.check().await.err();
     let (store, executors) = match state.roles.get().map(|r| r.registry) {
@@ -151,45 +200,18 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use actix_web::http::StatusCode;
     use actix_web::{test, App};
     use serde_json::{json, Value};
 
-    use super::super::{configure, EtcdProbe, ServerInfo};
+    use super::super::configure;
     use super::*;
 
     /// State whose etcd is a closed port: every probe fails fast.
     async fn unreachable_etcd_state() -> web::Data<AppState> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let endpoint = format!("http://127.0.0.1:{port}");
-        let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(200))
-            .with_timeout(Duration::from_millis(200));
-        let client = etcd_client::Client::connect([endpoint.as_str()], Some(options))
-            .await
-            .expect("connecting is lazy");
         web::Data::new(AppState {
-            info: ServerInfo {
-                id: "test-1".into(),
-                version: "0.0.0",
-                cluster_id: "c1".into(),
-                advertise_addr: "127.0.0.1:8300".into(),
-                etcd_endpoints: vec![endpoint],
-            },
-            etcd: EtcdProbe::new(client, Duration::from_millis(300)),
-            roles: Default::default(),
-            election: None,
-            changefeeds: None,
-            admin_token: None,
             max_body_bytes: 32,
-            register_limit: Default::default(),
-            peer_tls: None,
+            ..super::super::test_support::unreachable_etcd_state().await
         })
     }
 

@@ -21,19 +21,20 @@ use super::reactor::ProgressReport;
 use super::state::ChangefeedEntry;
 
 /// A changefeed an executor must run, as committed in etcd.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Assignment {
     pub namespace: String,
     pub changefeed: String,
     pub epoch: u64,
     pub sink_uri: String,
+    #[schema(value_type = Object)]
     pub config: serde_json::Value,
     /// Where to resume from.
     pub checkpoint_ts: u64,
 }
 
 /// A progress report the owner refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Rejected {
     pub namespace: String,
     pub changefeed: String,

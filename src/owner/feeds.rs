@@ -124,10 +124,17 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `POST /api/v1/changefeeds` body.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChangefeed {
+    #[schema(pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$")]
     pub id: String,
+    /// `scheme://...`, at most 1024 bytes, no spaces or control characters
+    /// (what `validate_sink_uri` accepts; the schema counts characters).
+    #[schema(
+        max_length = 1024,
+        pattern = r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub sink_uri: String,
     /// Absent or 0: now, as a TiDB-style timestamp (unix millis << 18).
     #[serde(default)]
@@ -135,28 +142,39 @@ pub struct CreateChangefeed {
     /// Absent or 0: runs forever; otherwise greater than `start_ts`.
     #[serde(default)]
     pub target_ts: Option<u64>,
-    /// A JSON object; absent: `{}`.
+    /// A JSON object of at most 64 KiB; absent: `{}`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub config: Option<Value>,
-    /// Labels an executor must have; absent: any executor.
+    /// Labels an executor must have (the executor label rules); absent: any
+    /// executor.
     #[serde(default)]
+    #[schema(value_type = Option<crate::labels::LabelMap>)]
     pub selector: Option<BTreeMap<String, String>>,
 }
 
 /// `PUT /api/v1/changefeeds/{id}` body: each field given replaces the stored one.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct UpdateChangefeed {
     #[serde(default)]
+    #[schema(
+        nullable = false,
+        max_length = 1024,
+        pattern = r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub sink_uri: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Object, required = false)]
     pub config: Option<Value>,
     #[serde(default)]
+    #[schema(value_type = crate::labels::LabelMap, required = false)]
     pub selector: Option<BTreeMap<String, String>>,
 }
 
 /// `POST /api/v1/changefeeds/{id}/resume` body (optional).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResumeChangefeed {
     /// Resume from here instead of the stored checkpoint.
@@ -166,13 +184,14 @@ pub struct ResumeChangefeed {
 
 /// A changefeed as the API shows it: its info, its status, and the executor
 /// holding its current assignment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChangefeedView {
     pub namespace: String,
     pub id: String,
     pub sink_uri: String,
     pub start_ts: u64,
     pub target_ts: u64,
+    #[schema(value_type = Object)]
     pub config: Value,
     pub selector: BTreeMap<String, String>,
     pub state: FeedState,
@@ -188,7 +207,7 @@ pub struct ChangefeedView {
 }
 
 /// A changefeed a listing could not decode; the other changefeeds are listed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Unreadable {
     pub id: String,
     pub key: String,

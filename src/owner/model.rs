@@ -176,7 +176,7 @@ impl Keys {
 }
 
 /// Whether a changefeed should run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FeedState {
     /// Should run on exactly one live executor.
