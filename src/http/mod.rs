@@ -8,6 +8,7 @@
 //! Handlers return [`Result<T, ApiError>`](ApiError) so every error has the same JSON shape.
 
 mod changefeeds;
+mod dashboard;
 mod error;
 mod executors;
 pub mod forward;
@@ -172,6 +173,7 @@ pub fn configure(
             .configure(executors::configure)
             .configure(status::configure)
             .configure(changefeeds::configure)
+            .configure(dashboard::configure)
             .default_service(web::to(not_found));
     }
 }
