@@ -159,11 +159,17 @@
     if (s.status === "fulfilled") status = s.value;
     if (list.status === "fulfilled") {
       const now = Date.now();
+      // The list also shows recent tombstones (expired or deregistered
+      // before this page saw it happen): shown as such until the server
+      // forgets them. Whether a live executor went offline is the feed's
+      // call (it gives the reason, and it is not late by a poll).
+      const listed = new Set();
       for (const info of list.value.items) {
-        // The list shows recent tombstones too; whether an executor is
-        // online is the feed's call (it also gives the reason).
-        if (info.status === "tombstone" && !executors.has(info.id)) continue;
+        listed.add(info.id);
         upsert(info, now);
+      }
+      for (const [id, entry] of executors) {
+        if (!entry.offline && entry.info.status === "tombstone" && !listed.has(id)) executors.delete(id);
       }
     }
     if (feeds.status === "fulfilled") changefeeds = feeds.value.items;
@@ -216,9 +222,10 @@
       if (entry.offline && now - entry.offline.at > KEEP_OFFLINE_MS) executors.delete(id);
     }
     // Live ones first, then by name and id.
+    const gone = (e) => Number(!!e.offline || e.info.status === "tombstone");
     return [...executors.values()].sort(
       (a, b) =>
-        Number(!!a.offline) - Number(!!b.offline) ||
+        gone(a) - gone(b) ||
         a.info.name.localeCompare(b.info.name) ||
         a.info.id.localeCompare(b.info.id)
     );
@@ -235,6 +242,7 @@
         counts[state] = (counts[state] || 0) + 1;
         let heartbeat;
         if (offline) heartbeat = el("span", { class: "muted" }, `offline ${duration(now - offline.at)} ago`);
+        else if (state === "tombstone") heartbeat = el("span", { class: "muted" }, "-");
         else if (hbAt === null) heartbeat = el("span", { class: "muted" }, "none yet");
         else {
           const age = now - hbAt;
@@ -243,10 +251,10 @@
         const labels = Object.entries(info.labels || {}).map(([k, v]) =>
           el("span", { class: "label" }, `${k}=${v}`)
         );
-        const running = offline ? [] : info.changefeeds || [];
+        const running = offline || state === "tombstone" ? [] : info.changefeeds || [];
         return el(
           "tr",
-          { "data-executor-id": info.id, "data-name": info.name, "data-status": state, class: offline ? "gone" : "" },
+          { "data-executor-id": info.id, "data-name": info.name, "data-status": state, class: offline || state === "tombstone" ? "gone" : "" },
           el("td", {}, info.id),
           el("td", { class: "status" }, badge(state), offline ? el("span", { class: "muted reason" }, ` ${offline.reason}`) : null),
           el("td", {}, ...labels),
