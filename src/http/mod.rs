@@ -10,6 +10,7 @@
 //! with `#[utoipa::path]` and list it in [`openapi::ApiDoc`] (a unit test fails otherwise).
 
 mod changefeeds;
+mod dashboard;
 mod error;
 mod executors;
 pub mod forward;
@@ -185,6 +186,7 @@ pub fn configure(
             .configure(status::configure)
             .configure(changefeeds::configure)
             .configure(openapi::configure)
+            .configure(dashboard::configure)
             .default_service(web::to(not_found));
     }
 }
