@@ -304,8 +304,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 .trim()
                 .to_owned(),
         ),
-        None => None,
+        // The same variable the CLI reads: one secret for both sides, never
+        // in a file or on a command line. Not a config key, so never logged
+        // with the configuration.
+        None => std::env::var(ADMIN_TOKEN_ENV)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty()),
     };
+    match (&config.server.admin_token_file, &admin_token) {
+        (Some(path), _) => info!(file = %path.display(), "admin token loaded"),
+        (None, Some(_)) => info!(env = ADMIN_TOKEN_ENV, "admin token loaded"),
+        (None, None) => warn!(
+            "no admin token (server.admin_token_file or {ADMIN_TOKEN_ENV}): changefeed writes are open"
+        ),
+    }
 
     let listener = http::listen(&config.http.listen)?;
     let bound = listener
@@ -437,6 +450,9 @@ fn etcd_connect_options(config: &Config) -> anyhow::Result<etcd_client::ConnectO
         .context("etcd TLS (etcd.tls_*)")?;
     Ok(options.with_tls(tls))
 }
+
+/// Holds the admin token when `server.admin_token_file` is not set.
+const ADMIN_TOKEN_ENV: &str = "FLOTILLA_ADMIN_TOKEN";
 
 /// A per-process id: readable (host name) and unique across restarts (random suffix).
 fn server_id() -> String {

@@ -493,3 +493,31 @@ async fn garbage_written_into_etcd_is_skipped_reported_and_poisons_nothing() {
     assert_eq!(list["unreadable"], json!([]), "{list}");
     drop(etcd);
 }
+
+/// The admin token can come from `FLOTILLA_ADMIN_TOKEN` instead of a file,
+/// and never shows up in the log.
+#[test]
+fn the_admin_token_from_the_environment_guards_changefeed_writes() {
+    const SECRET: &str = "env-admin-secret-4711";
+    let server = FlotillaServer::start(ServerOptions {
+        env: vec![("FLOTILLA_ADMIN_TOKEN".into(), SECRET.into())],
+        ..ServerOptions::default()
+    });
+    let body = json!({"id": "envtoken", "sink_uri": "blackhole://"});
+    let post = |token| {
+        request(
+            server.port(),
+            "POST",
+            "/api/v1/changefeeds",
+            token,
+            Some(&body),
+        )
+    };
+    assert_eq!(post(None).status, 401, "no token");
+    assert_eq!(post(Some("wrong")).status, 401, "wrong token");
+    let created = post(Some(SECRET));
+    assert_eq!(created.status, 201, "{}", created.body);
+    let log = server.log();
+    assert!(log.contains("admin token loaded"), "{log}");
+    assert!(!log.contains(SECRET), "the token is never logged");
+}
