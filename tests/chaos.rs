@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{create_changefeeds, Auditor, Ha, CLUSTER, FAILOVER_GRACE, SERIAL};
+use common::cluster::{
+    create_changefeeds, record_and_advance, Auditor, Ha, CLUSTER, FAILOVER_GRACE, SERIAL,
+};
 use flotilla::client::{Client, Error as ClientError, HeartbeatRequest, Progress, RegisterRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -93,24 +95,8 @@ impl Agent {
                 match client.heartbeat(&id, &token, &request).await {
                     Ok(answer) => {
                         let mut seen = shared.seen.lock().unwrap();
-                        progress = answer
-                            .assignments
-                            .iter()
-                            .map(|a| {
-                                seen.served
-                                    .entry((a.changefeed.clone(), a.epoch))
-                                    .or_default()
-                                    .insert(id.clone());
-                                Progress {
-                                    namespace: a.namespace.clone(),
-                                    changefeed: a.changefeed.clone(),
-                                    epoch: a.epoch,
-                                    checkpoint_ts: a.checkpoint_ts.max(clock),
-                                    resolved_ts: None,
-                                    error: None,
-                                }
-                            })
-                            .collect();
+                        progress =
+                            record_and_advance(&answer.assignments, &id, clock, &mut seen.served);
                     }
                     Err(ClientError::Api {
                         status: 401 | 404 | 410,

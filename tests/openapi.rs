@@ -52,19 +52,8 @@ fn request(
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        head.push_str("Content-Type: application/json\r\n");
-    }
-    if let Some(token) = token {
-        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
-    }
     stream
-        .write_all(format!("{head}\r\n{body}").as_bytes())
+        .write_all(&common::server::request_bytes(method, path, token, body))
         .unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).unwrap();

@@ -210,6 +210,34 @@ pub struct Observed {
     pub ok: u64,
 }
 
+/// Notes which executor was told to run which (changefeed, epoch), and
+/// answers with progress for each assignment: the checkpoint moved to at
+/// least `clock`.
+pub fn record_and_advance(
+    assignments: &[flotilla::client::Assignment],
+    executor: &str,
+    clock: u64,
+    served: &mut HashMap<(String, u64), BTreeSet<String>>,
+) -> Vec<Progress> {
+    assignments
+        .iter()
+        .map(|a| {
+            served
+                .entry((a.changefeed.clone(), a.epoch))
+                .or_default()
+                .insert(executor.to_owned());
+            Progress {
+                namespace: a.namespace.clone(),
+                changefeed: a.changefeed.clone(),
+                epoch: a.epoch,
+                checkpoint_ts: a.checkpoint_ts.max(clock),
+                resolved_ts: None,
+                error: None,
+            }
+        })
+        .collect()
+}
+
 /// Executors heartbeating through `urls` (round robin) until stopped;
 /// every assignment is reported back with an advancing checkpoint.
 pub struct Fleet {
@@ -259,24 +287,12 @@ impl Fleet {
                             let mut seen = observed.lock().unwrap();
                             seen.ok += 1;
                             seen.last_ok = Some(Instant::now());
-                            progress = answer
-                                .assignments
-                                .iter()
-                                .map(|a| {
-                                    seen.served
-                                        .entry((a.changefeed.clone(), a.epoch))
-                                        .or_default()
-                                        .insert(id.clone());
-                                    Progress {
-                                        namespace: a.namespace.clone(),
-                                        changefeed: a.changefeed.clone(),
-                                        epoch: a.epoch,
-                                        checkpoint_ts: a.checkpoint_ts.max(checkpoint),
-                                        resolved_ts: None,
-                                        error: None,
-                                    }
-                                })
-                                .collect();
+                            progress = record_and_advance(
+                                &answer.assignments,
+                                &id,
+                                checkpoint,
+                                &mut seen.served,
+                            );
                         }
                         Err(ClientError::Api { status, code, .. })
                             if matches!(status, 401 | 404 | 410) =>

@@ -246,6 +246,28 @@ impl Response {
     }
 }
 
+/// The bytes of one HTTP/1.1 request on its own connection (`Connection:
+/// close`), with exactly the bearer token given and a JSON body.
+pub fn request_bytes(
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> Vec<u8> {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    format!("{head}\r\n{body}").into_bytes()
+}
+
 /// One plain HTTP/1.1 request to 127.0.0.1:`port`, with exactly the
 /// `Authorization: Bearer` header given (none for `None`) and a JSON body.
 /// A streaming answer (Server-Sent Events) is returned once its head is in.
@@ -261,20 +283,9 @@ pub fn request(
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        head.push_str("Content-Type: application/json\r\n");
-    }
-    if let Some(token) = token {
-        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body.as_bytes()).unwrap();
+    stream
+        .write_all(&request_bytes(method, path, token, body))
+        .unwrap();
 
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
