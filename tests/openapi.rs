@@ -316,6 +316,11 @@ fn every_answer_of_a_walk_through_the_api_matches_the_document() {
     let answer = call("GET", "/api/v1/docs/missing.js", None, None);
     assert_eq!(answer.status, 404);
     spec.check("GET", "/api/v1/docs/{file}", &answer);
+    for path in ["/", "/assets/dashboard.js", "/assets/dashboard.css"] {
+        let answer = call("GET", path, None, None);
+        assert_eq!(answer.status, 200, "{path}");
+        spec.check("GET", path, &answer);
+    }
 
     // Executors: register (and refusals), heartbeat, read.
     let register =

@@ -43,7 +43,15 @@ fn asset(content_type: &'static str, body: &'static str) -> HttpResponse {
         .body(body)
 }
 
-async fn index() -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "dashboard",
+    tag = "operations",
+    summary = "The live web dashboard (HTML)",
+    responses((status = 200, description = "The file", content_type = "text/html", body = String)),
+)]
+pub(super) async fn index() -> HttpResponse {
     let mut response = asset("text/html; charset=utf-8", INDEX_HTML);
     response.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
@@ -52,11 +60,27 @@ async fn index() -> HttpResponse {
     response
 }
 
-async fn script() -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = "/assets/dashboard.js",
+    operation_id = "dashboard_script",
+    tag = "operations",
+    summary = "The dashboard's script",
+    responses((status = 200, description = "The file", content_type = "text/javascript", body = String)),
+)]
+pub(super) async fn script() -> HttpResponse {
     asset("text/javascript; charset=utf-8", DASHBOARD_JS)
 }
 
-async fn style() -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = "/assets/dashboard.css",
+    operation_id = "dashboard_style",
+    tag = "operations",
+    summary = "The dashboard's style sheet",
+    responses((status = 200, description = "The file", content_type = "text/css", body = String)),
+)]
+pub(super) async fn style() -> HttpResponse {
     asset("text/css; charset=utf-8", DASHBOARD_CSS)
 }
 

@@ -92,6 +92,7 @@ pub const CODES: &[&str] = &[
     "not_found",
     "method_not_allowed",
     "unauthorized",
+    "too_many_requests",
     "unknown_executor",
     "tombstone_executor",
     "changefeed_exists",
@@ -100,6 +101,7 @@ pub const CODES: &[&str] = &[
     "conflict",
     "store_unavailable",
     "not_ready",
+    "registry_full",
     "etcd_unavailable",
     "unavailable",
     "no_leader",
@@ -267,6 +269,19 @@ mod tests {
                 503,
             ),
             (ApiError::Internal("x".into()), "internal", 500),
+            (
+                ApiError::TooManyRequests {
+                    retry_after_secs: 1,
+                },
+                "too_many_requests",
+                429,
+            ),
+            (
+                ApiError::Registry(crate::actors::executor_registry::RegistryError::Full(1)),
+                "registry_full",
+                503,
+            ),
+            (ApiError::NoLeader("x".into()), "no_leader", 503),
             (
                 ApiError::MethodNotAllowed {
                     method: "PATCH".into(),

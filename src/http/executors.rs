@@ -113,7 +113,9 @@ pub(super) struct RegisterResponse {
         (status = 400, description = "`invalid_argument`: no body, malformed JSON, an unknown field, a bad name, address or label", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 503, description = "`store_unavailable`, `not_ready`, `unavailable` or `no_leader`", body = ErrorBody,
+        (status = 429, description = "`too_many_requests`: too many registrations from this client address", body = ErrorBody,
+         headers(("Retry-After" = String))),
+        (status = 503, description = "`store_unavailable`, `not_ready`, `registry_full`, `unavailable` or `no_leader`", body = ErrorBody,
          headers(("Retry-After" = String))),
     ),
 )]

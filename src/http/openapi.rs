@@ -21,7 +21,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::OpenApi;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::{changefeeds, executors, resource, status};
+use super::{changefeeds, dashboard, executors, resource, status};
 
 /// Where the document is served.
 pub const SPEC_PATH: &str = "/api/v1/openapi.json";
@@ -60,6 +60,9 @@ pub const DOCS_PATH: &str = "/api/v1/docs/";
         spec,
         docs_redirect,
         docs,
+        dashboard::index,
+        dashboard::script,
+        dashboard::style,
     ),
     // Schemas of bodies are collected from the handlers; those only parameters
     // use are listed here.
