@@ -11,6 +11,4 @@ pub mod txn_committer;
 pub mod worker;
 
 pub use ticker::WorkerStats;
-pub use worker::{
-    start, start_with_inspector, Fence, Inspector, WorkerConfig, WorkerError, WorkerHandle,
-};
+pub use worker::{start, Fence, WorkerConfig, WorkerError, WorkerHandle};

@@ -61,18 +61,6 @@ pub struct WorkerStats {
     pub keys: usize,
 }
 
-/// Runs a read-only closure on the reactor's state (the committed snapshot the
-/// last tick saw, plus updates applied since) and returns its result, type
-/// erased; [`crate::actors::worker::Inspector`] puts the type back.
-pub struct Inspect<S: 'static>(pub InspectFn<S>);
-
-/// The closure an [`Inspect`] carries.
-pub type InspectFn<S> = Box<dyn FnOnce(&S) -> Box<dyn std::any::Any + Send> + Send>;
-
-impl<S: 'static> Message for Inspect<S> {
-    type Result = Box<dyn std::any::Any + Send>;
-}
-
 /// Watch input that arrived while a commit was in flight.
 enum Incoming {
     Events(WatchEvents),
@@ -532,17 +520,5 @@ where
             keys: self.raw.len(),
             ..self.stats.clone()
         })
-    }
-}
-
-impl<R> Handler<Inspect<R::State>> for ReactorTicker<R>
-where
-    R: Reactor + 'static,
-    R::State: 'static,
-{
-    type Result = MessageResult<Inspect<R::State>>;
-
-    fn handle(&mut self, msg: Inspect<R::State>, _: &mut Self::Context) -> Self::Result {
-        MessageResult((msg.0)(&self.state))
     }
 }

@@ -14,7 +14,7 @@ use rand::Rng;
 use tokio::sync::oneshot;
 
 use super::etcd_watcher::{EtcdWatcher, WatchSink};
-use super::ticker::{GetWorkerStats, Inspect, ReactorTicker, StopWorker, WorkerStats};
+use super::ticker::{GetWorkerStats, ReactorTicker, StopWorker, WorkerStats};
 use super::txn_committer::TxnCommitter;
 use crate::state::{PlanError, Reactor, TxnLimits};
 
@@ -165,54 +165,12 @@ impl WorkerHandle {
     }
 }
 
-/// Reads a running worker's reactor state.
-pub struct Inspector<S: 'static> {
-    recipient: Recipient<Inspect<S>>,
-}
-
-impl<S: 'static> Clone for Inspector<S> {
-    fn clone(&self) -> Self {
-        Self {
-            recipient: self.recipient.clone(),
-        }
-    }
-}
-
-impl<S: 'static> Inspector<S> {
-    /// Runs `f` on the state inside the worker; `None` once it has stopped.
-    /// The state only ever holds committed data (it is fed by the watch).
-    pub async fn inspect<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&S) -> T + Send + 'static,
-    ) -> Option<T> {
-        let erased = Inspect(Box::new(move |state: &S| {
-            Box::new(f(state)) as Box<dyn std::any::Any + Send>
-        }));
-        let result = self.recipient.send(erased).await.ok()?;
-        Some(*result.downcast::<T>().expect("the closure returns T"))
-    }
-}
-
 /// Starts a worker on the current actix arbiter.
 ///
 /// `client` must have been created on this arbiter's runtime (an etcd client
 /// dies with the runtime that made it). The reactor is first ticked once the
 /// whole prefix has been read.
 pub fn start<R>(client: Client, reactor: R, state: R::State, config: WorkerConfig) -> WorkerHandle
-where
-    R: Reactor + 'static,
-    R::State: 'static,
-{
-    start_with_inspector(client, reactor, state, config).0
-}
-
-/// [`start`], also returning an [`Inspector`] of the reactor's state.
-pub fn start_with_inspector<R>(
-    client: Client,
-    reactor: R,
-    state: R::State,
-    config: WorkerConfig,
-) -> (WorkerHandle, Inspector<R::State>)
 where
     R: Reactor + 'static,
     R::State: 'static,
@@ -230,15 +188,11 @@ where
         let watcher = EtcdWatcher::new(client, &config, sink).start();
         ReactorTicker::new(reactor, state, config, watcher, committer, done_tx)
     });
-    let handle = WorkerHandle {
+    WorkerHandle {
         stop: ticker.clone().recipient(),
-        stats: ticker.clone().recipient(),
+        stats: ticker.recipient(),
         done: done_rx,
-    };
-    let inspector = Inspector {
-        recipient: ticker.recipient(),
-    };
-    (handle, inspector)
+    }
 }
 
 #[cfg(test)]

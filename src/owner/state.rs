@@ -52,8 +52,6 @@ pub struct GlobalState {
     pub changefeeds: BTreeMap<ChangefeedId, ChangefeedEntry>,
     /// The mirror of the registry under `__meta__/executor/`.
     pub executors: BTreeMap<String, ExecutorRecord>,
-    /// Changefeeds with a task status key per executor (for heartbeats).
-    by_executor: BTreeMap<String, BTreeSet<ChangefeedId>>,
     /// Changefeeds whose info key holds a value that does not decode. The
     /// owner leaves them alone (it must not mistake them for leftovers of a
     /// deleted changefeed) until the key is fixed or deleted.
@@ -75,7 +73,6 @@ impl GlobalState {
             keys,
             changefeeds: BTreeMap::new(),
             executors: BTreeMap::new(),
-            by_executor: BTreeMap::new(),
             unreadable: BTreeSet::new(),
             board,
             patches: Vec::new(),
@@ -92,16 +89,6 @@ impl GlobalState {
         if !group.is_empty() {
             self.patches.push(group);
         }
-    }
-
-    /// Changefeeds with a task status for `executor`.
-    pub fn tasks_of(&self, executor: &str) -> impl Iterator<Item = &ChangefeedId> {
-        self.by_executor.get(executor).into_iter().flatten()
-    }
-
-    /// How many changefeeds are assigned to `executor`.
-    pub fn load_of(&self, executor: &str) -> usize {
-        self.by_executor.get(executor).map_or(0, BTreeSet::len)
     }
 }
 
@@ -179,19 +166,7 @@ impl ReactorState for GlobalState {
                 result
             }
             Key::ChangefeedStatus(_) => set(&mut entry.status, key, value),
-            Key::TaskStatus { executor, .. } => {
-                let result = set_in(&mut entry.tasks, executor, key, value);
-                let index = self.by_executor.entry(executor.clone()).or_default();
-                if entry.tasks.contains_key(executor) {
-                    index.insert(changefeed.clone());
-                } else {
-                    index.remove(changefeed);
-                    if index.is_empty() {
-                        self.by_executor.remove(executor);
-                    }
-                }
-                result
-            }
+            Key::TaskStatus { executor, .. } => set_in(&mut entry.tasks, executor, key, value),
             Key::TaskPosition { executor, .. } => {
                 set_in(&mut entry.positions, executor, key, value)
             }
@@ -258,12 +233,14 @@ mod tests {
                 false,
             )
             .unwrap();
-        assert_eq!(state.load_of("e1"), 1);
-        assert_eq!(state.tasks_of("e1").collect::<Vec<_>>(), vec![&cf]);
+        assert_eq!(
+            state.changefeeds[&cf].tasks.keys().collect::<Vec<_>>(),
+            vec!["e1"]
+        );
         state
             .update(&keys.task_status(&cf, "e1"), None, false)
             .unwrap();
-        assert_eq!(state.load_of("e1"), 0);
+        assert!(state.changefeeds[&cf].tasks.is_empty());
         state.update(&keys.info(&cf), None, false).unwrap();
         assert!(
             state.changefeeds.is_empty(),
