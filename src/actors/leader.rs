@@ -118,7 +118,7 @@ impl LeaderRoles {
     fn start_roles(&mut self, fence: super::worker::Fence, guard: LeaseGuard) {
         if self.running.is_some() {
             warn!("elected while the leader roles still run; restarting them");
-            self.stop_roles();
+            actix_rt::spawn(self.stop_roles());
         }
         let registry =
             ExecutorRegistry::new(self.settings.registry.clone(), self.settings.store.clone())
@@ -145,14 +145,20 @@ impl LeaderRoles {
         info!("leader roles started: executor registry and changefeed owner");
     }
 
-    fn stop_roles(&mut self) {
+    /// Empties the slot now and returns the stop of the actors, in order:
+    /// the owner's worker finishes its in-flight commit (fenced) while the
+    /// registry still answers it, then the registry stops.
+    fn stop_roles(&mut self) -> impl std::future::Future<Output = ()> + 'static {
         // Emptied first: from now on requests are forwarded (or refused),
         // none reaches the old actors.
         self.slot.set(None);
-        if let Some(running) = self.running.take() {
-            running.owner.do_send(StopOwner);
-            running.registry.do_send(StopRegistry);
-            info!("leader roles stopped");
+        let running = self.running.take();
+        async move {
+            if let Some(running) = running {
+                let _ = running.owner.send(StopOwner).await;
+                let _ = running.registry.send(StopRegistry).await;
+                info!("leader roles stopped");
+            }
         }
     }
 }
@@ -169,7 +175,7 @@ impl Handler<Leadership> for LeaderRoles {
             Leadership::Elected { fence, guard } => self.start_roles(fence, guard),
             Leadership::Deposed { reason } => {
                 warn!(%reason, "deposed: stopping the leader roles");
-                self.stop_roles();
+                actix_rt::spawn(self.stop_roles());
             }
         }
     }
@@ -179,16 +185,6 @@ impl Handler<StepDown> for LeaderRoles {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: StepDown, _: &mut Self::Context) -> Self::Result {
-        self.slot.set(None);
-        let running = self.running.take();
-        Box::pin(async move {
-            if let Some(running) = running {
-                // In order: the owner's worker finishes its in-flight commit
-                // while the registry still answers it.
-                let _ = running.owner.send(StopOwner).await;
-                let _ = running.registry.send(StopRegistry).await;
-                info!("leader roles stopped");
-            }
-        })
+        Box::pin(self.stop_roles())
     }
 }

@@ -138,6 +138,20 @@ impl FlotillaServer {
     }
 }
 
+/// The settings every test server runs with: fast heartbeats and expiry, a
+/// short session TTL (a killed server's leadership lapses quickly), quick
+/// ticks, and logs that keep flotilla's own lines.
+pub const FAST_TIMINGS: &[(&str, &str)] = &[
+    ("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "200ms"),
+    ("FLOTILLA_REGISTRY_DEFAULT_TTL", "1500ms"),
+    ("FLOTILLA_REGISTRY_MIN_TTL", "500ms"),
+    ("FLOTILLA_REGISTRY_KEEPALIVE_INTERVAL", "100ms"),
+    ("FLOTILLA_REGISTRY_FAILOVER_GRACE", "5s"),
+    ("FLOTILLA_SERVER_SESSION_TTL", "2s"),
+    ("FLOTILLA_ETCD_TICK_INTERVAL", "50ms"),
+    ("FLOTILLA_LOG_LEVEL", "warn,flotilla=info"),
+];
+
 /// How to start one `flotilla serve` process.
 #[derive(Debug, Clone)]
 pub struct ServerSpec {
@@ -168,16 +182,8 @@ impl ServerSpec {
             .arg(&self.data_dir)
             .arg("--cluster-id")
             .arg(&self.cluster_id)
-            .env("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "200ms")
-            .env("FLOTILLA_REGISTRY_DEFAULT_TTL", "1500ms")
-            .env("FLOTILLA_REGISTRY_MIN_TTL", "500ms")
-            .env("FLOTILLA_REGISTRY_KEEPALIVE_INTERVAL", "100ms")
-            .env("FLOTILLA_REGISTRY_FAILOVER_GRACE", "5s")
-            // A killed server's leadership lapses after this; short for tests.
-            .env("FLOTILLA_SERVER_SESSION_TTL", "2s")
-            .env("FLOTILLA_ETCD_TICK_INTERVAL", "50ms")
+            .envs(FAST_TIMINGS.iter().copied())
             .env("FLOTILLA_ETCD_REQUEST_TIMEOUT", "1s")
-            .env("FLOTILLA_LOG_LEVEL", "warn,flotilla=info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
