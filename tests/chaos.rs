@@ -39,6 +39,8 @@ struct Agent {
     task: tokio::task::JoinHandle<()>,
     /// Its current executor id.
     id: Arc<Mutex<String>>,
+    /// What happened to its last request, and when: told when a check fails.
+    last: Arc<Mutex<(Instant, String)>>,
 }
 
 struct Shared {
@@ -53,6 +55,11 @@ impl Agent {
     fn spawn(n: usize, shared: Arc<Shared>) -> Agent {
         let id = Arc::new(Mutex::new(String::new()));
         let my_id = id.clone();
+        let last = Arc::new(Mutex::new((Instant::now(), "started".to_owned())));
+        let my_last = last.clone();
+        let note = move |server: usize, what: String| {
+            *my_last.lock().unwrap() = (Instant::now(), format!("server {server}: {what}"));
+        };
         let task = tokio::spawn(async move {
             let clients: Vec<Client> = shared
                 .urls
@@ -75,12 +82,14 @@ impl Agent {
                         .await
                     {
                         Ok(r) => {
+                            note(server, format!("registered as {}", r.executor.id));
                             shared.registrations.fetch_add(1, Ordering::Relaxed);
                             *my_id.lock().unwrap() = r.executor.id.clone();
                             registration = Some((r.executor.id, r.token));
                             progress.clear();
                         }
-                        Err(_) => {
+                        Err(e) => {
+                            note(server, format!("register failed: {e}"));
                             server = (server + 1) % clients.len();
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
@@ -94,25 +103,32 @@ impl Agent {
                 };
                 match client.heartbeat(&id, &token, &request).await {
                     Ok(answer) => {
+                        note(server, "heartbeat ok".into());
                         let mut seen = shared.seen.lock().unwrap();
                         progress =
                             record_and_advance(&answer.assignments, &id, clock, &mut seen.served);
                     }
-                    Err(ClientError::Api {
-                        status: 401 | 404 | 410,
-                        ..
-                    }) => {
+                    Err(
+                        e @ ClientError::Api {
+                            status: 401 | 404 | 410,
+                            ..
+                        },
+                    ) => {
+                        note(server, format!("heartbeat refused: {e}"));
                         shared.refused.fetch_add(1, Ordering::Relaxed);
                         registration = None;
                         continue;
                     }
                     // No answer or a 503: try another server soon.
-                    Err(_) => server = (server + 1) % clients.len(),
+                    Err(e) => {
+                        note(server, format!("heartbeat failed: {e}"));
+                        server = (server + 1) % clients.len();
+                    }
                 }
                 tokio::time::sleep(HEARTBEAT_INTERVAL).await;
             }
         });
-        Agent { task, id }
+        Agent { task, id, last }
     }
 }
 
@@ -317,17 +333,21 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
         .list_executors(&Default::default())
         .await
         .expect("list executors");
-    let running: BTreeSet<&str> = executors
+    let status: HashMap<&str, &str> = executors
         .items
         .iter()
-        .filter(|e| e.status == "running")
-        .map(|e| e.id.as_str())
+        .map(|e| (e.id.as_str(), e.status.as_str()))
         .collect();
     for agent in &agents {
         let id = agent.id.lock().unwrap().clone();
-        if !running.contains(id.as_str()) {
+        if status.get(id.as_str()) != Some(&"running") {
+            let (at, last) = agent.last.lock().unwrap().clone();
             report.violations.push(format!(
-                "live executor {id:?} is not registered and running"
+                "live executor {id:?} is not registered and running (the leader, server \
+                 {leader}, says {:?}; the agent's last request, {:?} ago: {last})\n{}",
+                status.get(id.as_str()),
+                at.elapsed(),
+                ha.log_lines_with(&id, 20),
             ));
         }
     }

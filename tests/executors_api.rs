@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -701,6 +702,56 @@ async fn registrations_beyond_a_clients_burst_get_429_and_leave_no_trace() {
     assert_eq!(status, StatusCode::CREATED);
     let stats = registry.send(GetRegistryStats).await.unwrap();
     assert_eq!(stats.initing, 4);
+}
+
+#[actix_rt::test]
+async fn the_hop_marker_skips_the_limit_only_from_a_member_of_the_election() {
+    use flotilla::actors::election::{Candidate, ElectionView, Member};
+    let dir = TempDir::new().unwrap();
+    let (state, registry) =
+        state_with_limits(sqlite(&dir).await, config(), RegisterLimiter::new(1.0, 1)).await;
+    // This server is the leader; 10.1.1.9 is a follower of the election.
+    let member = |addr: &str| Member {
+        candidate: Candidate {
+            server_id: format!("server-{addr}"),
+            advertise_addr: addr.into(),
+        },
+        lease: "1".into(),
+        create_revision: 1,
+    };
+    let (_tx, view) = tokio::sync::watch::channel(ElectionView {
+        leader: Some(member("127.0.0.1:0")),
+        members: vec![member("127.0.0.1:0"), member("10.1.1.9:8080")],
+        lease: Some("1".into()),
+        is_leader: true,
+    });
+    let mut state = web::Data::into_inner(state);
+    Arc::get_mut(&mut state).unwrap().election = Some(view);
+    let app = app!(web::Data::from(state));
+    let from = |ip: &str, name: &str, marked: bool| {
+        let req = register_req(name, json!({})).peer_addr(format!("{ip}:40000").parse().unwrap());
+        if marked {
+            req.insert_header(("x-flotilla-forwarded-by", "server-x"))
+        } else {
+            req
+        }
+    };
+    // A forged marker from a client: limited like any other request.
+    let (status, _) = call!(app, from("10.1.1.1", "forged0", true));
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = call!(app, from("10.1.1.1", "forged1", true));
+    assert_error(status, &body, 429, "too_many_requests");
+    // The follower's forwards were limited there: not counted again here.
+    for i in 0..5 {
+        let (status, body) = call!(app, from("10.1.1.9", &format!("forwarded{i}"), true));
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    // The follower's own registrations (no marker) are counted.
+    let (status, _) = call!(app, from("10.1.1.9", "own0", false));
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = call!(app, from("10.1.1.9", "own1", false));
+    assert_error(status, &body, 429, "too_many_requests");
+    assert_eq!(registry.send(GetRegistryStats).await.unwrap().initing, 7);
 }
 
 #[actix_rt::test]

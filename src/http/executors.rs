@@ -152,16 +152,20 @@ pub(super) async fn register(
         }))
 }
 
-/// Takes a registration token for the client's address, unless a member
-/// forwarded the request (it was limited there).
+/// Takes a registration token for the client's address, unless a member of
+/// the election forwarded the request (it was limited there). The hop marker
+/// alone proves nothing: anyone can send it, so it counts only from the
+/// address of a server seen in the election.
 pub(super) fn limit_registration(state: &AppState, req: &HttpRequest) -> ApiResult<()> {
-    if req.headers().contains_key(&super::forward::FORWARDED_BY) {
+    let Some(peer) = req.peer_addr() else {
+        return Ok(());
+    };
+    if req.headers().contains_key(&super::forward::FORWARDED_BY)
+        && super::forward::is_member_address(state, peer.ip())
+    {
         return Ok(());
     }
-    match req.peer_addr() {
-        Some(peer) => state.register_limit.check(peer.ip()),
-        None => Ok(()),
-    }
+    state.register_limit.check(peer.ip())
 }
 
 /// `POST /api/v1/executors/{id}/heartbeat` body; it may be empty.

@@ -9,6 +9,7 @@
 //! make a loop. With no leader known, a request waits up to
 //! [`NO_LEADER_WAIT`] for one, then gets 503 `no_leader` with `Retry-After`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use actix_web::guard::{self, GuardContext};
@@ -112,6 +113,20 @@ async fn leader(state: &AppState) -> ApiResult<Member> {
             NO_LEADER_WAIT.as_millis()
         ))),
     }
+}
+
+/// Whether `ip` is the address some server of the election advertises.
+/// Only an IP literal can match: a member advertised by host name is not
+/// recognised, and what it forwards is limited as its own traffic.
+pub fn is_member_address(state: &AppState, ip: IpAddr) -> bool {
+    state.election.as_ref().is_some_and(|view| {
+        view.borrow().members.iter().any(|m| {
+            m.candidate
+                .advertise_addr
+                .parse::<SocketAddr>()
+                .is_ok_and(|addr| addr.ip() == ip)
+        })
+    })
 }
 
 /// Headers that describe one connection, not the request.

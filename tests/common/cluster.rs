@@ -145,14 +145,27 @@ impl Ha {
         assert_eq!(unsafe { libc::kill(self.pid(i), signal) }, 0);
     }
 
+    /// The last 40 lines of each server's log.
     pub fn logs(&self) -> String {
+        self.log_tails(40, None)
+    }
+
+    /// The last `n` lines of each server's log that mention `needle`.
+    pub fn log_lines_with(&self, needle: &str, n: usize) -> String {
+        self.log_tails(n, Some(needle))
+    }
+
+    fn log_tails(&self, n: usize, needle: Option<&str>) -> String {
         self.servers
             .iter()
             .enumerate()
             .map(|(i, s)| {
                 let log = std::fs::read_to_string(&s.spec.log_path).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| needle.is_none_or(|needle| l.contains(needle)))
+                    .collect();
+                let tail = &lines[lines.len().saturating_sub(n)..];
                 format!("--- server {i} ---\n{}", tail.join("\n"))
             })
             .collect::<Vec<_>>()

@@ -14,6 +14,13 @@ use super::EtcdCluster;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
+/// The server binary the cluster tests spawn: `FLOTILLA_TEST_BIN` when set
+/// (a copy, so a long chaos run survives a rebuild of `target/`), else the
+/// one cargo built.
+fn server_bin() -> std::ffi::OsString {
+    std::env::var_os("FLOTILLA_TEST_BIN").unwrap_or_else(|| BIN.into())
+}
+
 /// A free loopback port (released before the server binds it).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -172,7 +179,7 @@ pub struct ServerSpec {
 impl ServerSpec {
     /// Starts the process with fast registry timings; does not wait for it.
     pub fn spawn(&self) -> Child {
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(server_bin());
         command
             .args(["serve", "--config", "/dev/null", "--listen"])
             .arg(format!("127.0.0.1:{}", self.port))
