@@ -33,6 +33,7 @@ fn state(runtime: &tokio::runtime::Runtime) -> web::Data<AppState> {
         changefeeds: None,
         admin_token: None,
         max_body_bytes: 1024,
+        max_heartbeat_bytes: 1024,
         register_limit: Default::default(),
         peer_tls: None,
     })

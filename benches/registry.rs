@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use flotilla::actors::executor_registry::{
-    GetRegistryStats, Heartbeat, Register, Registration, RegistryHandle, RunExpiryPass,
+    GetRegistryStats, Heartbeat, Register, Registration, RegistryHandle, RunExpiryPass, TokenHash,
 };
 
 const BATCH: usize = 1_000;
@@ -72,7 +72,7 @@ fn registry(c: &mut Criterion) {
                         next += 1;
                         registry
                             .table
-                            .heartbeat(&r.executor.id, &r.token, None)
+                            .heartbeat(&r.executor.id, &TokenHash::of(&r.token), None)
                             .expect("accepted");
                     }
                 }

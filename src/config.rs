@@ -136,8 +136,11 @@ impl Default for ServerConfig {
 pub struct HttpConfig {
     /// `host:port` to listen on; port 0 picks a free port.
     pub listen: String,
-    /// Largest accepted request body.
+    /// Largest accepted request body, but for heartbeats.
     pub max_body_bytes: usize,
+    /// Largest accepted heartbeat body: it carries the progress of every
+    /// assignment, and only a registered executor's is read.
+    pub max_heartbeat_bytes: usize,
     /// How long in-flight requests may take to finish after a shutdown signal.
     #[serde(with = "human_duration")]
     pub shutdown_timeout: Duration,
@@ -165,6 +168,7 @@ impl Default for HttpConfig {
         Self {
             listen: "127.0.0.1:8300".into(),
             max_body_bytes: 64 * 1024,
+            max_heartbeat_bytes: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             register_rate: 100.0,
@@ -412,6 +416,12 @@ impl Config {
         check_host_port(&self.http.listen).map_err(|m| invalid("http.listen", m))?;
         if self.http.max_body_bytes == 0 {
             return Err(invalid("http.max_body_bytes", "must be > 0".into()));
+        }
+        if self.http.max_heartbeat_bytes < 1024 {
+            return Err(invalid(
+                "http.max_heartbeat_bytes",
+                "must be at least 1024".into(),
+            ));
         }
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be > 0".into()));
@@ -873,6 +883,7 @@ mod tests {
         assert_eq!(config.server.cluster_id, "default");
         assert_eq!(config.http.listen, "127.0.0.1:8300");
         assert_eq!(config.http.max_body_bytes, 65536);
+        assert_eq!(config.http.max_heartbeat_bytes, 1048576);
         assert_eq!(config.etcd.prefix, "/flotilla/default");
         assert_eq!(config.etcd.tick_interval, Duration::from_millis(100));
         assert_eq!(config.etcd.max_txn_ops, 128);
@@ -1140,6 +1151,10 @@ mod tests {
             ),
             ("[http]\nlisten = \"8300\"", "http.listen"),
             ("[http]\nmax_body_bytes = 0", "http.max_body_bytes"),
+            (
+                "[http]\nmax_heartbeat_bytes = 100",
+                "http.max_heartbeat_bytes",
+            ),
             ("[server]\ncluster_id = \"a/b\"", "server.cluster_id"),
             (
                 "[server]\nadvertise_addr = \"host\"",

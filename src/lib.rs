@@ -6,6 +6,7 @@ pub mod config;
 pub mod etcd_errors;
 pub mod etcd_server;
 pub mod http;
+pub mod json;
 pub mod labels;
 pub mod metrics;
 pub mod owner;

@@ -361,6 +361,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         changefeeds: Some(changefeeds),
         admin_token,
         max_body_bytes: config.http.max_body_bytes,
+        max_heartbeat_bytes: config.http.max_heartbeat_bytes,
         register_limit: RegisterLimiter::new(config.http.register_rate, config.http.register_burst),
         peer_tls,
     };

@@ -141,6 +141,54 @@ async fn agent_runs_its_assignment_reports_progress_and_deregisters_on_stop() {
 }
 
 #[tokio::test]
+async fn an_agent_with_more_progress_than_a_heartbeat_holds_reports_it_all_in_turn() {
+    common::init_tracing();
+    // 2 KiB holds the progress of about 15 changefeeds; this agent runs 60.
+    let server = FlotillaServer::start(ServerOptions {
+        admin_token: Some(ADMIN.into()),
+        env: vec![("FLOTILLA_HTTP_MAX_HEARTBEAT_BYTES".into(), "2048".into())],
+    });
+    let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
+    for i in 0..60 {
+        create(&admin, &format!("feed-{i:02}")).await;
+    }
+    let handle = Agent::spawn(admin.clone(), AgentConfig::new("busy", "127.0.0.1:9101"));
+    let workload = tokio::spawn(simulate(
+        handle.subscribe(),
+        handle.reporter(),
+        Duration::from_millis(50),
+    ));
+    let id = eventually("all 60 assigned to the agent", &server, || async {
+        let view = view_of(&handle);
+        (view.assignments.len() == 60).then_some(view.executor_id?)
+    })
+    .await;
+    // Every checkpoint moves, twice: each changefeed is reported in turn.
+    let mut above = START_TS;
+    for _ in 0..2 {
+        above = eventually("every checkpoint advances", &server, || async {
+            let list = admin.list_changefeeds(DEFAULT_NAMESPACE, None).await.ok()?;
+            let lowest = list.items.iter().map(|c| c.checkpoint_ts).min()?;
+            (list.items.len() == 60 && lowest > above).then_some(lowest)
+        })
+        .await;
+    }
+    let view = view_of(&handle);
+    assert_eq!(
+        view.registrations, 1,
+        "never expired: no heartbeat was refused"
+    );
+    assert_eq!(view.executor_id.as_deref(), Some(id.as_str()));
+    assert!(
+        !server.log().contains("payload_too_large"),
+        "{}",
+        server.log()
+    );
+    workload.abort();
+    handle.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn agent_registers_again_after_being_deregistered() {
     common::init_tracing();
     let server = FlotillaServer::start(ServerOptions {

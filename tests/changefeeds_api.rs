@@ -48,6 +48,7 @@ async fn fixture_with(admin_token: Option<&str>, timeout: Duration) -> Fixture {
         changefeeds: Some(Changefeeds::new(client.clone(), keys.clone(), timeout)),
         admin_token: admin_token.map(str::to_owned),
         max_body_bytes: MAX_BODY,
+        max_heartbeat_bytes: MAX_BODY,
         register_limit: Default::default(),
         peer_tls: None,
     });
@@ -792,6 +793,19 @@ async fn bad_inputs_are_400_invalid_argument_and_write_nothing() {
     assert_error(status, &body, 400, "invalid_argument");
     let (status, body) = call!(app, test::TestRequest::post().uri("/api/v1/changefeeds"));
     assert_error(status, &body, 400, "invalid_argument");
+    // The fields as an array: serde alone would take it for the object.
+    let (status, body) = call!(
+        app,
+        test::TestRequest::post()
+            .uri("/api/v1/changefeeds")
+            .insert_header((header::CONTENT_TYPE, "application/json"))
+            .set_payload(r#"["array", "kafka://k"]"#)
+    );
+    assert_error(status, &body, 400, "invalid_argument");
+    assert!(
+        body["message"].as_str().unwrap().contains("JSON object"),
+        "{body}"
+    );
     let (status, body) = call!(
         app,
         test::TestRequest::post()
@@ -970,8 +984,8 @@ async fn malformed_values_are_reported_and_do_not_hide_the_others() {
     let bad_info = ChangefeedId::new("default", "bad-info");
     let bad_status = ChangefeedId::new("default", "bad-status");
     f.put(&f.keys.info(&bad_info), "{not json").await;
-    f.put(&f.keys.status(&bad_status), r#"{"checkpoint_ts":"soon"}"#)
-        .await;
+    // The status's fields as an array: a record only when read as an object.
+    f.put(&f.keys.status(&bad_status), r#"[7, 3]"#).await;
     // A malformed assignment only hides the executor.
     let good = ChangefeedId::new("default", "good");
     f.put(&f.keys.task_status(&good, "exec-1"), "garbage").await;
@@ -1062,6 +1076,7 @@ async fn without_etcd_the_routes_are_503_unavailable() {
         changefeeds: None,
         admin_token: None,
         max_body_bytes: MAX_BODY,
+        max_heartbeat_bytes: MAX_BODY,
         register_limit: Default::default(),
         peer_tls: None,
     });

@@ -22,6 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const ADMIN: &str = "admin-secret-token";
 const MAX_BODY: usize = 4096;
+const MAX_HEARTBEAT: usize = 64 * 1024;
 
 fn config() -> RegistryConfig {
     RegistryConfig {
@@ -75,6 +76,7 @@ async fn state_with_limits(
         changefeeds: None,
         admin_token: Some(ADMIN.into()),
         max_body_bytes: MAX_BODY,
+        max_heartbeat_bytes: MAX_HEARTBEAT,
         register_limit,
         peer_tls: None,
     });
@@ -227,6 +229,73 @@ async fn register_heartbeat_list_get_and_deregister() {
     );
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["total"], 1);
+}
+
+#[actix_rt::test]
+async fn heartbeats_have_their_own_body_limit_read_only_for_a_live_executor() {
+    let dir = TempDir::new().unwrap();
+    let (state, _) = state_with(sqlite(&dir).await).await;
+    let app = app!(state);
+    let (status, reg) = call!(app, register_req("big", json!({})));
+    assert_eq!(status, StatusCode::CREATED, "{reg}");
+    assert_eq!(reg["max_heartbeat_bytes"], MAX_HEARTBEAT);
+    let (id, token) = (
+        reg["id"].as_str().unwrap().to_owned(),
+        reg["token"].as_str().unwrap().to_owned(),
+    );
+    // The progress of 500 assignments: past the other routes' limit.
+    let progress: Vec<Value> = (0..500)
+        .map(
+            |i| json!({"changefeed": format!("changefeed-{i:04}"), "epoch": 1, "checkpoint_ts": 5}),
+        )
+        .collect();
+    let body = json!({ "progress": progress });
+    assert!(body.to_string().len() > MAX_BODY);
+    let (status, ack) = call!(app, heartbeat_req(&id, &token).set_json(&body));
+    assert_eq!(status, StatusCode::OK, "{ack}");
+    assert_eq!(ack["rejected"].as_array().unwrap().len(), 500);
+    assert_eq!(ack["max_heartbeat_bytes"], MAX_HEARTBEAT);
+    // Past the heartbeat limit: 413 for the executor itself...
+    let huge = || {
+        let mut body = b"{\"progress\": [".to_vec();
+        body.resize(MAX_HEARTBEAT + 1, b' ');
+        body
+    };
+    let (status, body) = call!(
+        app,
+        heartbeat_req(&id, &token)
+            .insert_header(("Content-Type", "application/json"))
+            .set_payload(huge())
+    );
+    assert_error(status, &body, 413, "payload_too_large");
+    // ...and, before any body is read, what the caller is for the others:
+    // an executor that is gone learns it whatever it sent.
+    for (who, token, want_status, want_code) in [
+        (id.as_str(), "wrong", 401, "unauthorized"),
+        ("nobody-00000000", token.as_str(), 404, "unknown_executor"),
+    ] {
+        let (status, body) = call!(
+            app,
+            heartbeat_req(who, token)
+                .insert_header(("Content-Type", "application/json"))
+                .set_payload(huge())
+        );
+        assert_error(status, &body, want_status, want_code);
+    }
+    let (status, _) = call!(
+        app,
+        test::TestRequest::delete()
+            .uri(&format!("/api/v1/executors/{id}"))
+            .insert_header(("Authorization", format!("Bearer {token}")))
+    );
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = call!(
+        app,
+        heartbeat_req(&id, &token)
+            .insert_header(("Content-Type", "application/json"))
+            .set_payload(huge())
+    );
+    assert_error(status, &body, 410, "tombstone_executor");
 }
 
 #[actix_rt::test]
@@ -570,6 +639,7 @@ async fn the_watch_feed_is_readable_by_a_real_http_client() {
         changefeeds: None,
         admin_token: state.admin_token.clone(),
         max_body_bytes: MAX_BODY,
+        max_heartbeat_bytes: MAX_HEARTBEAT,
         register_limit: Default::default(),
         peer_tls: None,
     };

@@ -5,6 +5,7 @@
 
 use std::fmt::Debug;
 
+use flotilla::json::from_object;
 use flotilla::owner::model::{
     ChangefeedInfo, ChangefeedStatus, ExecutorRecord, TaskPosition, TaskStatus,
 };
@@ -16,11 +17,11 @@ where
     T: Serialize + DeserializeOwned + Clone + Debug,
     N: PartialEq + Debug,
 {
-    let Ok(value) = serde_json::from_slice::<T>(data) else {
+    let Ok(value) = from_object::<T>(data) else {
         return;
     };
     let bytes = serde_json::to_vec(&value).expect("a decoded value encodes");
-    let again: T = serde_json::from_slice(&bytes)
+    let again: T = from_object(&bytes)
         .unwrap_or_else(|e| panic!("{value:?} encoded as {bytes:?} does not decode: {e}"));
     assert_eq!(normalize(again), normalize(value));
 }

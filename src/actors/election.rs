@@ -568,7 +568,7 @@ impl Campaign {
             .filter_map(|kv| {
                 let key = kv.key_str().ok()?;
                 let lease = key.strip_prefix(&self.config.key_prefix)?.to_owned();
-                match serde_json::from_slice::<Candidate>(kv.value()) {
+                match crate::json::from_object::<Candidate>(kv.value()) {
                     Ok(candidate) => Some(Member {
                         candidate,
                         lease,

@@ -492,6 +492,16 @@ impl Tables {
     }
 }
 
+/// An executor's token, hashed (once per request, before any lock is taken):
+/// what the tables compare.
+pub struct TokenHash([u8; 32]);
+
+impl TokenHash {
+    pub fn of(token: &str) -> Self {
+        Self(hash_token(token))
+    }
+}
+
 impl ExecutorTable {
     fn new(config: RegistryConfig) -> Self {
         Self {
@@ -511,16 +521,39 @@ impl ExecutorTable {
         self.tables.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether `token` is the token of `id`, a live executor: the errors of
+    /// a heartbeat, without refreshing anything. Lets a heartbeat be refused
+    /// before its body is read.
+    pub fn authenticate(&self, id: &str, token: &TokenHash) -> Result<()> {
+        let outcome = {
+            let tables = self.lock();
+            if tables.loaded {
+                tables.check(id, &token.0).map(drop)
+            } else {
+                Err(RegistryError::NotReady)
+            }
+        };
+        outcome.inspect_err(|e| {
+            metrics::registry_metrics()
+                .heartbeats_total
+                .with_label_values(&[e.code()])
+                .inc();
+        })
+    }
+
     /// A heartbeat: checks the token and refreshes the executor's deadline.
     /// Called on the HTTP worker's thread; never touches SQL.
-    pub fn heartbeat(&self, id: &str, token: &str, ttl: Option<Duration>) -> Result<HeartbeatAck> {
-        // Hashed before the lock is taken: the lock covers table work only.
-        let token_hash = hash_token(token);
+    pub fn heartbeat(
+        &self,
+        id: &str,
+        token: &TokenHash,
+        ttl: Option<Duration>,
+    ) -> Result<HeartbeatAck> {
         let ttl = self.clamp_ttl(ttl);
         let outcome = {
             let mut tables = self.lock();
             tables
-                .heartbeat(id, &token_hash, ttl)
+                .heartbeat(id, &token.0, ttl)
                 .map(|promoted| promoted.then(|| tables.counts()))
         };
         match outcome {
@@ -966,7 +999,8 @@ impl Handler<Heartbeat> for ExecutorRegistry {
     /// The same as [`ExecutorTable::heartbeat`], for callers holding only
     /// the actor's address.
     fn handle(&mut self, msg: Heartbeat, _: &mut Self::Context) -> Self::Result {
-        self.table.heartbeat(&msg.id, &msg.token, msg.ttl)
+        self.table
+            .heartbeat(&msg.id, &TokenHash::of(&msg.token), msg.ttl)
     }
 }
 

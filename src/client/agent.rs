@@ -12,6 +12,13 @@
 //!   assignments are dropped (the server moves them elsewhere) and the agent registers
 //!   again at once.
 //!
+//! Every heartbeat carries the latest progress of each assignment (a resend is
+//! harmless: a checkpoint never goes backward), packed under the body limit the
+//! server announces (`max_heartbeat_bytes`): changed progress first, then what was
+//! sent least recently, so an executor with more assignments than one body holds
+//! still reports each of them in turn and never sends a body the server refuses.
+//! A 413 all the same (a server with a smaller limit) halves the budget.
+//!
 //! A registration the server refuses (4xx: a bad name, address or label) ends the task
 //! with that error: retrying cannot fix the configuration.
 //!
@@ -91,7 +98,8 @@ impl Agent {
                 config,
                 view: view_tx,
                 reports: report_rx,
-                progress: HashMap::new(),
+                outbox: Outbox::default(),
+                budget: DEFAULT_BUDGET,
             }
             .run(stop_rx),
         );
@@ -181,9 +189,92 @@ struct Runner {
     config: AgentConfig,
     view: watch::Sender<AgentView>,
     reports: mpsc::UnboundedReceiver<Progress>,
-    /// The latest report per changefeed, sent with every heartbeat until the
-    /// assignment goes (a resend is harmless: a checkpoint never goes backward).
-    progress: HashMap<(String, String), Progress>,
+    /// The latest report per changefeed, sent until the assignment goes.
+    outbox: Outbox,
+    /// Bytes of progress one heartbeat may carry.
+    budget: usize,
+}
+
+/// A server that does not announce its heartbeat limit has 64 KiB.
+const DEFAULT_BUDGET: usize = 64 * 1024;
+/// Room left in a heartbeat body for everything but the progress items.
+const BODY_OVERHEAD: usize = 256;
+/// The smallest budget a 413 halves it to.
+const MIN_BUDGET: usize = 512;
+
+/// The bytes of progress a server announcing `max_heartbeat_bytes` takes.
+fn budget_for(max_heartbeat_bytes: Option<u64>) -> usize {
+    max_heartbeat_bytes
+        .map_or(DEFAULT_BUDGET, |b| usize::try_from(b).unwrap_or(usize::MAX))
+        .saturating_sub(BODY_OVERHEAD)
+        .max(MIN_BUDGET)
+}
+
+/// The latest progress of each assignment, and when each was last sent.
+#[derive(Default)]
+struct Outbox {
+    items: HashMap<(String, String), Pending>,
+    /// Heartbeats packed so far.
+    round: u64,
+}
+
+struct Pending {
+    progress: Progress,
+    /// Its encoded size, commas included.
+    bytes: usize,
+    /// The round it was last sent in (0: never).
+    sent: u64,
+    /// Reported again since it was last sent.
+    changed: bool,
+}
+
+impl Outbox {
+    fn report(&mut self, progress: Progress) {
+        let bytes = serde_json::to_vec(&progress).map_or(0, |v| v.len()) + 1;
+        let key = (progress.namespace.clone(), progress.changefeed.clone());
+        let sent = self.items.get(&key).map_or(0, |p| p.sent);
+        self.items.insert(
+            key,
+            Pending {
+                progress,
+                bytes,
+                sent,
+                changed: true,
+            },
+        );
+    }
+
+    /// What the next heartbeat carries: changed progress first, then the
+    /// rest, each the least recently sent first (so progress that changes all
+    /// the time is still sent in turn), as much as fits in `budget` bytes.
+    fn pack(&mut self, budget: usize) -> Vec<Progress> {
+        self.round += 1;
+        let mut order: Vec<(&(String, String), &mut Pending)> = self.items.iter_mut().collect();
+        order.sort_unstable_by_key(|(key, p)| (!p.changed, p.sent, *key));
+        let mut left = budget;
+        let mut packed = Vec::new();
+        for (_, pending) in order {
+            // One that does not fit does not stop smaller ones behind it.
+            if pending.bytes <= left {
+                left -= pending.bytes;
+                pending.sent = self.round;
+                pending.changed = false;
+                packed.push(pending.progress.clone());
+            }
+        }
+        packed
+    }
+
+    /// Keeps only the progress of `current` assignments (changefeed -> epoch).
+    fn retain(&mut self, current: &HashMap<(&str, &str), u64>) {
+        self.items.retain(|(ns, cf), p| {
+            current.get(&(ns.as_str(), cf.as_str())) == Some(&p.progress.epoch)
+        });
+    }
+
+    fn clear(&mut self) {
+        self.items.clear();
+    }
 }
 
 impl Runner {
@@ -217,7 +308,7 @@ impl Runner {
                 Err(e) if matches!(e.status(), Some(401 | 404 | 410)) => {
                     let id = session.take().map(|s| s.id).unwrap_or_default();
                     warn!(id, error = %e, "executor no longer registered; registering again");
-                    self.progress.clear();
+                    self.outbox.clear();
                     self.view.send_modify(|v| {
                         v.executor_id = None;
                         v.assignments.clear();
@@ -225,6 +316,17 @@ impl Runner {
                     });
                     failures = 0;
                     Duration::ZERO
+                }
+                Err(e) if e.status() == Some(413) => {
+                    // A server with a smaller limit than it announced (or than
+                    // the default, if it announces none).
+                    failures += 1;
+                    self.budget = (self.budget / 2).max(MIN_BUDGET);
+                    warn!(
+                        budget = self.budget,
+                        "heartbeat too large; sending less progress"
+                    );
+                    self.backoff(failures, &e)
                 }
                 Err(e) => {
                     failures += 1;
@@ -267,6 +369,7 @@ impl Runner {
             })
             .await?;
         let id = registration.executor.id;
+        self.budget = budget_for(registration.max_heartbeat_bytes);
         info!(id, "registered");
         self.view.send_modify(|v| {
             v.executor_id = Some(id.clone());
@@ -281,12 +384,11 @@ impl Runner {
     /// One heartbeat; the delay until the next.
     async fn heartbeat(&mut self, session: &Session) -> Result<Duration> {
         while let Ok(report) = self.reports.try_recv() {
-            let key = (report.namespace.clone(), report.changefeed.clone());
-            self.progress.insert(key, report);
+            self.outbox.report(report);
         }
         let request = HeartbeatRequest {
             ttl_ms: self.config.ttl.map(|ttl| ttl.as_millis() as u64),
-            progress: self.progress.values().cloned().collect(),
+            progress: self.outbox.pack(self.budget),
         };
         let answer = self
             .client
@@ -298,8 +400,8 @@ impl Runner {
             .iter()
             .map(|a| ((a.namespace.as_str(), a.changefeed.as_str()), a.epoch))
             .collect();
-        self.progress
-            .retain(|(ns, cf), p| current.get(&(ns.as_str(), cf.as_str())) == Some(&p.epoch));
+        self.outbox.retain(&current);
+        self.budget = budget_for(answer.max_heartbeat_bytes);
         for rejected in &answer.rejected {
             warn!(
                 changefeed = rejected.changefeed,
@@ -403,6 +505,74 @@ pub async fn simulate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn progress(cf: usize, checkpoint_ts: u64) -> Progress {
+        Progress {
+            namespace: "default".into(),
+            changefeed: format!("cf-{cf:03}"),
+            epoch: 1,
+            checkpoint_ts,
+            resolved_ts: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_outbox_packs_under_the_budget_changed_first_then_least_recently_sent() {
+        let mut outbox = Outbox::default();
+        for cf in 0..100 {
+            outbox.report(progress(cf, 1));
+        }
+        let item = outbox.items.values().next().unwrap().bytes;
+        let budget = 30 * item;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            let packed = outbox.pack(budget);
+            assert_eq!(packed.len(), 30);
+            let body = serde_json::to_vec(&HeartbeatRequest {
+                ttl_ms: Some(10_000),
+                progress: packed.clone(),
+            })
+            .unwrap();
+            assert!(body.len() <= budget + BODY_OVERHEAD, "{} bytes", body.len());
+            seen.extend(packed.into_iter().map(|p| p.changefeed));
+        }
+        assert_eq!(seen.len(), 100, "every assignment reported in 4 rounds");
+        // A new report goes out at the next heartbeat, whatever was sent when.
+        outbox.report(progress(42, 7));
+        let packed = outbox.pack(budget);
+        assert_eq!(
+            (packed[0].changefeed.as_str(), packed[0].checkpoint_ts),
+            ("cf-042", 7)
+        );
+        // Progress that changes before every heartbeat is still sent in turn.
+        let mut seen = std::collections::BTreeSet::new();
+        for round in 0..4 {
+            for cf in 0..100 {
+                outbox.report(progress(cf, 10 + round));
+            }
+            seen.extend(outbox.pack(budget).into_iter().map(|p| p.changefeed));
+        }
+        assert_eq!(seen.len(), 100, "nothing starves");
+        // Everything fits: everything goes, every time.
+        assert_eq!(outbox.pack(usize::MAX).len(), 100);
+        assert_eq!(outbox.pack(usize::MAX).len(), 100);
+        // An item too big for the budget does not hold back the others.
+        let mut big = progress(999, 1);
+        big.error = Some("x".repeat(budget));
+        outbox.report(big);
+        let packed = outbox.pack(budget);
+        assert!(packed.len() >= 29, "{}", packed.len());
+        assert!(packed.iter().all(|p| p.changefeed != "cf-999"));
+    }
+
+    #[test]
+    fn the_budget_follows_the_server() {
+        assert_eq!(budget_for(None), DEFAULT_BUDGET - BODY_OVERHEAD);
+        assert_eq!(budget_for(Some(1 << 20)), (1 << 20) - BODY_OVERHEAD);
+        assert_eq!(budget_for(Some(10)), MIN_BUDGET);
+        assert!(budget_for(Some(u64::MAX)) > 1 << 30);
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap() {

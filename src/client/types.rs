@@ -52,6 +52,10 @@ pub struct Registration {
     /// Proves the caller is this executor (heartbeats, deregistration). Returned once.
     pub token: String,
     pub heartbeat_interval_ms: u64,
+    /// The largest heartbeat body the server reads (`None`: a server that
+    /// does not say; its limit is then 64 KiB).
+    #[serde(default)]
+    pub max_heartbeat_bytes: Option<u64>,
 }
 
 /// `POST /api/v1/executors/{id}/heartbeat` body.
@@ -85,6 +89,9 @@ pub struct Progress {
 pub struct HeartbeatResponse {
     pub ttl_ms: u64,
     pub heartbeat_interval_ms: u64,
+    /// The largest heartbeat body the server reads (`None`: not said).
+    #[serde(default)]
+    pub max_heartbeat_bytes: Option<u64>,
     /// The changefeeds this executor must run; one missing here must be stopped.
     #[serde(default)]
     pub assignments: Vec<Assignment>,

@@ -119,6 +119,7 @@ mod tests {
             changefeeds: None,
             admin_token: None,
             max_body_bytes: 1024,
+            max_heartbeat_bytes: 1024,
             register_limit: Default::default(),
             peer_tls: None,
         })

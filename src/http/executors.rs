@@ -15,7 +15,7 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::{bearer_token, json_body, resource, AppState};
 use crate::actors::executor_registry::{
     Caller, Deregister, ExecutorEvent, ExecutorInfo, ExecutorRegistry, ExecutorStatus, GetExecutor,
-    ListExecutors, Register, RegistryError, Subscribe,
+    ListExecutors, Register, RegistryError, Subscribe, TokenHash,
 };
 use crate::actors::leader::Roles;
 use crate::actors::owner::{Assignment, Rejected, Work};
@@ -94,6 +94,9 @@ pub(super) struct RegisterResponse {
     executor: ExecutorInfo,
     token: String,
     heartbeat_interval_ms: u64,
+    /// The largest heartbeat body this server reads (413 above): pack the
+    /// progress under it.
+    max_heartbeat_bytes: u64,
 }
 
 /// Register an executor.
@@ -149,6 +152,7 @@ pub(super) async fn register(
             executor: registration.executor,
             token: registration.token,
             heartbeat_interval_ms: registration.heartbeat_interval.as_millis() as u64,
+            max_heartbeat_bytes: state.max_heartbeat_bytes as u64,
         }))
 }
 
@@ -229,6 +233,9 @@ const MAX_ERROR_LEN: usize = 4096;
 pub(super) struct HeartbeatResponse {
     ttl_ms: u64,
     heartbeat_interval_ms: u64,
+    /// The largest heartbeat body this server reads (413 above): pack the
+    /// progress under it.
+    max_heartbeat_bytes: u64,
     /// The changefeeds this executor must run, as committed in etcd; a
     /// changefeed missing here must be stopped.
     assignments: Vec<Assignment>,
@@ -269,10 +276,17 @@ pub(super) async fn heartbeat(
     id: web::Path<String>,
     body: web::Payload,
 ) -> ApiResult<HttpResponse> {
-    // The token first: an unauthenticated caller's body is not even read.
+    // The id and token first: the body of a caller that is not a live
+    // executor is not even read (it may be up to `max_heartbeat_bytes`), and
+    // an executor that is gone learns it whatever it sent.
     let token = bearer_token(&req)
         .ok_or_else(|| ApiError::Registry(RegistryError::Unauthorized(id.as_str().to_owned())))?;
-    let request: HeartbeatRequest = json_body(&req, body, state.max_body_bytes)
+    let token = TokenHash::of(token);
+    state.roles.with(|roles| -> ApiResult<()> {
+        let roles = roles.ok_or_else(|| not_leading(&state))?;
+        Ok(roles.registry.table.authenticate(&id, &token)?)
+    })?;
+    let request: HeartbeatRequest = json_body(&req, body, state.max_heartbeat_bytes)
         .await?
         .unwrap_or_default();
     if request.progress.len() > MAX_PROGRESS_ITEMS {
@@ -309,12 +323,13 @@ pub(super) async fn heartbeat(
     // progress counts.
     let (ack, work) = state.roles.with(|roles| -> ApiResult<_> {
         let roles = roles.ok_or_else(|| not_leading(&state))?;
-        let ack = roles.registry.table.heartbeat(&id, token, ttl)?;
+        let ack = roles.registry.table.heartbeat(&id, &token, ttl)?;
         Ok((ack, work_for(roles, &id, progress)?))
     })?;
     Ok(HttpResponse::Ok().json(HeartbeatResponse {
         ttl_ms: ack.ttl.as_millis() as u64,
         heartbeat_interval_ms: ack.heartbeat_interval.as_millis() as u64,
+        max_heartbeat_bytes: state.max_heartbeat_bytes as u64,
         assignments: work.assignments,
         rejected: work.rejected,
     }))

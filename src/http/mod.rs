@@ -103,6 +103,8 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// Largest request body accepted (`http.max_body_bytes`).
     pub max_body_bytes: usize,
+    /// Largest heartbeat body accepted (`http.max_heartbeat_bytes`).
+    pub max_heartbeat_bytes: usize,
     /// Registrations per client address (`http.register_rate`, `_burst`).
     pub register_limit: limits::RegisterLimiter,
     /// How to reach the other servers when forwarding: `None` over plain
@@ -165,7 +167,7 @@ pub(crate) async fn json_body<T: serde::de::DeserializeOwned>(
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
-    serde_json::from_slice(&body)
+    crate::json::from_object(&body)
         .map(Some)
         .map_err(|e| ApiError::InvalidArgument(format!("invalid JSON body: {e}")))
 }
@@ -237,6 +239,7 @@ pub(crate) mod test_support {
             changefeeds: None,
             admin_token: None,
             max_body_bytes: 65536,
+            max_heartbeat_bytes: 65536,
             register_limit: Default::default(),
             peer_tls: None,
         }

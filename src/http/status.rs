@@ -211,6 +211,7 @@ mod tests {
     async fn unreachable_etcd_state() -> web::Data<AppState> {
         web::Data::new(AppState {
             max_body_bytes: 32,
+            max_heartbeat_bytes: 32,
             ..super::super::test_support::unreachable_etcd_state().await
         })
     }

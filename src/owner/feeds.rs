@@ -295,7 +295,7 @@ impl Raw {
     }
 
     fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_slice(&self.value).map_err(|source| Error::Corrupt {
+        crate::json::from_object(&self.value).map_err(|source| Error::Corrupt {
             key: self.key.clone(),
             source,
         })

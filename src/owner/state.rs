@@ -93,7 +93,7 @@ impl GlobalState {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StateError> {
-    serde_json::from_slice(value).map_err(|e| StateError::Malformed {
+    crate::json::from_object(value).map_err(|e| StateError::Malformed {
         key: key.to_owned(),
         reason: e.to_string(),
     })
