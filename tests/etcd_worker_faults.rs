@@ -1,6 +1,8 @@
 //! The worker under faults tiflow's worker does not survive: etcd SIGKILLed
 //! and restarted, the watched revision compacted, a frozen etcd. No invariant
-//! may break and no worker may exit.
+//! may break and no worker may exit; except after etcd was wiped (its history
+//! went back), where the worker must end with `HistoryReset` instead of
+//! stalling.
 
 mod common;
 
@@ -345,4 +347,65 @@ async fn a_frozen_etcd_stalls_the_worker_but_does_not_stop_it() {
     let mut c = client.clone();
     let resp = c.get(format!("{P}/counter"), None).await.unwrap();
     assert_eq!(resp.kvs()[0].value_str().unwrap(), "30");
+}
+
+#[actix_rt::test]
+async fn a_wiped_etcd_ends_the_worker_with_history_reset_instead_of_stalling() {
+    common::init_tracing();
+    let etcd = EtcdCluster::single();
+    let client = etcd.client().await;
+    const P: &str = "/wiped";
+    let reactor = FnReactor::new(|state: &mut KvState, _| {
+        let n = state.get_i64(&format!("{P}/counter")).unwrap_or(0);
+        if n < 20 {
+            state.queue(vec![DataPatch::put(
+                format!("{P}/counter"),
+                (n + 1).to_string(),
+            )]);
+        }
+        Ok(())
+    });
+    let handle = actors::start(client, reactor, KvState::default(), config(P));
+    let mut applied = 0;
+    for _ in 0..500 {
+        applied = handle
+            .stats()
+            .await
+            .expect("the worker runs")
+            .applied_revision;
+        if applied >= 21 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        applied >= 21,
+        "the counter did not reach 20 (revision {applied})"
+    );
+    // A new, empty etcd on the same address: its revision starts again at 1.
+    let etcd = tokio::task::spawn_blocking(move || {
+        let mut etcd = etcd;
+        etcd.kill(0);
+        std::fs::remove_dir_all(etcd.data_dir(0)).unwrap();
+        etcd.restart(0);
+        etcd
+    })
+    .await
+    .unwrap();
+    let result = tokio::time::timeout(WAIT, handle.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the worker stalled\n{}", etcd.log_tails()));
+    match result {
+        Err(actors::WorkerError::HistoryReset {
+            snapshot,
+            applied: seen,
+        }) => {
+            assert!(seen >= applied, "applied {seen} < {applied} seen before");
+            assert!(
+                snapshot < seen,
+                "snapshot {snapshot} is not older than {seen}"
+            );
+        }
+        other => panic!("expected HistoryReset, got {other:?}"),
+    }
 }

@@ -173,15 +173,17 @@ where
         self.observe_lag(batch.header_revision);
     }
 
-    fn apply_resync(&mut self, resync: Resync) {
+    /// A snapshot older than what was applied means etcd's history went
+    /// back (the cluster was wiped or restored from a backup): nothing this
+    /// worker derived can be trusted, and its barrier may never be reached
+    /// again, so the worker ends with [`WorkerError::HistoryReset`] for its
+    /// owner to start a fresh one.
+    fn apply_resync(&mut self, resync: Resync) -> Result<(), WorkerError> {
         if self.initialized && resync.revision < self.applied_revision {
-            error!(
-                snapshot = resync.revision,
-                applied = self.applied_revision,
-                "etcd returned a snapshot older than what was already applied; ignoring it \
-                 (was the etcd cluster replaced?)"
-            );
-            return;
+            return Err(WorkerError::HistoryReset {
+                snapshot: resync.revision,
+                applied: self.applied_revision,
+            });
         }
         *self
             .stats
@@ -229,15 +231,19 @@ where
         }
         self.applied_revision = resync.revision;
         self.observe_lag(resync.revision);
+        Ok(())
     }
 
     fn update_state(&mut self, key: &str, value: Option<&[u8]>, is_init: bool) {
         skip_rejected(key, self.state.update(key, value, is_init));
     }
 
-    fn apply(&mut self, incoming: Incoming) {
+    fn apply(&mut self, incoming: Incoming) -> Result<(), WorkerError> {
         match incoming {
-            Incoming::Events(batch) => self.apply_events(batch),
+            Incoming::Events(batch) => {
+                self.apply_events(batch);
+                Ok(())
+            }
             Incoming::Resync(resync) => self.apply_resync(resync),
         }
     }
@@ -253,8 +259,10 @@ where
             self.queued.push_back(incoming);
             return;
         }
-        self.apply(incoming);
-        self.schedule_tick(ctx);
+        match self.apply(incoming) {
+            Ok(()) => self.schedule_tick(ctx),
+            Err(error) => self.finish(Err(error), ctx),
+        }
     }
 
     /// Arms the tick timer for the earliest instant the rate limit allows.
@@ -401,7 +409,10 @@ where
             return;
         }
         while let Some(incoming) = self.queued.pop_front() {
-            self.apply(incoming);
+            if let Err(error) = self.apply(incoming) {
+                self.finish(Err(error), ctx);
+                return;
+            }
         }
         self.schedule_tick(ctx);
     }

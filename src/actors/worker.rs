@@ -109,6 +109,14 @@ pub enum WorkerError {
     /// leader and must not write.
     #[error("fence lost: {key} no longer has create_revision {create_revision}")]
     FenceLost { key: String, create_revision: i64 },
+    /// etcd's revision went back below what the worker had applied: the
+    /// cluster was wiped or restored from a backup. A new worker reads the
+    /// prefix afresh.
+    #[error(
+        "etcd's history went back: a snapshot at revision {snapshot} after revision {applied} \
+         was applied (was the etcd cluster wiped or restored?)"
+    )]
+    HistoryReset { snapshot: i64, applied: i64 },
     /// An actor of the worker vanished without reporting (a bug, or the
     /// actix system shut down underneath it).
     #[error("worker actor stopped unexpectedly")]
