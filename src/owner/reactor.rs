@@ -178,6 +178,12 @@ impl OwnerReactor {
     }
 }
 
+/// At most this many executors' stale task keys (two keys each) are deleted
+/// from one changefeed per tick, so that its patch group always fits one txn
+/// (etcd's default `--max-txn-ops` is 128) however many accumulated, for
+/// example written from outside; the rest go in the next ticks.
+const MAX_STALE_TASKS_PER_TICK: usize = 32;
+
 /// The decision for one changefeed, turned into one patch group.
 struct Plan<'a> {
     cf: &'a ChangefeedId,
@@ -237,7 +243,9 @@ impl Reactor for OwnerReactor {
                 if entry.status.is_some() {
                     group.push(DataPatch::delete(state.keys.status(cf)));
                 }
-                for executor in entry.tasks.keys().chain(entry.positions.keys()) {
+                let holders: std::collections::BTreeSet<&String> =
+                    entry.tasks.keys().chain(entry.positions.keys()).collect();
+                for executor in holders.into_iter().take(MAX_STALE_TASKS_PER_TICK) {
                     group.push(DataPatch::delete(state.keys.task_status(cf, executor)));
                     group.push(DataPatch::delete(state.keys.task_position(cf, executor)));
                 }
@@ -260,10 +268,11 @@ impl Reactor for OwnerReactor {
             // Every task that is not the current live assignment goes.
             let holders: std::collections::BTreeSet<&String> =
                 entry.tasks.keys().chain(entry.positions.keys()).collect();
-            for executor in holders {
-                if Some(executor) != current.as_ref() {
-                    plan.delete_task(state, entry, executor);
-                }
+            let stale = holders
+                .into_iter()
+                .filter(|executor| Some(*executor) != current.as_ref());
+            for executor in stale.take(MAX_STALE_TASKS_PER_TICK) {
+                plan.delete_task(state, entry, executor);
             }
             let mut assigned = current.clone();
 
@@ -838,6 +847,53 @@ mod tests {
             h.tester.raw().keys().all(|k| !k.contains("/a")),
             "{:?}",
             h.tester.raw().keys()
+        );
+    }
+
+    /// Writes task keys (status and position) for `n` executors that are
+    /// not live, as if they had accumulated or were written from outside.
+    fn write_stale_tasks(h: &mut Harness, cf: &ChangefeedId, n: usize) {
+        for i in 0..n {
+            let executor = format!("gone-{i:03}");
+            let task = TaskStatus {
+                epoch: 1,
+                assigned_at: rfc3339(NOW),
+                written_by: String::new(),
+            };
+            let position = TaskPosition {
+                epoch: 1,
+                checkpoint_ts: 100,
+                resolved_ts: 100,
+                error: None,
+            };
+            h.tester
+                .external_write(&h.keys.task_status(cf, &executor), Some(&json(&task)));
+            h.tester
+                .external_write(&h.keys.task_position(cf, &executor), Some(&json(&position)));
+        }
+    }
+
+    #[test]
+    fn hundreds_of_stale_tasks_go_over_several_ticks_each_group_fitting_one_txn() {
+        let mut h = Harness::new();
+        h.executors(&[("e1", &[])]);
+        let live = h.create("live", &[]);
+        let deleted = h.create("deleted", &[]);
+        write_stale_tasks(&mut h, &live, 150);
+        write_stale_tasks(&mut h, &deleted, 150);
+        h.tester.external_write(&h.keys.info(&deleted), None);
+        // 300 keys per changefeed: one group would need 300+ ops. Each tick's
+        // plan must succeed (Harness::tick unwraps it) and make progress.
+        for _ in 0..150usize.div_ceil(MAX_STALE_TASKS_PER_TICK) {
+            h.tick();
+        }
+        let entry = h.entry(&live);
+        assert_eq!(entry.tasks.keys().collect::<Vec<_>>(), ["e1"]);
+        assert!(entry.positions.keys().all(|e| e == "e1"));
+        assert!(!h.tester.state().changefeeds.contains_key(&deleted));
+        assert!(
+            h.tester.raw().keys().all(|k| !k.contains("gone-")),
+            "stale keys left"
         );
     }
 
