@@ -693,6 +693,31 @@ async fn delete_removes_every_key_it_owns_and_nothing_else() {
     assert_eq!(f.all_keys().await, survivors);
 }
 
+#[actix_rt::test]
+async fn delete_of_a_changefeed_with_more_task_keys_than_one_txn_holds_removes_them_all() {
+    let f = fixture().await;
+    let app = app!(f);
+    let (status, body) = call!(
+        app,
+        create_req(None, json!({"id": "wide", "sink_uri": "kafka://k"}))
+    );
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let wide = ChangefeedId::new("default", "wide");
+    // 150 executors' task status and position: 302 keys, more than etcd's
+    // 128 operations per txn.
+    for i in 0..150 {
+        let executor = format!("exec-{i:03}");
+        f.assign(&wide, &executor, 1).await;
+        f.report(&wide, &executor, 1).await;
+    }
+    assert_eq!(f.keys_of(&wide).await.len(), 302);
+    let (status, body) = call!(app, delete_req("wide", "default"));
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(f.keys_of(&wide).await, Vec::<String>::new());
+    let (status, body) = call!(app, delete_req("wide", "default"));
+    assert_error(status, &body, 404, "not_found");
+}
+
 impl Fixture {
     fn keys_of_sync(&self, cf: &ChangefeedId, key: &str) -> bool {
         matches!(

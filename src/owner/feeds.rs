@@ -47,6 +47,10 @@ pub use crate::labels::MAX_LABEL_LEN;
 pub const MAX_ATTEMPTS: usize = 5;
 /// Keys per page of a range read.
 pub const PAGE_KEYS: i64 = 256;
+/// Executors whose task keys (two each) one delete txn removes: with the
+/// info, the status and the snapshot's reads it stays under etcd's default
+/// `--max-txn-ops` of 128.
+const DELETE_EXECUTORS_PER_TXN: usize = 56;
 /// Largest etcd response accepted: a page of infos with the largest configs
 /// (256 x 64 KiB) fits; tonic's default (4 MiB) would not.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -653,33 +657,47 @@ impl Changefeeds {
     pub async fn delete(&self, namespace: &str, id: &str) -> Result<()> {
         let cf = changefeed_id(namespace, id)?;
         let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
-        self.mutate(&cf, true, |snapshot| {
-            if snapshot.is_empty() {
-                return Err(Error::NotFound(cf.clone()));
+        // One txn holds the info, the status and at most
+        // DELETE_EXECUTORS_PER_TXN executors' task keys; further txns delete
+        // the rest only while the info is still absent, so a changefeed
+        // re-created meanwhile keeps its keys.
+        let mut first = true;
+        loop {
+            let after = self
+                .mutate(&cf, true, |snapshot| {
+                    if first && snapshot.is_empty() {
+                        return Err(Error::NotFound(cf.clone()));
+                    }
+                    if !first && snapshot.info.is_some() {
+                        return Ok(Plan::Nothing);
+                    }
+                    let executors: BTreeSet<&String> = snapshot
+                        .tasks
+                        .keys()
+                        .chain(snapshot.positions.iter())
+                        .collect();
+                    let mut ops = vec![
+                        TxnOp::delete(info_key.as_str(), None),
+                        TxnOp::delete(status_key.as_str(), None),
+                    ];
+                    for executor in executors.into_iter().take(DELETE_EXECUTORS_PER_TXN) {
+                        ops.push(TxnOp::delete(self.keys.task_status(&cf, executor), None));
+                        ops.push(TxnOp::delete(self.keys.task_position(&cf, executor), None));
+                    }
+                    Ok(Plan::Write {
+                        compares: vec![
+                            unchanged(&info_key, snapshot.info.as_ref()),
+                            unchanged(&status_key, snapshot.status.as_ref()),
+                        ],
+                        ops,
+                    })
+                })
+                .await?;
+            first = false;
+            if after.info.is_some() || (after.tasks.is_empty() && after.positions.is_empty()) {
+                return Ok(());
             }
-            let executors: BTreeSet<&String> = snapshot
-                .tasks
-                .keys()
-                .chain(snapshot.positions.iter())
-                .collect();
-            let mut ops = vec![
-                TxnOp::delete(info_key.as_str(), None),
-                TxnOp::delete(status_key.as_str(), None),
-            ];
-            for executor in executors {
-                ops.push(TxnOp::delete(self.keys.task_status(&cf, executor), None));
-                ops.push(TxnOp::delete(self.keys.task_position(&cf, executor), None));
-            }
-            Ok(Plan::Write {
-                compares: vec![
-                    unchanged(&info_key, snapshot.info.as_ref()),
-                    unchanged(&status_key, snapshot.status.as_ref()),
-                ],
-                ops,
-            })
-        })
-        .await?;
-        Ok(())
+        }
     }
 
     /// Reads the changefeed, decides with `plan`, and writes under the
