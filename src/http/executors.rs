@@ -276,19 +276,64 @@ pub(super) async fn heartbeat(
     id: web::Path<String>,
     body: web::Payload,
 ) -> ApiResult<HttpResponse> {
-    // The id and token first: the body of a caller that is not a live
-    // executor is not even read (it may be up to `max_heartbeat_bytes`), and
-    // an executor that is gone learns it whatever it sent.
     let token = bearer_token(&req)
         .ok_or_else(|| ApiError::Registry(RegistryError::Unauthorized(id.as_str().to_owned())))?;
     let token = TokenHash::of(token);
-    state.roles.with(|roles| -> ApiResult<()> {
+    let authenticate = || {
+        state.roles.with(|roles| -> ApiResult<()> {
+            let roles = roles.ok_or_else(|| not_leading(&state))?;
+            Ok(roles.registry.table.authenticate(&id, &token)?)
+        })
+    };
+    // The id and token come before the body: the body of a caller that is
+    // not a live executor is not even read when it may be large (up to
+    // `max_heartbeat_bytes`), and an executor that is gone learns it
+    // whatever it sent. A body declared no larger than any other request's
+    // limit is read first, and the token checked once, with the heartbeat
+    // (or before a bad body's error): one lock on the common path.
+    let small = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n <= state.max_body_bytes);
+    if !small {
+        authenticate()?;
+    }
+    let (progress, ttl) = match heartbeat_request(&req, body, state.max_heartbeat_bytes).await {
+        Ok(request) => request,
+        Err(error) => {
+            if small {
+                authenticate()?;
+            }
+            return Err(error);
+        }
+    };
+    // Answered here, on the HTTP worker's thread, from the tables the
+    // registry and the owner share with it: no actor message on this path.
+    // The registry first, so only an authenticated, live executor's
+    // progress counts.
+    let (ack, work) = state.roles.with(|roles| -> ApiResult<_> {
         let roles = roles.ok_or_else(|| not_leading(&state))?;
-        Ok(roles.registry.table.authenticate(&id, &token)?)
+        let ack = roles.registry.table.heartbeat(&id, &token, ttl)?;
+        Ok((ack, work_for(roles, &id, progress)?))
     })?;
-    let request: HeartbeatRequest = json_body(&req, body, state.max_heartbeat_bytes)
-        .await?
-        .unwrap_or_default();
+    Ok(HttpResponse::Ok().json(HeartbeatResponse {
+        ttl_ms: ack.ttl.as_millis() as u64,
+        heartbeat_interval_ms: ack.heartbeat_interval.as_millis() as u64,
+        max_heartbeat_bytes: state.max_heartbeat_bytes as u64,
+        assignments: work.assignments,
+        rejected: work.rejected,
+    }))
+}
+
+/// The heartbeat's body, read and checked: its progress reports and the TTL
+/// asked for.
+async fn heartbeat_request(
+    req: &HttpRequest,
+    body: web::Payload,
+    limit: usize,
+) -> ApiResult<(Vec<ProgressReport>, Option<Duration>)> {
+    let request: HeartbeatRequest = json_body(req, body, limit).await?.unwrap_or_default();
     if request.progress.len() > MAX_PROGRESS_ITEMS {
         return Err(ApiError::InvalidArgument(format!(
             "at most {MAX_PROGRESS_ITEMS} progress items per heartbeat"
@@ -317,22 +362,7 @@ pub(super) async fn heartbeat(
         Some(ms) => Some(Duration::from_millis(ms)),
         None => None,
     };
-    // Answered here, on the HTTP worker's thread, from the tables the
-    // registry and the owner share with it: no actor message on this path.
-    // The registry first, so only an authenticated, live executor's
-    // progress counts.
-    let (ack, work) = state.roles.with(|roles| -> ApiResult<_> {
-        let roles = roles.ok_or_else(|| not_leading(&state))?;
-        let ack = roles.registry.table.heartbeat(&id, &token, ttl)?;
-        Ok((ack, work_for(roles, &id, progress)?))
-    })?;
-    Ok(HttpResponse::Ok().json(HeartbeatResponse {
-        ttl_ms: ack.ttl.as_millis() as u64,
-        heartbeat_interval_ms: ack.heartbeat_interval.as_millis() as u64,
-        max_heartbeat_bytes: state.max_heartbeat_bytes as u64,
-        assignments: work.assignments,
-        rejected: work.rejected,
-    }))
+    Ok((progress, ttl))
 }
 
 /// The owner's answer to a heartbeat the registry accepted.
