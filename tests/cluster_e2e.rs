@@ -15,12 +15,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct free loopback ports: every listener is held until all are
+/// bound (ports taken one by one may repeat).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
 }
 
 /// A `flotilla serve` child; SIGKILLed on drop.
@@ -196,7 +197,7 @@ async fn until_assigned(
 async fn changefeeds_balance_fail_over_and_survive_a_server_restart() {
     common::init_tracing();
     let data = tempfile::tempdir().unwrap();
-    let (http, etcd_client, etcd_peer) = (free_port(), free_port(), free_port());
+    let [http, etcd_client, etcd_peer] = free_ports::<3>();
     let server = Server::start(data.path(), http, etcd_client, etcd_peer);
     server.wait_ready().await;
     let addr = server.addr;

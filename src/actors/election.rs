@@ -542,24 +542,34 @@ impl Campaign {
     /// leader. A transient read failure is not a loss.
     async fn evaluate(&mut self, session: &mut Session) -> Result<(), Lost> {
         let mut client = self.client.clone();
-        let read = self
-            .timed(
-                "election read",
-                client.get(
-                    self.config.key_prefix.clone(),
-                    Some(
-                        GetOptions::new()
-                            .with_prefix()
-                            .with_sort(SortTarget::Create, SortOrder::Ascend),
+        // The client balances over every endpoint and may pick a dead member
+        // again and again: a read refused at once is retried (each attempt
+        // may pick another member); a slow failure is not, so the keep-alive
+        // loop is never held up.
+        let mut attempt = 0;
+        let response = loop {
+            attempt += 1;
+            let started = Instant::now();
+            let read = self
+                .timed(
+                    "election read",
+                    client.get(
+                        self.config.key_prefix.clone(),
+                        Some(
+                            GetOptions::new()
+                                .with_prefix()
+                                .with_sort(SortTarget::Create, SortOrder::Ascend),
+                        ),
                     ),
-                ),
-            )
-            .await;
-        let response = match read {
-            Ok(response) => response,
-            Err(e) => {
-                warn!(error = %e, "election: cannot read the members; keeping the last view");
-                return Ok(());
+                )
+                .await;
+            match read {
+                Ok(response) => break response,
+                Err(_) if attempt < 4 && started.elapsed() < Duration::from_millis(100) => {}
+                Err(e) => {
+                    warn!(error = %e, attempt, "election: cannot read the members; keeping the last view");
+                    return Ok(());
+                }
             }
         };
         let members: Vec<Member> = response
