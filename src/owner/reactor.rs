@@ -192,17 +192,25 @@ struct Plan<'a> {
     status_changed: bool,
 }
 
-impl<'a> Plan<'a> {
+impl Plan<'_> {
     fn delete_task(&mut self, state: &GlobalState, entry: &ChangefeedEntry, executor: &str) {
-        if entry.tasks.contains_key(executor) {
-            self.group
-                .push(DataPatch::delete(state.keys.task_status(self.cf, executor)));
-        }
-        if entry.positions.contains_key(executor) {
-            self.group.push(DataPatch::delete(
-                state.keys.task_position(self.cf, executor),
-            ));
-        }
+        delete_task(&mut self.group, state, self.cf, entry, executor);
+    }
+}
+
+/// Queues the deletes of `executor`'s task keys of `cf` that exist.
+fn delete_task(
+    group: &mut PatchGroup,
+    state: &GlobalState,
+    cf: &ChangefeedId,
+    entry: &ChangefeedEntry,
+    executor: &str,
+) {
+    if entry.tasks.contains_key(executor) {
+        group.push(DataPatch::delete(state.keys.task_status(cf, executor)));
+    }
+    if entry.positions.contains_key(executor) {
+        group.push(DataPatch::delete(state.keys.task_position(cf, executor)));
     }
 }
 
@@ -243,11 +251,12 @@ impl Reactor for OwnerReactor {
                 if entry.status.is_some() {
                     group.push(DataPatch::delete(state.keys.status(cf)));
                 }
-                let holders: std::collections::BTreeSet<&String> =
-                    entry.tasks.keys().chain(entry.positions.keys()).collect();
-                for executor in holders.into_iter().take(MAX_STALE_TASKS_PER_TICK) {
-                    group.push(DataPatch::delete(state.keys.task_status(cf, executor)));
-                    group.push(DataPatch::delete(state.keys.task_position(cf, executor)));
+                for executor in entry
+                    .task_holders()
+                    .into_iter()
+                    .take(MAX_STALE_TASKS_PER_TICK)
+                {
+                    delete_task(&mut group, state, cf, entry, executor);
                 }
                 groups.push(group);
                 continue;
@@ -266,9 +275,8 @@ impl Reactor for OwnerReactor {
                 .map(str::to_owned);
 
             // Every task that is not the current live assignment goes.
-            let holders: std::collections::BTreeSet<&String> =
-                entry.tasks.keys().chain(entry.positions.keys()).collect();
-            let stale = holders
+            let stale = entry
+                .task_holders()
                 .into_iter()
                 .filter(|executor| Some(*executor) != current.as_ref());
             for executor in stale.take(MAX_STALE_TASKS_PER_TICK) {

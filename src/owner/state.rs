@@ -35,6 +35,11 @@ impl ChangefeedEntry {
             && self.positions.is_empty()
     }
 
+    /// Every executor with a task status or a task position here.
+    pub fn task_holders(&self) -> std::collections::BTreeSet<&String> {
+        self.tasks.keys().chain(self.positions.keys()).collect()
+    }
+
     /// The executor holding the current assignment (epoch == status.epoch).
     pub fn current_executor(&self) -> Option<&str> {
         let epoch = self.status.as_ref()?.epoch;
