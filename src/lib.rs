@@ -3,6 +3,7 @@
 pub mod actors;
 pub mod client;
 pub mod config;
+pub mod election;
 pub mod etcd_errors;
 pub mod etcd_server;
 pub mod http;
@@ -10,6 +11,7 @@ pub mod json;
 pub mod labels;
 pub mod metrics;
 pub mod owner;
+pub mod server;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -782,7 +782,7 @@ async fn registrations_beyond_a_clients_burst_get_429_and_leave_no_trace() {
 
 #[actix_rt::test]
 async fn the_hop_marker_skips_the_limit_only_from_a_member_of_the_election() {
-    use flotilla::actors::election::{Candidate, ElectionView, Member};
+    use flotilla::election::{Candidate, ElectionView, Member};
     let dir = TempDir::new().unwrap();
     let (state, registry) =
         state_with_limits(sqlite(&dir).await, config(), RegisterLimiter::new(1.0, 1)).await;

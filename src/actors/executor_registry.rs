@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::election::LeaseGuard;
+use crate::election::LeaseGuard;
 use crate::labels;
 use crate::metrics;
 use crate::store::{self, Store, StoredExecutor};

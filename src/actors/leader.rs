@@ -18,9 +18,9 @@ use actix::prelude::*;
 use etcd_client::Client;
 use tracing::{info, warn};
 
-use super::election::{Leadership, LeaseGuard};
 use super::executor_registry::{ExecutorRegistry, RegistryConfig, RegistryHandle, StopRegistry};
 use super::owner::{Owner, OwnerSettings, StopOwner, WorkDesk};
+use crate::election::{Leadership, LeaseGuard};
 use crate::owner::model::Keys;
 use crate::store::Store;
 

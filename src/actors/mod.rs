@@ -1,7 +1,6 @@
 //! The actix actors of the orchestrator worker. Each file holds one actor and
 //! the messages it receives; [`worker`] wires them together.
 
-pub mod election;
 pub mod etcd_watcher;
 pub mod executor_registry;
 pub mod leader;

@@ -93,7 +93,7 @@ mod tests {
 
     use super::super::{configure, AppState, EtcdProbe, ServerInfo};
     use super::*;
-    use crate::actors::election::ElectionView;
+    use crate::election::ElectionView;
 
     /// A follower with no leader known: every `/api/v1/` request would be
     /// forwarded (and wait for a leader); the dashboard must not be.

@@ -18,7 +18,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::error::{ApiError, ApiResult};
 use super::AppState;
-use crate::actors::election::Member;
+use crate::election::Member;
 use crate::metrics;
 
 /// Marks a request a follower forwarded; its value is that server's id.
@@ -220,7 +220,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::actors::election::ElectionView;
+    use crate::election::ElectionView;
     use crate::http::{configure, test_support};
 
     /// A follower (an election, no roles): what it forwards and what it

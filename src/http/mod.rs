@@ -96,7 +96,7 @@ pub struct AppState {
     pub roles: crate::actors::leader::RoleSlot,
     /// The election this server takes part in; `None`: no election, the
     /// roles are fixed and nothing is forwarded.
-    pub election: Option<tokio::sync::watch::Receiver<crate::actors::election::ElectionView>>,
+    pub election: Option<tokio::sync::watch::Receiver<crate::election::ElectionView>>,
     /// Changefeed administration in etcd; `None` where this server has no etcd.
     pub changefeeds: Option<crate::owner::feeds::Changefeeds>,
     /// The operators' token (`server.admin_token_file`); `None`: no admin.

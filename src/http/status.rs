@@ -4,8 +4,8 @@ use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
 use super::{resource, ApiError, ApiResult, AppState, ErrorBody};
-use crate::actors::election::ElectionView;
 use crate::actors::executor_registry::{GetRegistryStats, PingStore, RegistryError};
+use crate::election::ElectionView;
 
 /// The exposition format `/metrics` speaks.
 const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";

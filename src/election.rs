@@ -1,5 +1,7 @@
-//! `Election`: campaigns for the leadership of the cluster through etcd and
-//! keeps track of who leads.
+//! The leader election: campaigns for the leadership of the cluster through etcd and
+//! keeps track of who leads. It is a task (one loop spawned by [`start`], driven
+//! through its [`ElectionHandle`]), not an actor: it receives no messages and only
+//! sends [`Leadership`] to `LeaderRoles` (`actors::leader`).
 //!
 //! Each server holds a lease of `session_ttl` and one key under
 //! `<prefix>/__meta__/owner/<lease-hex>` whose value is this server's id and
@@ -38,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
-use super::worker::{Backoff, Fence};
+use crate::actors::worker::{Backoff, Fence};
 use crate::metrics;
 
 /// Election settings.
