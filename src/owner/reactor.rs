@@ -20,7 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use super::model::{
-    ChangefeedId, ChangefeedStatus, ExecutorRecord, FeedState, TaskPosition, TaskStatus,
+    ChangefeedId, ChangefeedInfo, ChangefeedStatus, ExecutorRecord, FeedState, TaskPosition,
+    TaskStatus,
 };
 use super::state::{ChangefeedEntry, GlobalState};
 use crate::state::{DataPatch, PatchGroup, Reactor, ReactorError};
@@ -184,17 +185,134 @@ impl OwnerReactor {
 /// example written from outside; the rest go in the next ticks.
 const MAX_STALE_TASKS_PER_TICK: usize = 32;
 
+/// What every changefeed's decision in one tick shares.
+struct Tick<'a> {
+    live: &'a BTreeMap<String, LiveExecutor>,
+    /// Current valid assignments per live executor, for balancing; kept
+    /// current as the tick unassigns and assigns.
+    load: BTreeMap<String, usize>,
+    now: u64,
+}
+
+impl<'a> Tick<'a> {
+    fn new(state: &GlobalState, live: &'a BTreeMap<String, LiveExecutor>, now: u64) -> Self {
+        let mut load: BTreeMap<String, usize> = live.keys().map(|id| (id.clone(), 0)).collect();
+        for entry in state.changefeeds.values() {
+            if let Some(n) = entry.current_executor().and_then(|e| load.get_mut(e)) {
+                *n += 1;
+            }
+        }
+        Self { live, load, now }
+    }
+}
+
 /// The decision for one changefeed, turned into one patch group.
 struct Plan<'a> {
     cf: &'a ChangefeedId,
+    entry: &'a ChangefeedEntry,
+    info: &'a ChangefeedInfo,
     group: PatchGroup,
     status: ChangefeedStatus,
     status_changed: bool,
+    /// The info to write: the changefeed failed or finished this tick.
+    new_info: Option<ChangefeedInfo>,
+    /// The changefeed's state is `normal`.
+    running: bool,
+    /// Its current assignment, if it runs and the executor is live.
+    current: Option<String>,
+    /// The assignment it keeps after this tick's progress.
+    assigned: Option<String>,
 }
 
-impl Plan<'_> {
-    fn delete_task(&mut self, state: &GlobalState, entry: &ChangefeedEntry, executor: &str) {
-        delete_task(&mut self.group, state, self.cf, entry, executor);
+impl<'a> Plan<'a> {
+    fn new(
+        state: &GlobalState,
+        live: &BTreeMap<String, LiveExecutor>,
+        cf: &'a ChangefeedId,
+        entry: &'a ChangefeedEntry,
+        info: &'a ChangefeedInfo,
+    ) -> Self {
+        let running = info.state == FeedState::Normal;
+        let current = entry
+            .current_executor()
+            .filter(|e| running && live.contains_key(*e))
+            .map(str::to_owned);
+        Self {
+            cf,
+            entry,
+            info,
+            group: vec![DataPatch::guard(state.keys.info(cf))],
+            status: entry.status.clone().unwrap_or_default(),
+            status_changed: entry.status.is_none(),
+            new_info: None,
+            running,
+            assigned: current.clone(),
+            current,
+        }
+    }
+
+    fn delete_task(&mut self, state: &GlobalState, executor: &str) {
+        delete_task(&mut self.group, state, self.cf, self.entry, executor);
+    }
+
+    /// Every task that is not the current live assignment goes.
+    fn delete_stale_tasks(&mut self, state: &GlobalState) {
+        let stale = self
+            .entry
+            .task_holders()
+            .into_iter()
+            .filter(|executor| Some(*executor) != self.current.as_ref());
+        for executor in stale.take(MAX_STALE_TASKS_PER_TICK) {
+            delete_task(&mut self.group, state, self.cf, self.entry, executor);
+        }
+    }
+
+    /// Still `normal` after this tick (not failed or finished by it).
+    fn still_running(&self) -> bool {
+        self.new_info
+            .as_ref()
+            .map_or(self.running, |i| i.state == FeedState::Normal)
+    }
+
+    /// It should run and has no executor.
+    fn needs_executor(&self) -> bool {
+        self.still_running() && self.assigned.is_none() && self.current.is_none()
+    }
+
+    fn set_pending_reason(&mut self, reason: Option<String>) {
+        if self.status.pending_reason != reason {
+            self.status.pending_reason = reason;
+            self.status_changed = true;
+        }
+    }
+
+    /// Running on a live executor, or deliberately not running (paused,
+    /// finished): nothing is pending.
+    fn clear_pending_reason(&mut self) {
+        if (self.assigned.is_some() || !self.still_running())
+            && self.new_info.is_none()
+            && self.status.pending_reason.is_some()
+        {
+            self.status.pending_reason = None;
+            self.status_changed = true;
+        }
+    }
+
+    /// The group: what was decided, then the new info and status; `None`
+    /// when nothing but the guard is in it.
+    fn into_group(mut self, state: &GlobalState, server_id: &str) -> Option<PatchGroup> {
+        if let Some(info) = self.new_info {
+            self.group
+                .push(DataPatch::put(state.keys.info(self.cf), json(&info)));
+        }
+        if self.status_changed {
+            self.status.written_by = server_id.to_owned();
+            self.group.push(DataPatch::put(
+                state.keys.status(self.cf),
+                json(&self.status),
+            ));
+        }
+        (self.group.len() > 1).then_some(self.group)
     }
 }
 
@@ -214,9 +332,202 @@ fn delete_task(
     }
 }
 
+impl OwnerReactor {
+    /// Leftovers of a deleted changefeed: remove them, unless the changefeed
+    /// is re-created meanwhile (guarded).
+    fn remove_leftovers(
+        state: &GlobalState,
+        cf: &ChangefeedId,
+        entry: &ChangefeedEntry,
+    ) -> PatchGroup {
+        let mut group = vec![DataPatch::guard(state.keys.info(cf))];
+        if entry.status.is_some() {
+            group.push(DataPatch::delete(state.keys.status(cf)));
+        }
+        for executor in entry
+            .task_holders()
+            .into_iter()
+            .take(MAX_STALE_TASKS_PER_TICK)
+        {
+            delete_task(&mut group, state, cf, entry, executor);
+        }
+        group
+    }
+
+    /// The group that moves a changefeed toward its desired state, if it
+    /// needs one: stale tasks deleted, the current executor's progress
+    /// applied, an executor assigned when it needs one, the pending reason
+    /// kept true.
+    fn schedule(
+        &self,
+        state: &GlobalState,
+        tick: &mut Tick,
+        cf: &ChangefeedId,
+        entry: &ChangefeedEntry,
+        info: &ChangefeedInfo,
+    ) -> Option<PatchGroup> {
+        let mut plan = Plan::new(state, tick.live, cf, entry, info);
+        plan.delete_stale_tasks(state);
+        self.apply_progress(state, tick, &mut plan);
+        if plan.needs_executor() {
+            let reason = self.assign(state, tick, &mut plan);
+            plan.set_pending_reason(reason);
+        } else {
+            plan.clear_pending_reason();
+        }
+        plan.into_group(state, &self.config.server_id)
+    }
+
+    /// The current executor's latest report at the current epoch: its
+    /// position, the checkpoint, and an error (unassign, retry or fail) or
+    /// the target reached (unassign, finish).
+    fn apply_progress(&self, state: &GlobalState, tick: &mut Tick, plan: &mut Plan) {
+        let Some(executor) = plan.current.clone() else {
+            return;
+        };
+        let Some(report) = self.progress.get(&(plan.cf.clone(), executor.clone())) else {
+            return;
+        };
+        if report.epoch != plan.status.epoch {
+            return;
+        }
+        let position = TaskPosition {
+            epoch: report.epoch,
+            checkpoint_ts: report.checkpoint_ts,
+            resolved_ts: report.resolved_ts,
+            error: report.error.clone(),
+        };
+        if plan.entry.positions.get(&executor) != Some(&position) {
+            plan.group.push(DataPatch::put(
+                state.keys.task_position(plan.cf, &executor),
+                json(&position),
+            ));
+        }
+        if report.checkpoint_ts > plan.status.checkpoint_ts {
+            plan.status.checkpoint_ts = report.checkpoint_ts;
+            plan.status.retries = 0;
+            plan.status_changed = true;
+        }
+        if let Some(error) = &report.error {
+            self.unassign_after_error(state, tick, plan, &executor, error);
+        } else if plan.info.target_ts > 0 && plan.status.checkpoint_ts >= plan.info.target_ts {
+            plan.delete_task(state, &executor);
+            *tick.load.get_mut(&executor).expect("live") -= 1;
+            plan.assigned = None;
+            let mut finished = plan.info.clone();
+            finished.state = FeedState::Finished;
+            plan.new_info = Some(finished);
+            plan.status.pending_reason = None;
+            plan.status_changed = true;
+        }
+    }
+
+    /// Unassign; retry after a backoff, or give up.
+    fn unassign_after_error(
+        &self,
+        state: &GlobalState,
+        tick: &mut Tick,
+        plan: &mut Plan,
+        executor: &str,
+        error: &str,
+    ) {
+        plan.delete_task(state, executor);
+        *tick.load.get_mut(executor).expect("live") -= 1;
+        plan.assigned = None;
+        plan.status.retries = plan.status.retries.saturating_add(1);
+        plan.status_changed = true;
+        if plan.status.retries > self.config.max_retries {
+            let mut failed = plan.info.clone();
+            failed.state = FeedState::Failed;
+            failed.error = Some(error.to_owned());
+            plan.new_info = Some(failed);
+            plan.status.pending_reason = Some(format!("failed: {error}"));
+        } else {
+            let backoff = self
+                .config
+                .retry_backoff
+                .saturating_mul(1 << (plan.status.retries - 1).min(6));
+            plan.status.retry_after_ms = tick.now + backoff.as_millis() as u64;
+            plan.status.pending_reason = Some(format!(
+                "executor {executor} reported an error (retry {} of {}): {error}",
+                plan.status.retries, self.config.max_retries
+            ));
+        }
+    }
+
+    /// Assigns the least loaded live executor that matches the selector (ties
+    /// by id) at the next epoch, unless the changefeed backs off after an
+    /// error; returns why it is still pending (`None`: assigned).
+    fn assign(&self, state: &GlobalState, tick: &mut Tick, plan: &mut Plan) -> Option<String> {
+        if tick.now < plan.status.retry_after_ms {
+            return Some(format!(
+                "backing off after an error until {}",
+                rfc3339(plan.status.retry_after_ms)
+            ));
+        }
+        let live = tick.live;
+        let candidate = tick
+            .load
+            .iter()
+            .filter(|(id, _)| {
+                let labels = &live[id.as_str()].labels;
+                plan.info
+                    .selector
+                    .iter()
+                    .all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .min_by(|a, b| a.1.cmp(b.1).then_with(|| a.0.cmp(b.0)))
+            .map(|(id, _)| id.clone());
+        // A hand-written status can hold the last epoch: the
+        // changefeed cannot be assigned again (reusing an epoch
+        // would accept a stale executor's reports) until an
+        // operator repairs the status or re-creates it.
+        let next_epoch = plan.status.epoch.checked_add(1);
+        match (candidate, next_epoch) {
+            (Some(_), None) => Some(format!(
+                "epoch {} is the last one: repair the status key or re-create the changefeed",
+                plan.status.epoch
+            )),
+            (Some(executor), Some(epoch)) => {
+                plan.status.epoch = epoch;
+                let task = TaskStatus {
+                    epoch: plan.status.epoch,
+                    assigned_at: rfc3339(tick.now),
+                    written_by: self.config.server_id.clone(),
+                };
+                plan.group.push(DataPatch::put(
+                    state.keys.task_status(plan.cf, &executor),
+                    json(&task),
+                ));
+                *tick.load.get_mut(&executor).expect("candidate is live") += 1;
+                plan.status_changed = true;
+                None
+            }
+            (None, _) if live.is_empty() => Some("no live executor".to_owned()),
+            (None, _) => Some(format!(
+                "no live executor matches the selector {:?}",
+                plan.info.selector
+            )),
+        }
+    }
+
+    /// Reports of assignments that no longer exist are dropped.
+    fn forget_stale_progress(&mut self, state: &GlobalState) {
+        self.progress.retain(|(cf, executor), report| {
+            state.changefeeds.get(cf).is_some_and(|e| {
+                e.status.as_ref().is_some_and(|s| s.epoch == report.epoch)
+                    && e.tasks.contains_key(executor)
+            })
+        });
+    }
+}
+
 impl Reactor for OwnerReactor {
     type State = GlobalState;
 
+    /// One tick: the inputs, the executor mirror, then for every readable
+    /// changefeed one group (its leftovers removed when it was deleted, else
+    /// [`Self::schedule`]), then progress of assignments gone is forgotten.
     fn tick(&mut self, state: &mut GlobalState) -> Result<(), ReactorError> {
         // Ticks come only at a consistent snapshot of etcd: from now on the
         // board may answer heartbeats.
@@ -228,14 +539,7 @@ impl Reactor for OwnerReactor {
         };
         Self::mirror_executors(state, &live);
         let now = (self.now_ms)();
-
-        // Current valid assignments per live executor, for balancing.
-        let mut load: BTreeMap<String, usize> = live.keys().map(|id| (id.clone(), 0)).collect();
-        for entry in state.changefeeds.values() {
-            if let Some(n) = entry.current_executor().and_then(|e| load.get_mut(e)) {
-                *n += 1;
-            }
-        }
+        let mut tick = Tick::new(state, &live, now);
 
         let mut groups = Vec::new();
         for (cf, entry) in &state.changefeeds {
@@ -244,193 +548,16 @@ impl Reactor for OwnerReactor {
                 // decided on it until someone fixes or deletes it.
                 continue;
             }
-            let Some(info) = &entry.info else {
-                // Leftovers of a deleted changefeed: remove them, unless the
-                // changefeed is re-created meanwhile (guarded).
-                let mut group = vec![DataPatch::guard(state.keys.info(cf))];
-                if entry.status.is_some() {
-                    group.push(DataPatch::delete(state.keys.status(cf)));
-                }
-                for executor in entry
-                    .task_holders()
-                    .into_iter()
-                    .take(MAX_STALE_TASKS_PER_TICK)
-                {
-                    delete_task(&mut group, state, cf, entry, executor);
-                }
-                groups.push(group);
-                continue;
-            };
-            let mut plan = Plan {
-                cf,
-                group: vec![DataPatch::guard(state.keys.info(cf))],
-                status: entry.status.clone().unwrap_or_default(),
-                status_changed: entry.status.is_none(),
-            };
-            let mut new_info = None;
-            let running = info.state == FeedState::Normal;
-            let current = entry
-                .current_executor()
-                .filter(|e| running && live.contains_key(*e))
-                .map(str::to_owned);
-
-            // Every task that is not the current live assignment goes.
-            let stale = entry
-                .task_holders()
-                .into_iter()
-                .filter(|executor| Some(*executor) != current.as_ref());
-            for executor in stale.take(MAX_STALE_TASKS_PER_TICK) {
-                plan.delete_task(state, entry, executor);
-            }
-            let mut assigned = current.clone();
-
-            if let Some(executor) = &current {
-                if let Some(report) = self.progress.get(&(cf.clone(), executor.clone())) {
-                    if report.epoch == plan.status.epoch {
-                        let position = TaskPosition {
-                            epoch: report.epoch,
-                            checkpoint_ts: report.checkpoint_ts,
-                            resolved_ts: report.resolved_ts,
-                            error: report.error.clone(),
-                        };
-                        if entry.positions.get(executor) != Some(&position) {
-                            plan.group.push(DataPatch::put(
-                                state.keys.task_position(cf, executor),
-                                json(&position),
-                            ));
-                        }
-                        if report.checkpoint_ts > plan.status.checkpoint_ts {
-                            plan.status.checkpoint_ts = report.checkpoint_ts;
-                            plan.status.retries = 0;
-                            plan.status_changed = true;
-                        }
-                        if let Some(error) = &report.error {
-                            // Unassign; retry after a backoff, or give up.
-                            plan.delete_task(state, entry, executor);
-                            *load.get_mut(executor).expect("live") -= 1;
-                            assigned = None;
-                            plan.status.retries = plan.status.retries.saturating_add(1);
-                            plan.status_changed = true;
-                            if plan.status.retries > self.config.max_retries {
-                                let mut failed = info.clone();
-                                failed.state = FeedState::Failed;
-                                failed.error = Some(error.clone());
-                                new_info = Some(failed);
-                                plan.status.pending_reason = Some(format!("failed: {error}"));
-                            } else {
-                                let backoff = self
-                                    .config
-                                    .retry_backoff
-                                    .saturating_mul(1 << (plan.status.retries - 1).min(6));
-                                plan.status.retry_after_ms = now + backoff.as_millis() as u64;
-                                plan.status.pending_reason = Some(format!(
-                                    "executor {executor} reported an error (retry {} of {}): {error}",
-                                    plan.status.retries, self.config.max_retries
-                                ));
-                            }
-                        } else if info.target_ts > 0 && plan.status.checkpoint_ts >= info.target_ts
-                        {
-                            plan.delete_task(state, entry, executor);
-                            *load.get_mut(executor).expect("live") -= 1;
-                            assigned = None;
-                            let mut finished = info.clone();
-                            finished.state = FeedState::Finished;
-                            new_info = Some(finished);
-                            plan.status.pending_reason = None;
-                            plan.status_changed = true;
-                        }
-                    }
-                }
-            }
-
-            let still_running = new_info
-                .as_ref()
-                .map_or(running, |i| i.state == FeedState::Normal);
-            if still_running && assigned.is_none() && current.is_none() {
-                let reason = if now < plan.status.retry_after_ms {
-                    Some(format!(
-                        "backing off after an error until {}",
-                        rfc3339(plan.status.retry_after_ms)
-                    ))
-                } else {
-                    let candidate = load
-                        .iter()
-                        .filter(|(id, _)| {
-                            let labels = &live[id.as_str()].labels;
-                            info.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-                        })
-                        .min_by(|a, b| a.1.cmp(b.1).then_with(|| a.0.cmp(b.0)))
-                        .map(|(id, _)| id.clone());
-                    // A hand-written status can hold the last epoch: the
-                    // changefeed cannot be assigned again (reusing an epoch
-                    // would accept a stale executor's reports) until an
-                    // operator repairs the status or re-creates it.
-                    let next_epoch = plan.status.epoch.checked_add(1);
-                    match (candidate, next_epoch) {
-                        (Some(_), None) => Some(format!(
-                            "epoch {} is the last one: repair the status key or re-create the changefeed",
-                            plan.status.epoch
-                        )),
-                        (Some(executor), Some(epoch)) => {
-                            plan.status.epoch = epoch;
-                            let task = TaskStatus {
-                                epoch: plan.status.epoch,
-                                assigned_at: rfc3339(now),
-                                written_by: self.config.server_id.clone(),
-                            };
-                            plan.group.push(DataPatch::put(
-                                state.keys.task_status(cf, &executor),
-                                json(&task),
-                            ));
-                            *load.get_mut(&executor).expect("candidate is live") += 1;
-                            plan.status_changed = true;
-                            None
-                        }
-                        (None, _) if live.is_empty() => Some("no live executor".to_owned()),
-                        (None, _) => Some(format!(
-                            "no live executor matches the selector {:?}",
-                            info.selector
-                        )),
-                    }
-                };
-                if plan.status.pending_reason != reason {
-                    plan.status.pending_reason = reason;
-                    plan.status_changed = true;
-                }
-            } else if (assigned.is_some() || !still_running)
-                && new_info.is_none()
-                && plan.status.pending_reason.is_some()
-            {
-                // Running on a live executor, or deliberately not running
-                // (paused, finished): nothing is pending.
-                plan.status.pending_reason = None;
-                plan.status_changed = true;
-            }
-
-            if let Some(info) = new_info {
-                plan.group
-                    .push(DataPatch::put(state.keys.info(cf), json(&info)));
-            }
-            if plan.status_changed {
-                plan.status.written_by.clone_from(&self.config.server_id);
-                plan.group
-                    .push(DataPatch::put(state.keys.status(cf), json(&plan.status)));
-            }
-            if plan.group.len() > 1 {
-                groups.push(plan.group);
+            match &entry.info {
+                None => groups.push(Self::remove_leftovers(state, cf, entry)),
+                Some(info) => groups.extend(self.schedule(state, &mut tick, cf, entry, info)),
             }
         }
         for group in groups {
             state.queue(group);
         }
 
-        // Reports of assignments that no longer exist are dropped.
-        self.progress.retain(|(cf, executor), report| {
-            state.changefeeds.get(cf).is_some_and(|e| {
-                e.status.as_ref().is_some_and(|s| s.epoch == report.epoch)
-                    && e.tasks.contains_key(executor)
-            })
-        });
+        self.forget_stale_progress(state);
         self.live = Some(live);
         Ok(())
     }
