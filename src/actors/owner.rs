@@ -1,5 +1,9 @@
 //! `Owner`: runs the owner reactor on an orchestrator worker, feeds it the
 //! registry's Online/Offline feed and the progress executors report.
+//!
+//! This is the owner's actor half; its logic (key layout, state, the
+//! `OwnerReactor`, the `WorkBoard`, the changefeed API's txns) is in
+//! `crate::owner`, which knows nothing of actix.
 //! Heartbeats are answered without it: [`WorkDesk`] reads each executor's
 //! committed assignments from the [`WorkBoard`] the worker's state keeps
 //! current, and hands progress to the reactor's input channel, all on the

@@ -1,4 +1,10 @@
-//! The owner: keeps every changefeed assigned to exactly one live executor.
+//! The owner's logic: keeps every changefeed assigned to exactly one live executor.
+//!
+//! This is the half with no runtime: no actix, no actor, no task of its own. The
+//! actor that runs it (`Owner`: the reactor on an orchestrator worker, the registry
+//! feed, restarts) and its heartbeat side (`WorkDesk`) are in `crate::actors::owner`,
+//! beside the other actors.
+//!
 //! `model` is the key layout and values in etcd, `state` the typed view the
 //! reactor ticks over, `reactor` the scheduling logic, `board` each executor's work for the
 //! heartbeat path, `feeds` the changefeed

@@ -1,0 +1,190 @@
+//! Changefeed administration for the HTTP API: create, read, list, update,
+//! pause, resume and delete changefeeds, directly in etcd.
+//!
+//! This module holds [`Changefeeds`] (its etcd client and the request bound), the
+//! limits and the [`Error`]; `request` the request bodies and their validation,
+//! `read` the reads and the API's view of a changefeed, `mutate` the writes.
+//!
+//! The owner reactor writes the same keys (status, task status and position,
+//! and info when it marks a changefeed failed or finished), so nothing here is
+//! a blind write: a create must find none of the changefeed's keys, and every
+//! other mutation compares the `mod_revision`s it decided on. When a compare
+//! fails, the failure branch of the same txn returns the fresh keys and the
+//! mutation decides again from them, at most [`MAX_ATTEMPTS`] times, so a
+//! request never acts on a state it has not seen.
+//!
+//! Reads of one changefeed are a single txn of range reads, so the info, the
+//! status and the task keys in an answer are from one revision. The executor
+//! of a changefeed is found among the task status keys of its namespace
+//! (`<p>/<ns>/task/status/<executor>/<id>`: the executor comes first, so there
+//! is no prefix of one changefeed's task keys); a read is therefore linear in
+//! the number of assignments in the namespace, which are small values.
+//!
+//! Range reads come in pages of [`PAGE_KEYS`] keys; the pages after the first
+//! are read at the first page's revision, so a long listing is still one
+//! consistent snapshot and no response nears gRPC's message size limit.
+
+use std::time::Duration;
+
+use etcd_client::{GetOptions, KvClient, Txn, TxnResponse};
+use serde::Serialize;
+
+use super::model::{ChangefeedId, FeedState, Keys};
+
+mod mutate;
+mod read;
+mod request;
+
+pub use read::{ChangefeedView, Listing, Unreadable};
+pub use request::{
+    now_ts, parse_state, validate_id, CreateChangefeed, ResumeChangefeed, UpdateChangefeed,
+};
+
+/// Longest sink URI.
+pub const MAX_SINK_URI_LEN: usize = 1024;
+/// Largest `config`, as encoded JSON.
+pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
+/// Most labels a selector may require (as many as an executor may have).
+pub use crate::labels::MAX_LABELS as MAX_SELECTOR_LABELS;
+/// Longest selector key or value (the executor label rule).
+pub use crate::labels::MAX_LABEL_LEN;
+/// Compare failures a mutation absorbs before it answers [`Error::Conflict`].
+pub const MAX_ATTEMPTS: usize = 5;
+/// Keys per page of a range read.
+pub const PAGE_KEYS: i64 = 256;
+/// Executors whose task keys (two each) one delete txn removes: with the
+/// info, the status and the snapshot's reads it stays under etcd's default
+/// `--max-txn-ops` of 128.
+const DELETE_EXECUTORS_PER_TXN: usize = 56;
+/// Largest etcd response accepted: a page of infos with the largest configs
+/// (256 x 64 KiB) fits; tonic's default (4 MiB) would not.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+/// Bits of the logical part of a TiDB-style timestamp (`physical_ms << 18`).
+const TSO_LOGICAL_BITS: u32 = 18;
+
+/// Why a changefeed request failed. Each variant has a stable [`Error::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A field, id, namespace or checkpoint breaks the rules; nothing was written.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No such changefeed in that namespace.
+    #[error("changefeed {0} does not exist")]
+    NotFound(ChangefeedId),
+    /// Create found the changefeed's info or status key already there.
+    #[error("changefeed {0} already exists")]
+    Exists(ChangefeedId),
+    /// The operation needs a paused (`stopped`) changefeed.
+    #[error("changefeed {id} is {}, not paused: {hint}", .state.as_str())]
+    NotPaused {
+        id: ChangefeedId,
+        state: FeedState,
+        hint: &'static str,
+    },
+    /// The operation does not apply in the changefeed's state (pausing a
+    /// failed one, resuming a finished one).
+    #[error("cannot {op} changefeed {id}: it is {}", .state.as_str())]
+    WrongState {
+        id: ChangefeedId,
+        state: FeedState,
+        op: &'static str,
+    },
+    /// The changefeed's keys changed under every one of [`MAX_ATTEMPTS`]
+    /// compare-and-swaps (the owner or other requests writing them).
+    #[error(
+        "changefeed {0} kept changing during the request ({MAX_ATTEMPTS} attempts); try again"
+    )]
+    Conflict(ChangefeedId),
+    /// etcd did not answer within the request timeout, or not at all.
+    #[error("etcd is unavailable: {0}")]
+    Unavailable(String),
+    /// etcd answered with an error that retrying will not fix.
+    #[error("etcd refused the request: {0}")]
+    Etcd(#[source] etcd_client::Error),
+    /// A value in etcd is not what flotilla writes (edited by hand, or by an
+    /// incompatible version). Nothing was changed; deleting the changefeed
+    /// still works, and so does a resume with a checkpoint when only the
+    /// status is malformed.
+    #[error("the value of {key} in etcd is malformed: {source}; repair the key or delete the changefeed")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// The machine-readable code (also a metric label).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::NotFound(_) => "not_found",
+            Error::Exists(_) => "changefeed_exists",
+            Error::NotPaused { .. } => "changefeed_not_paused",
+            Error::WrongState { .. } => "changefeed_wrong_state",
+            Error::Conflict(_) => "conflict",
+            Error::Unavailable(_) => "etcd_unavailable",
+            Error::Etcd(_) => "etcd_error",
+            Error::Corrupt { .. } => "corrupt_value",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Changefeed administration over one etcd client and cluster prefix.
+/// Cloning is cheap (the client is a channel handle).
+#[derive(Clone)]
+pub struct Changefeeds {
+    kv: KvClient,
+    keys: Keys,
+    timeout: Duration,
+}
+
+impl Changefeeds {
+    /// `client` must live on a runtime that outlives its users; `timeout`
+    /// bounds every etcd request (then [`Error::Unavailable`]).
+    pub fn new(client: etcd_client::Client, keys: Keys, timeout: Duration) -> Self {
+        Self {
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            keys,
+            timeout,
+        }
+    }
+
+    /// One txn, bounded by the request timeout.
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        let mut kv = self.kv.clone();
+        self.bounded(kv.txn(txn)).await
+    }
+
+    /// One further page of a range read.
+    async fn page(&self, from: Vec<u8>, options: GetOptions) -> Result<etcd_client::GetResponse> {
+        let mut kv = self.kv.clone();
+        self.bounded(kv.get(from, Some(options))).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) if crate::etcd_errors::is_retryable(&error) => {
+                Err(Error::Unavailable(error.to_string()))
+            }
+            Ok(Err(error)) => Err(Error::Etcd(error)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "no answer within {}",
+                humantime::format_duration(self.timeout)
+            ))),
+        }
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Our values have string map keys only: serializing cannot fail.
+    serde_json::to_vec(value).expect("changefeed values serialize to JSON")
+}

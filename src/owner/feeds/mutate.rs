@@ -1,0 +1,365 @@
+//! Mutations: create, update, pause, resume and delete, each a compare-and-swap
+//! txn decided from a snapshot and decided again from the fresh keys when a compare
+//! fails.
+
+use std::collections::BTreeSet;
+use std::time::SystemTime;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+
+use super::read::{view, Raw, Read, Snapshot};
+use super::request::{
+    changefeed_id, now_ts, validate_config, validate_id, validate_selector, validate_sink_uri,
+    CreateChangefeed, ResumeChangefeed, UpdateChangefeed,
+};
+use super::{
+    encode, ChangefeedView, Changefeeds, Error, Result, DELETE_EXECUTORS_PER_TXN, MAX_ATTEMPTS,
+};
+use crate::owner::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState};
+
+/// What a mutation decided from a snapshot.
+enum Plan {
+    /// Already in the requested state: nothing to write.
+    Nothing,
+    /// Write `ops` if every compare still holds.
+    Write {
+        compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    },
+}
+
+impl Changefeeds {
+    /// Creates a changefeed in state `normal` with its status at
+    /// `checkpoint_ts = start_ts`, epoch 0, in one txn that requires neither
+    /// key to exist: a duplicate is [`Error::Exists`] and changes nothing.
+    pub async fn create(
+        &self,
+        namespace: &str,
+        request: CreateChangefeed,
+    ) -> Result<ChangefeedView> {
+        validate_id("namespace", namespace)?;
+        validate_id("changefeed id", &request.id)?;
+        validate_sink_uri(&request.sink_uri)?;
+        let config = validate_config(request.config)?;
+        let selector = request.selector.unwrap_or_default();
+        validate_selector(&selector)?;
+        let start_ts = match request.start_ts {
+            None | Some(0) => now_ts(),
+            Some(ts) => ts,
+        };
+        let target_ts = request.target_ts.unwrap_or(0);
+        if target_ts != 0 && target_ts <= start_ts {
+            return Err(Error::InvalidArgument(format!(
+                "target_ts ({target_ts}) must be 0 (run forever) or greater than start_ts ({start_ts})"
+            )));
+        }
+        let cf = ChangefeedId::new(namespace, request.id);
+        let info = ChangefeedInfo {
+            sink_uri: request.sink_uri,
+            start_ts,
+            target_ts,
+            config,
+            selector,
+            state: FeedState::Normal,
+            error: None,
+            create_time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        };
+        let status = ChangefeedStatus {
+            checkpoint_ts: start_ts,
+            ..ChangefeedStatus::default()
+        };
+        let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(info_key.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(status_key.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(info_key, encode(&info), None),
+                TxnOp::put(status_key, encode(&status), None),
+            ]);
+        if !self.txn(txn).await?.succeeded() {
+            return Err(Error::Exists(cf));
+        }
+        Ok(view(&cf, info, Some(status), None))
+    }
+
+    /// Replaces the given fields of a paused changefeed (409
+    /// [`Error::NotPaused`] otherwise). Fields equal to the stored ones write
+    /// nothing.
+    pub async fn update(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: UpdateChangefeed,
+    ) -> Result<ChangefeedView> {
+        let cf = changefeed_id(namespace, id)?;
+        if request.sink_uri.is_none() && request.config.is_none() && request.selector.is_none() {
+            return Err(Error::InvalidArgument(
+                "nothing to update: give at least one of sink_uri, config, selector".into(),
+            ));
+        }
+        if let Some(sink_uri) = &request.sink_uri {
+            validate_sink_uri(sink_uri)?;
+        }
+        let config = request.config.map(Some).map(validate_config).transpose()?;
+        if let Some(selector) = &request.selector {
+            validate_selector(selector)?;
+        }
+        let info_key = self.keys.info(&cf);
+        let snapshot = self
+            .mutate(&cf, false, |snapshot| {
+                let (raw, mut info) = info_of(&cf, snapshot, false)?;
+                if info.state != FeedState::Stopped {
+                    return Err(Error::NotPaused {
+                        id: cf.clone(),
+                        state: info.state,
+                        hint: "pause it before updating it",
+                    });
+                }
+                let before = info.clone();
+                if let Some(sink_uri) = &request.sink_uri {
+                    info.sink_uri.clone_from(sink_uri);
+                }
+                if let Some(config) = &config {
+                    info.config.clone_from(config);
+                }
+                if let Some(selector) = &request.selector {
+                    info.selector.clone_from(selector);
+                }
+                if info == before {
+                    return Ok(Plan::Nothing);
+                }
+                Ok(Plan::Write {
+                    compares: vec![unchanged(&info_key, Some(raw))],
+                    ops: vec![TxnOp::put(info_key.as_str(), encode(&info), None)],
+                })
+            })
+            .await?;
+        self.view_of(&cf, &snapshot)
+    }
+
+    /// `normal` -> `stopped`; already stopped: nothing to do; failed or
+    /// finished: [`Error::WrongState`]. The owner unassigns it.
+    pub async fn pause(&self, namespace: &str, id: &str) -> Result<ChangefeedView> {
+        let cf = changefeed_id(namespace, id)?;
+        let info_key = self.keys.info(&cf);
+        let snapshot = self
+            .mutate(&cf, false, |snapshot| {
+                let (raw, mut info) = info_of(&cf, snapshot, false)?;
+                match info.state {
+                    FeedState::Stopped => Ok(Plan::Nothing),
+                    FeedState::Normal => {
+                        info.state = FeedState::Stopped;
+                        Ok(Plan::Write {
+                            compares: vec![unchanged(&info_key, Some(raw))],
+                            ops: vec![TxnOp::put(info_key.as_str(), encode(&info), None)],
+                        })
+                    }
+                    state @ (FeedState::Failed | FeedState::Finished) => Err(Error::WrongState {
+                        id: cf.clone(),
+                        state,
+                        op: "pause",
+                    }),
+                }
+            })
+            .await?;
+        self.view_of(&cf, &snapshot)
+    }
+
+    /// `stopped` or `failed` -> `normal`, clearing the error and the retry
+    /// count and backoff in the status; with `checkpoint_ts`, the status
+    /// checkpoint is rewritten too (it must lie in `[start_ts, target_ts)`).
+    /// Both keys are written in one txn that compares both revisions.
+    /// Already normal: nothing to do without a checkpoint, 409
+    /// [`Error::NotPaused`] with one; finished: [`Error::WrongState`].
+    pub async fn resume(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: ResumeChangefeed,
+    ) -> Result<ChangefeedView> {
+        let cf = changefeed_id(namespace, id)?;
+        let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
+        let snapshot = self
+            .mutate(&cf, false, |snapshot| {
+                let replaced = request.checkpoint_ts.is_some();
+                let (raw, mut info) = info_of(&cf, snapshot, replaced)?;
+                match (info.state, request.checkpoint_ts) {
+                    (FeedState::Normal, None) => return Ok(Plan::Nothing),
+                    (FeedState::Normal, Some(_)) => {
+                        return Err(Error::NotPaused {
+                            id: cf.clone(),
+                            state: info.state,
+                            hint: "pause it before resuming it from another checkpoint",
+                        })
+                    }
+                    (FeedState::Finished, _) => {
+                        return Err(Error::WrongState {
+                            id: cf.clone(),
+                            state: info.state,
+                            op: "resume",
+                        })
+                    }
+                    (FeedState::Stopped | FeedState::Failed, _) => {}
+                }
+                let mut status = match (&snapshot.status, request.checkpoint_ts) {
+                    // A new checkpoint replaces the status, malformed or not.
+                    (Some(old), Some(_)) => old.decode().unwrap_or_default(),
+                    (Some(old), None) => old.decode::<ChangefeedStatus>()?,
+                    (None, _) => ChangefeedStatus {
+                        checkpoint_ts: info.start_ts,
+                        ..ChangefeedStatus::default()
+                    },
+                };
+                if let Some(checkpoint_ts) = request.checkpoint_ts {
+                    if checkpoint_ts < info.start_ts
+                        || (info.target_ts != 0 && checkpoint_ts >= info.target_ts)
+                    {
+                        return Err(Error::InvalidArgument(format!(
+                            "checkpoint_ts ({checkpoint_ts}) must be at least start_ts ({}){}",
+                            info.start_ts,
+                            if info.target_ts == 0 {
+                                String::new()
+                            } else {
+                                format!(" and less than target_ts ({})", info.target_ts)
+                            }
+                        )));
+                    }
+                    status.checkpoint_ts = checkpoint_ts;
+                }
+                status.retries = 0;
+                status.retry_after_ms = 0;
+                info.state = FeedState::Normal;
+                info.error = None;
+                Ok(Plan::Write {
+                    compares: vec![
+                        unchanged(&info_key, Some(raw)),
+                        unchanged(&status_key, snapshot.status.as_ref()),
+                    ],
+                    ops: vec![
+                        TxnOp::put(info_key.as_str(), encode(&info), None),
+                        TxnOp::put(status_key.as_str(), encode(&status), None),
+                    ],
+                })
+            })
+            .await?;
+        self.view_of(&cf, &snapshot)
+    }
+
+    /// Removes every key of the changefeed (info, status, and each task
+    /// status and position) in one txn, guarded by the revisions of the info
+    /// and status keys: the owner writes the status whenever it assigns the
+    /// changefeed, so a task key created after the read fails the compare
+    /// and the delete reads again. Works on malformed values too, and on the
+    /// leftovers of a changefeed whose info is gone. [`Error::NotFound`] when
+    /// there is no key at all.
+    pub async fn delete(&self, namespace: &str, id: &str) -> Result<()> {
+        let cf = changefeed_id(namespace, id)?;
+        let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
+        // One txn holds the info, the status and at most
+        // DELETE_EXECUTORS_PER_TXN executors' task keys; further txns delete
+        // the rest only while the info is still absent, so a changefeed
+        // re-created meanwhile keeps its keys.
+        let mut first = true;
+        loop {
+            let after = self
+                .mutate(&cf, true, |snapshot| {
+                    if first && snapshot.is_empty() {
+                        return Err(Error::NotFound(cf.clone()));
+                    }
+                    if !first && snapshot.info.is_some() {
+                        return Ok(Plan::Nothing);
+                    }
+                    let executors: BTreeSet<&String> = snapshot
+                        .tasks
+                        .keys()
+                        .chain(snapshot.positions.iter())
+                        .collect();
+                    let mut ops = vec![
+                        TxnOp::delete(info_key.as_str(), None),
+                        TxnOp::delete(status_key.as_str(), None),
+                    ];
+                    for executor in executors.into_iter().take(DELETE_EXECUTORS_PER_TXN) {
+                        ops.push(TxnOp::delete(self.keys.task_status(&cf, executor), None));
+                        ops.push(TxnOp::delete(self.keys.task_position(&cf, executor), None));
+                    }
+                    Ok(Plan::Write {
+                        compares: vec![
+                            unchanged(&info_key, snapshot.info.as_ref()),
+                            unchanged(&status_key, snapshot.status.as_ref()),
+                        ],
+                        ops,
+                    })
+                })
+                .await?;
+            first = false;
+            if after.info.is_some() || (after.tasks.is_empty() && after.positions.is_empty()) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads the changefeed, decides with `plan`, and writes under the
+    /// plan's compares; on a failed compare decides again from the fresh
+    /// keys the failure branch returned. Returns the keys after the write.
+    async fn mutate(
+        &self,
+        cf: &ChangefeedId,
+        positions: bool,
+        mut plan: impl FnMut(&Snapshot) -> Result<Plan>,
+    ) -> Result<Snapshot> {
+        let reads = self.reads(cf, positions);
+        let read_ops = || reads.iter().map(Read::op).collect::<Vec<_>>();
+        let mut snapshot = self.read(cf, &reads).await?;
+        for _ in 0..MAX_ATTEMPTS {
+            let (compares, mut ops) = match plan(&snapshot)? {
+                Plan::Nothing => return Ok(snapshot),
+                Plan::Write { compares, ops } => (compares, ops),
+            };
+            let writes = ops.len();
+            // Reads after the writes in one txn see the writes.
+            ops.extend(read_ops());
+            let txn = Txn::new().when(compares).and_then(ops).or_else(read_ops());
+            let response = self.txn(txn).await?;
+            let skip = if response.succeeded() { writes } else { 0 };
+            let kvs = self.collect(&reads, &response, skip).await?;
+            snapshot = self.snapshot(cf, kvs);
+            if response.succeeded() {
+                return Ok(snapshot);
+            }
+        }
+        Err(Error::Conflict(cf.clone()))
+    }
+}
+
+/// The changefeed's info, and the raw key to compare against. The status is
+/// decoded too, unless `status_replaced`: a mutation must not write when
+/// its answer could not be shown, so "500 corrupt_value" means "nothing
+/// written".
+fn info_of<'a>(
+    cf: &ChangefeedId,
+    snapshot: &'a Snapshot,
+    status_replaced: bool,
+) -> Result<(&'a Raw, ChangefeedInfo)> {
+    let raw = snapshot
+        .info
+        .as_ref()
+        .ok_or_else(|| Error::NotFound(cf.clone()))?;
+    let info = raw.decode()?;
+    if !status_replaced {
+        if let Some(status) = &snapshot.status {
+            status.decode::<ChangefeedStatus>()?;
+        }
+    }
+    Ok((raw, info))
+}
+
+/// A compare that holds while `key` is as read (absent: still absent).
+fn unchanged(key: &str, read: Option<&Raw>) -> Compare {
+    Compare::mod_revision(
+        key,
+        CompareOp::Equal,
+        read.map_or(0, |raw| raw.mod_revision),
+    )
+}
