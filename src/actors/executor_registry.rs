@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::election::LeaseGuard;
+use crate::error_code::ErrorCode;
 use crate::labels;
 use crate::metrics;
 use crate::store::{self, Store, StoredExecutor};
@@ -119,15 +120,15 @@ pub enum RegistryError {
 
 impl RegistryError {
     /// The machine-readable code (also a metric label).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            RegistryError::InvalidArgument(_) => "invalid_argument",
-            RegistryError::UnknownExecutor(_) => "unknown_executor",
-            RegistryError::TombstoneExecutor(_) => "tombstone_executor",
-            RegistryError::Unauthorized(_) => "unauthorized",
-            RegistryError::StoreUnavailable(_) => "store_unavailable",
-            RegistryError::NotReady => "not_ready",
-            RegistryError::Full(_) => "registry_full",
+            RegistryError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            RegistryError::UnknownExecutor(_) => ErrorCode::UnknownExecutor,
+            RegistryError::TombstoneExecutor(_) => ErrorCode::TombstoneExecutor,
+            RegistryError::Unauthorized(_) => ErrorCode::Unauthorized,
+            RegistryError::StoreUnavailable(_) => ErrorCode::StoreUnavailable,
+            RegistryError::NotReady => ErrorCode::NotReady,
+            RegistryError::Full(_) => ErrorCode::RegistryFull,
         }
     }
 }
@@ -945,7 +946,7 @@ impl Handler<Register> for ExecutorRegistry {
     fn handle(&mut self, msg: Register, ctx: &mut Self::Context) -> Self::Result {
         let outcome = |r: &Result<Registration>| match r {
             Ok(_) => "ok",
-            Err(e) => e.code(),
+            Err(e) => e.code().as_str(),
         };
         if let Err(error) = validate_registration(&msg) {
             let result = Err(error);
