@@ -4,6 +4,7 @@ pub mod actors;
 pub mod client;
 pub mod config;
 pub mod election;
+pub mod error_code;
 pub mod etcd_errors;
 pub mod etcd_server;
 pub mod http;

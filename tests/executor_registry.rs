@@ -287,6 +287,43 @@ async fn a_thousand_concurrent_registrations_with_one_name_get_distinct_ids() {
     );
 }
 
+/// A burst is written a batch per statement: with one pooled connection (an
+/// in-memory SQLite) and a 100 ms acquire timeout, 1,000 registrations queued
+/// a row per statement made the last ones wait out the timeout (503
+/// `store_unavailable`; CI saw it in the registry bench's smoke run).
+#[actix_rt::test]
+async fn a_burst_of_a_thousand_registrations_on_one_connection_is_never_refused() {
+    common::init_tracing();
+    let options = StoreOptions {
+        acquire_timeout: Duration::from_millis(100),
+        ..StoreOptions::default()
+    };
+    let store = Store::connect("sqlite::memory:", &options)
+        .await
+        .expect("in-memory store");
+    let config = RegistryConfig {
+        default_ttl: Duration::from_secs(60),
+        max_ttl: Duration::from_secs(60),
+        ..fast_config()
+    };
+    let addr = start(store.clone(), config).await;
+    let sends: Vec<_> = (0..1000)
+        .map(|i| addr.send(register_msg(&format!("burst{i}"), &[])))
+        .collect();
+    let refused: Vec<RegistryError> = futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .filter_map(|r| r.unwrap().err())
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} refused, first: {:?}",
+        refused.len(),
+        refused.first()
+    );
+    assert_eq!(store.load_executors().await.unwrap().len(), 1000);
+}
+
 #[actix_rt::test]
 async fn of_ten_thousand_executors_exactly_the_hundred_silent_ones_expire() {
     common::init_tracing();

@@ -120,6 +120,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     inserted_executors_load_back_with_their_labels,
     inserting_a_stored_id_again_is_a_duplicate,
+    a_batch_insert_is_all_or_nothing,
     delete_reports_whether_a_row_was_deleted,
     connecting_again_applies_no_migration_twice,
     servers_starting_together_migrate_once,
@@ -169,6 +170,28 @@ async fn inserting_a_stored_id_again_is_a_duplicate(db: TestDb) {
         other => panic!("expected Duplicate, got {other:?}"),
     }
     assert_eq!(store.load_executors().await.unwrap(), vec![original]);
+}
+
+async fn a_batch_insert_is_all_or_nothing(db: TestDb) {
+    let store = db.store().await;
+    let batch: Vec<StoredExecutor> = (0..flotilla::store::MAX_INSERT_BATCH as i64)
+        .map(|i| executor(&format!("batch-{i:08x}"), 1_700_000_000_000 + i))
+        .collect();
+    store.insert_executors(&batch).await.unwrap();
+    assert_eq!(store.load_executors().await.unwrap(), batch);
+
+    // One stored id among new ones: the statement fails whole, nothing new lands.
+    let clash = vec![
+        executor("fresh-00000001", 1_800_000_000_000),
+        batch[7].clone(),
+        executor("fresh-00000002", 1_800_000_000_001),
+    ];
+    match store.insert_executors(&clash).await {
+        Err(Error::Duplicate { .. }) => {}
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert_eq!(store.load_executors().await.unwrap(), batch);
+    store.insert_executors(&[]).await.unwrap();
 }
 
 async fn delete_reports_whether_a_row_was_deleted(db: TestDb) {

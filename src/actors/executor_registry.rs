@@ -24,10 +24,11 @@ use actix::prelude::*;
 use rand::Rng;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::election::LeaseGuard;
+use crate::error_code::ErrorCode;
 use crate::labels;
 use crate::metrics;
 use crate::store::{self, Store, StoredExecutor};
@@ -119,15 +120,15 @@ pub enum RegistryError {
 
 impl RegistryError {
     /// The machine-readable code (also a metric label).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            RegistryError::InvalidArgument(_) => "invalid_argument",
-            RegistryError::UnknownExecutor(_) => "unknown_executor",
-            RegistryError::TombstoneExecutor(_) => "tombstone_executor",
-            RegistryError::Unauthorized(_) => "unauthorized",
-            RegistryError::StoreUnavailable(_) => "store_unavailable",
-            RegistryError::NotReady => "not_ready",
-            RegistryError::Full(_) => "registry_full",
+            RegistryError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            RegistryError::UnknownExecutor(_) => ErrorCode::UnknownExecutor,
+            RegistryError::TombstoneExecutor(_) => ErrorCode::TombstoneExecutor,
+            RegistryError::Unauthorized(_) => ErrorCode::Unauthorized,
+            RegistryError::StoreUnavailable(_) => ErrorCode::StoreUnavailable,
+            RegistryError::NotReady => ErrorCode::NotReady,
+            RegistryError::Full(_) => ErrorCode::RegistryFull,
         }
     }
 }
@@ -613,6 +614,10 @@ pub struct ExecutorRegistry {
     last_expiry_pass: Instant,
     pending_deletes: BTreeSet<ExecutorId>,
     deleting: bool,
+    /// Registrations waiting for their SQL insert, written a batch per statement
+    /// by [`Self::flush_inserts`] (one batch in flight at a time).
+    pending_inserts: Vec<PendingInsert>,
+    inserting: bool,
     /// Whether this server still holds the leadership it runs under.
     lease: LeaseGuard,
 }
@@ -631,6 +636,8 @@ impl ExecutorRegistry {
             last_expiry_pass: Instant::now(),
             pending_deletes: BTreeSet::new(),
             deleting: false,
+            pending_inserts: Vec::new(),
+            inserting: false,
             lease: LeaseGuard::always(),
         }
     }
@@ -865,6 +872,53 @@ impl ExecutorRegistry {
             }),
         );
     }
+
+    /// Writes waiting registrations to SQL, up to [`store::MAX_INSERT_BATCH`] rows a
+    /// statement, one statement at a time: a burst of a thousand registrations costs
+    /// a few statements, not a thousand callers queueing for the pool (where the
+    /// last of them ran into its acquire timeout and got 503). Each caller learns
+    /// its batch's outcome; a batch refused for a duplicate id (a collision with a
+    /// row still being deleted) is retried row by row, so only the colliding
+    /// registration fails.
+    fn flush_inserts(&mut self, ctx: &mut Context<Self>) {
+        if self.inserting || self.pending_inserts.is_empty() {
+            return;
+        }
+        self.inserting = true;
+        let take = self.pending_inserts.len().min(store::MAX_INSERT_BATCH);
+        let batch: Vec<PendingInsert> = self.pending_inserts.drain(..take).collect();
+        let store = self.store.clone();
+        ctx.spawn(
+            async move {
+                let rows: Vec<StoredExecutor> = batch.iter().map(|p| p.row.clone()).collect();
+                match store.insert_executors(&rows).await {
+                    Err(store::Error::Duplicate { .. }) if batch.len() > 1 => {
+                        for pending in batch {
+                            let outcome = store.insert_executor(&pending.row).await;
+                            let _ = pending.done.send(outcome.map_err(Arc::new));
+                        }
+                    }
+                    outcome => {
+                        let outcome = outcome.map_err(Arc::new);
+                        for pending in batch {
+                            let _ = pending.done.send(outcome.clone());
+                        }
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(|(), act, ctx| {
+                act.inserting = false;
+                act.flush_inserts(ctx);
+            }),
+        );
+    }
+}
+
+/// A registration's row waiting for [`ExecutorRegistry::flush_inserts`].
+struct PendingInsert {
+    row: StoredExecutor,
+    done: oneshot::Sender<std::result::Result<(), Arc<store::Error>>>,
 }
 
 impl Actor for ExecutorRegistry {
@@ -889,10 +943,10 @@ impl Handler<Register> for ExecutorRegistry {
     // registration waits for SQL; the id is reserved meanwhile.
     type Result = ResponseActFuture<Self, Result<Registration>>;
 
-    fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Register, ctx: &mut Self::Context) -> Self::Result {
         let outcome = |r: &Result<Registration>| match r {
             Ok(_) => "ok",
-            Err(e) => e.code(),
+            Err(e) => e.code().as_str(),
         };
         if let Err(error) = validate_registration(&msg) {
             let result = Err(error);
@@ -932,23 +986,29 @@ impl Handler<Register> for ExecutorRegistry {
                 .unwrap_or_default()
                 .as_millis() as i64,
         };
-        let store = self.store.clone();
+        let (done, stored) = oneshot::channel();
+        self.pending_inserts.push(PendingInsert { row, done });
+        self.flush_inserts(ctx);
         Box::pin(
-            async move { store.insert_executor(&row).await }
+            // Unanswered only if the actor stopped, and then this never runs.
+            stored
                 .into_actor(self)
                 .map(move |stored, act, _| {
                     act.reserved.remove(&id);
                     let result = match stored {
-                        Err(error) => {
+                        Err(_) => Err(RegistryError::StoreUnavailable(
+                            "the registry stopped before the store answered".to_owned(),
+                        )),
+                        Ok(Err(error)) => {
                             warn!(name = %msg.name, %error, "registration failed: the store refused it");
-                            Err(RegistryError::StoreUnavailable(match error {
+                            Err(RegistryError::StoreUnavailable(match &*error {
                                 store::Error::Duplicate { .. } => {
                                     "id collision with a stored executor; retry".to_owned()
                                 }
                                 other => other.to_string(),
                             }))
                         }
-                        Ok(()) => {
+                        Ok(Ok(())) => {
                             let now = Instant::now();
                             let ttl = act.config.default_ttl;
                             let executor = Executor {

@@ -412,7 +412,11 @@ mod tests {
             .iter()
             .map(|c| c.as_str().unwrap())
             .collect();
-        assert_eq!(codes, super::super::error::CODES);
+        let all: Vec<&str> = crate::error_code::ErrorCode::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .collect();
+        assert_eq!(codes, all);
     }
 
     /// The routes the app registers (every one goes through `resource()`),

@@ -45,6 +45,9 @@ const SLOW_OPERATION: Duration = Duration::from_secs(1);
 /// Key of the PostgreSQL advisory lock that serializes migrations across servers
 /// ("flotilla" in ASCII).
 const MIGRATION_LOCK_KEY: i64 = 0x666c_6f74_696c_6c61;
+/// Rows per [`Store::insert_executors`] statement: 6 bound values a row, well within
+/// SQLite's 32,766 and PostgreSQL's 65,535 parameters per statement.
+pub const MAX_INSERT_BATCH: usize = 500;
 
 /// Errors of the SQL store.
 #[derive(Debug, thiserror::Error)]
@@ -177,26 +180,42 @@ impl Store {
 
     /// Persists a newly registered executor.
     pub async fn insert_executor(&self, executor: &StoredExecutor) -> Result<()> {
+        self.insert_executors(std::slice::from_ref(executor)).await
+    }
+
+    /// Persists newly registered executors in one statement: all or none. A burst of
+    /// registrations is written a batch at a time instead of a row per statement, each
+    /// waiting for the pool (SQLite admits one writer; an in-memory database has one
+    /// connection). At most [`MAX_INSERT_BATCH`] rows. On a primary-key conflict the
+    /// error names the first row's id when there is one row, any row's otherwise.
+    pub async fn insert_executors(&self, executors: &[StoredExecutor]) -> Result<()> {
         const OPERATION: &str = "insert_executor";
+        assert!(
+            executors.len() <= MAX_INSERT_BATCH,
+            "insert_executors takes at most {MAX_INSERT_BATCH} rows"
+        );
+        let Some(first) = executors.first() else {
+            return Ok(());
+        };
         observe(OPERATION, async {
-            let row = entity::ActiveModel {
+            let rows = executors.iter().map(|executor| entity::ActiveModel {
                 id: Set(executor.id.clone()),
                 name: Set(executor.name.clone()),
                 address: Set(executor.address.clone()),
                 labels: Set(labels_to_json(&executor.labels)),
                 token_hash: Set(executor.token_hash.clone()),
                 registered_at_ms: Set(executor.registered_at_ms),
-            };
-            // Without RETURNING: we have the row already, and it keeps the statement
+            });
+            // Without RETURNING: we have the rows already, and it keeps the statement
             // the same on every backend.
-            match entity::Entity::insert(row)
+            match entity::Entity::insert_many(rows)
                 .exec_without_returning(&self.db)
                 .await
             {
                 Ok(_) => Ok(()),
                 Err(source) => match source.sql_err() {
                     Some(SqlErr::UniqueConstraintViolation(_)) => Err(Error::Duplicate {
-                        id: executor.id.clone(),
+                        id: first.id.clone(),
                     }),
                     _ => Err(Error::Unavailable {
                         operation: OPERATION,

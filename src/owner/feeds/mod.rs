@@ -30,6 +30,7 @@ use etcd_client::{GetOptions, KvClient, Txn, TxnResponse};
 use serde::Serialize;
 
 use super::model::{ChangefeedId, FeedState, Keys};
+use crate::error_code::ErrorCode;
 
 mod mutate;
 mod read;
@@ -115,17 +116,17 @@ pub enum Error {
 
 impl Error {
     /// The machine-readable code (also a metric label).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Error::InvalidArgument(_) => "invalid_argument",
-            Error::NotFound(_) => "not_found",
-            Error::Exists(_) => "changefeed_exists",
-            Error::NotPaused { .. } => "changefeed_not_paused",
-            Error::WrongState { .. } => "changefeed_wrong_state",
-            Error::Conflict(_) => "conflict",
-            Error::Unavailable(_) => "etcd_unavailable",
-            Error::Etcd(_) => "etcd_error",
-            Error::Corrupt { .. } => "corrupt_value",
+            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::Exists(_) => ErrorCode::ChangefeedExists,
+            Error::NotPaused { .. } => ErrorCode::ChangefeedNotPaused,
+            Error::WrongState { .. } => ErrorCode::ChangefeedWrongState,
+            Error::Conflict(_) => ErrorCode::Conflict,
+            Error::Unavailable(_) => ErrorCode::EtcdUnavailable,
+            Error::Etcd(_) => ErrorCode::EtcdError,
+            Error::Corrupt { .. } => ErrorCode::CorruptValue,
         }
     }
 }
