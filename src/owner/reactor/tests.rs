@@ -1,0 +1,504 @@
+//! `OwnerReactor` ticks on a `StateTester`, with a fixed clock.
+
+use super::*;
+use crate::owner::model::{ChangefeedInfo, Keys};
+use crate::state::StateTester;
+
+const NOW: u64 = 1_800_000_000_000;
+
+fn now() -> u64 {
+    NOW
+}
+
+struct Harness {
+    tester: StateTester<GlobalState>,
+    owner: OwnerReactor,
+    inputs: mpsc::UnboundedSender<OwnerInput>,
+    keys: Keys,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let keys = Keys::new("/p");
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self {
+            tester: StateTester::new("/p/", GlobalState::new(keys.clone())),
+            owner: OwnerReactor::new(rx, OwnerConfig::default()).with_clock(now),
+            inputs: tx,
+            keys,
+        }
+    }
+
+    fn executors(&self, list: &[(&str, &[(&str, &str)])]) {
+        let list = list
+            .iter()
+            .map(|(id, labels)| executor(id, labels))
+            .collect();
+        self.inputs.send(OwnerInput::Executors(list)).unwrap();
+    }
+
+    fn offline(&self, id: &str) {
+        self.inputs.send(OwnerInput::Offline(id.into())).unwrap();
+    }
+
+    fn progress(
+        &self,
+        executor: &str,
+        cf: &ChangefeedId,
+        epoch: u64,
+        checkpoint: u64,
+        error: Option<&str>,
+    ) {
+        self.inputs
+            .send(OwnerInput::Progress {
+                executor: executor.into(),
+                report: ProgressReport {
+                    changefeed: cf.clone(),
+                    epoch,
+                    checkpoint_ts: checkpoint,
+                    resolved_ts: checkpoint,
+                    error: error.map(Into::into),
+                },
+            })
+            .unwrap();
+    }
+
+    fn create(&mut self, id: &str, selector: &[(&str, &str)]) -> ChangefeedId {
+        let cf = ChangefeedId::new("default", id);
+        let info = ChangefeedInfo {
+            sink_uri: "blackhole://".into(),
+            start_ts: 100,
+            target_ts: 0,
+            config: serde_json::json!({}),
+            selector: selector
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            state: FeedState::Normal,
+            error: None,
+            create_time: rfc3339(NOW),
+        };
+        let status = ChangefeedStatus {
+            checkpoint_ts: 100,
+            ..Default::default()
+        };
+        self.tester
+            .external_write(&self.keys.info(&cf), Some(&json(&info)));
+        self.tester
+            .external_write(&self.keys.status(&cf), Some(&json(&status)));
+        cf
+    }
+
+    fn set_state(&mut self, cf: &ChangefeedId, feed_state: FeedState) {
+        let mut info = self.tester.state().changefeeds[cf].info.clone().unwrap();
+        info.state = feed_state;
+        self.tester
+            .external_write(&self.keys.info(cf), Some(&json(&info)));
+    }
+
+    fn tick(&mut self) {
+        let (result, plan) = self.tester.tick(&mut self.owner);
+        result.unwrap();
+        plan.unwrap();
+    }
+
+    fn entry(&self, cf: &ChangefeedId) -> &ChangefeedEntry {
+        &self.tester.state().changefeeds[cf]
+    }
+
+    fn assignment(&self, cf: &ChangefeedId) -> Option<(String, u64)> {
+        let entry = self.entry(cf);
+        assert!(
+            entry.tasks.len() <= 1,
+            "at most one task: {:?}",
+            entry.tasks
+        );
+        entry
+            .current_executor()
+            .map(|e| (e.to_owned(), entry.status.as_ref().unwrap().epoch))
+    }
+}
+
+fn executor(id: &str, labels: &[(&str, &str)]) -> LiveExecutor {
+    ExecutorRecord {
+        id: id.into(),
+        name: id.into(),
+        address: format!("{id}:9000"),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// Found by `fuzz/global_state`: a status written from outside with a
+/// `retry_after_ms` past the year 9999 made every tick panic formatting
+/// it; the last epoch or retry count overflowed.
+#[test]
+fn extreme_values_in_a_stored_status_do_not_panic_the_tick() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[])]);
+    let put_status = |h: &mut Harness, cf: &ChangefeedId, status: ChangefeedStatus| {
+        h.tester
+            .external_write(&h.keys.status(cf), Some(&json(&status)));
+    };
+    let backing_off = h.create("backoff", &[]);
+    put_status(
+        &mut h,
+        &backing_off,
+        ChangefeedStatus {
+            retry_after_ms: u64::MAX,
+            ..Default::default()
+        },
+    );
+    let last_epoch = h.create("last-epoch", &[]);
+    put_status(
+        &mut h,
+        &last_epoch,
+        ChangefeedStatus {
+            epoch: u64::MAX,
+            ..Default::default()
+        },
+    );
+    h.tick();
+    let reason = |h: &Harness, cf| h.entry(cf).status.clone().unwrap().pending_reason;
+    assert_eq!(h.assignment(&backing_off), None);
+    assert!(
+        reason(&h, &backing_off)
+            .unwrap()
+            .contains("18446744073709551615 ms after the Unix epoch"),
+        "{:?}",
+        reason(&h, &backing_off)
+    );
+    assert_eq!(h.assignment(&last_epoch), None);
+    assert!(reason(&h, &last_epoch).unwrap().contains("is the last one"));
+    assert_eq!(
+        h.entry(&last_epoch).status.as_ref().unwrap().epoch,
+        u64::MAX
+    );
+
+    // Retries at their maximum: one more error is still counted.
+    let failing = h.create("failing", &[]);
+    h.tick();
+    let (executor, epoch) = h.assignment(&failing).unwrap();
+    put_status(
+        &mut h,
+        &failing,
+        ChangefeedStatus {
+            epoch,
+            // Ahead of the report: no progress resets the count.
+            checkpoint_ts: 1_000,
+            retries: u32::MAX,
+            ..Default::default()
+        },
+    );
+    h.progress(&executor, &failing, epoch, 200, Some("boom"));
+    h.tick();
+    assert_eq!(h.entry(&failing).status.as_ref().unwrap().retries, u32::MAX);
+    assert_eq!(
+        h.entry(&failing).info.as_ref().unwrap().state,
+        FeedState::Failed
+    );
+}
+
+#[test]
+fn nothing_is_scheduled_before_the_live_executors_are_known() {
+    let mut h = Harness::new();
+    let cf = h.create("a", &[]);
+    h.tick();
+    assert_eq!(h.assignment(&cf), None);
+    assert!(h
+        .entry(&cf)
+        .status
+        .as_ref()
+        .unwrap()
+        .pending_reason
+        .is_none());
+    h.executors(&[("e1", &[])]);
+    h.tick();
+    assert_eq!(h.assignment(&cf), Some(("e1".into(), 1)));
+}
+
+#[test]
+fn thirty_changefeeds_balance_ten_per_executor() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[]), ("e2", &[]), ("e3", &[])]);
+    let cfs: Vec<_> = (0..30)
+        .map(|i| h.create(&format!("cf{i:02}"), &[]))
+        .collect();
+    h.tick();
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for cf in &cfs {
+        *per.entry(h.assignment(cf).unwrap().0).or_default() += 1;
+    }
+    assert_eq!(per.values().copied().collect::<Vec<_>>(), vec![10, 10, 10]);
+    // A second tick changes nothing.
+    let before = h.tester.revision();
+    h.tick();
+    assert_eq!(
+        h.tester.revision(),
+        before,
+        "a stable assignment writes nothing"
+    );
+}
+
+#[test]
+fn ties_go_to_the_lowest_id_and_selectors_are_respected() {
+    let mut h = Harness::new();
+    h.executors(&[("b", &[("zone", "x")]), ("a", &[("zone", "y")])]);
+    let any = h.create("any", &[]);
+    let x = h.create("x", &[("zone", "x")]);
+    let none = h.create("none", &[("zone", "z")]);
+    h.tick();
+    assert_eq!(h.assignment(&any), Some(("a".into(), 1)));
+    assert_eq!(h.assignment(&x), Some(("b".into(), 1)));
+    assert_eq!(h.assignment(&none), None);
+    let reason = h
+        .entry(&none)
+        .status
+        .as_ref()
+        .unwrap()
+        .pending_reason
+        .clone()
+        .unwrap();
+    assert!(reason.contains("selector"), "{reason}");
+}
+
+#[test]
+fn an_offline_executor_s_changefeeds_move_with_a_higher_epoch() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[]), ("e2", &[])]);
+    let cf = h.create("a", &[]);
+    h.tick();
+    let (first, epoch) = h.assignment(&cf).unwrap();
+    h.progress(&first, &cf, epoch, 150, None);
+    h.tick();
+    assert!(h.entry(&cf).positions.contains_key(&first));
+    h.offline(&first);
+    h.tick();
+    let (second, new_epoch) = h.assignment(&cf).unwrap();
+    assert_ne!(first, second);
+    assert_eq!(new_epoch, epoch + 1);
+    let entry = h.entry(&cf);
+    assert!(
+        !entry.tasks.contains_key(&first) && !entry.positions.contains_key(&first),
+        "old task keys deleted"
+    );
+    assert_eq!(
+        entry.status.as_ref().unwrap().checkpoint_ts,
+        150,
+        "the new one resumes from the checkpoint"
+    );
+    assert_eq!(
+        h.tester.value(&h.keys.executor(&first)),
+        None,
+        "mirror updated"
+    );
+}
+
+#[test]
+fn the_checkpoint_never_goes_back_and_stale_epochs_are_ignored() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[]), ("e2", &[])]);
+    let cf = h.create("a", &[]);
+    h.tick();
+    let (e, epoch) = h.assignment(&cf).unwrap();
+    let other = if e == "e1" { "e2" } else { "e1" };
+    for (checkpoint, expected) in [(200, 200), (180, 200), (200, 200), (250, 250)] {
+        h.progress(&e, &cf, epoch, checkpoint, None);
+        h.tick();
+        assert_eq!(
+            h.entry(&cf).status.as_ref().unwrap().checkpoint_ts,
+            expected
+        );
+    }
+    // A zombie (another executor, or an old epoch) cannot move it.
+    h.progress(other, &cf, epoch, 900, None);
+    h.progress(&e, &cf, epoch - 1, 900, None);
+    h.tick();
+    assert_eq!(h.entry(&cf).status.as_ref().unwrap().checkpoint_ts, 250);
+    assert!(!h.entry(&cf).positions.contains_key(other));
+}
+
+#[test]
+fn paused_and_resumed_changefeeds_are_unassigned_and_reassigned() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[])]);
+    let cf = h.create("a", &[]);
+    h.tick();
+    assert_eq!(h.assignment(&cf), Some(("e1".into(), 1)));
+    h.set_state(&cf, FeedState::Stopped);
+    h.tick();
+    assert!(h.entry(&cf).tasks.is_empty());
+    h.set_state(&cf, FeedState::Normal);
+    h.tick();
+    assert_eq!(h.assignment(&cf), Some(("e1".into(), 2)));
+}
+
+#[test]
+fn errors_back_off_then_fail_after_max_retries() {
+    let mut h = Harness::new();
+    h.owner.config.retry_backoff = Duration::ZERO;
+    h.executors(&[("e1", &[])]);
+    let cf = h.create("a", &[]);
+    h.tick();
+    for retry in 1..=3 {
+        let (e, epoch) = h.assignment(&cf).expect("assigned");
+        h.progress(&e, &cf, epoch, 100, Some("sink down"));
+        h.tick(); // unassigned, retries = n
+        assert_eq!(h.entry(&cf).status.as_ref().unwrap().retries, retry);
+        h.tick(); // reassigned (zero backoff)
+    }
+    let (e, epoch) = h.assignment(&cf).expect("assigned");
+    h.progress(&e, &cf, epoch, 100, Some("sink down"));
+    h.tick();
+    let info = h.entry(&cf).info.clone().unwrap();
+    assert_eq!(info.state, FeedState::Failed);
+    assert_eq!(info.error.as_deref(), Some("sink down"));
+    assert!(h.entry(&cf).tasks.is_empty());
+    h.tick();
+    assert!(
+        h.entry(&cf).tasks.is_empty(),
+        "a failed changefeed stays unassigned"
+    );
+}
+
+#[test]
+fn an_error_waits_for_its_backoff_before_reassignment() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[])]);
+    let cf = h.create("a", &[]);
+    h.tick();
+    let (e, epoch) = h.assignment(&cf).unwrap();
+    h.progress(&e, &cf, epoch, 100, Some("boom"));
+    h.tick();
+    let reason = h.entry(&cf).status.clone().unwrap().pending_reason.unwrap();
+    assert!(
+        reason.contains("reported an error (retry 1 of 3): boom"),
+        "{reason}"
+    );
+    h.tick();
+    assert_eq!(h.assignment(&cf), None, "backing off (2 s by default)");
+    let status = h.entry(&cf).status.clone().unwrap();
+    assert_eq!(status.retry_after_ms, NOW + 2_000);
+    assert!(status.pending_reason.unwrap().contains("backing off"));
+}
+
+#[test]
+fn reaching_the_target_finishes_the_changefeed() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[])]);
+    let cf = h.create("a", &[]);
+    let mut info = h.entry(&cf).info.clone().unwrap();
+    info.target_ts = 500;
+    h.tester
+        .external_write(&h.keys.info(&cf), Some(&json(&info)));
+    h.tick();
+    let (e, epoch) = h.assignment(&cf).unwrap();
+    h.progress(&e, &cf, epoch, 500, None);
+    h.tick();
+    assert_eq!(
+        h.entry(&cf).info.as_ref().unwrap().state,
+        FeedState::Finished
+    );
+    assert!(h.entry(&cf).tasks.is_empty());
+}
+
+#[test]
+fn leftovers_of_a_deleted_changefeed_are_removed() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[])]);
+    let cf = h.create("a", &[]);
+    h.tick();
+    h.tester.external_write(&h.keys.info(&cf), None);
+    h.tick();
+    assert!(!h.tester.state().changefeeds.contains_key(&cf));
+    assert!(
+        h.tester.raw().keys().all(|k| !k.contains("/a")),
+        "{:?}",
+        h.tester.raw().keys()
+    );
+}
+
+/// Writes task keys (status and position) for `n` executors that are
+/// not live, as if they had accumulated or were written from outside.
+fn write_stale_tasks(h: &mut Harness, cf: &ChangefeedId, n: usize) {
+    for i in 0..n {
+        let executor = format!("gone-{i:03}");
+        let task = TaskStatus {
+            epoch: 1,
+            assigned_at: rfc3339(NOW),
+            written_by: String::new(),
+        };
+        let position = TaskPosition {
+            epoch: 1,
+            checkpoint_ts: 100,
+            resolved_ts: 100,
+            error: None,
+        };
+        h.tester
+            .external_write(&h.keys.task_status(cf, &executor), Some(&json(&task)));
+        h.tester
+            .external_write(&h.keys.task_position(cf, &executor), Some(&json(&position)));
+    }
+}
+
+#[test]
+fn hundreds_of_stale_tasks_go_over_several_ticks_each_group_fitting_one_txn() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[])]);
+    let live = h.create("live", &[]);
+    let deleted = h.create("deleted", &[]);
+    write_stale_tasks(&mut h, &live, 150);
+    write_stale_tasks(&mut h, &deleted, 150);
+    h.tester.external_write(&h.keys.info(&deleted), None);
+    // 300 keys per changefeed: one group would need 300+ ops. Each tick's
+    // plan must succeed (Harness::tick unwraps it) and make progress.
+    for _ in 0..150usize.div_ceil(MAX_STALE_TASKS_PER_TICK) {
+        h.tick();
+    }
+    let entry = h.entry(&live);
+    assert_eq!(entry.tasks.keys().collect::<Vec<_>>(), ["e1"]);
+    assert!(entry.positions.keys().all(|e| e == "e1"));
+    assert!(!h.tester.state().changefeeds.contains_key(&deleted));
+    assert!(
+        h.tester.raw().keys().all(|k| !k.contains("gone-")),
+        "stale keys left"
+    );
+}
+
+#[test]
+fn executors_are_mirrored_under_meta() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[("zone", "a")])]);
+    h.tick();
+    let record: ExecutorRecord =
+        serde_json::from_slice(h.tester.value(&h.keys.executor("e1")).unwrap()).unwrap();
+    assert_eq!(record.labels["zone"], "a");
+    h.inputs
+        .send(OwnerInput::Online(executor("e2", &[])))
+        .unwrap();
+    h.offline("e1");
+    h.tick();
+    assert!(h.tester.value(&h.keys.executor("e1")).is_none());
+    assert!(h.tester.value(&h.keys.executor("e2")).is_some());
+}
+
+#[test]
+fn a_restarted_owner_keeps_the_assignments_it_finds() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[]), ("e2", &[])]);
+    let cfs: Vec<_> = (0..6).map(|i| h.create(&format!("cf{i}"), &[])).collect();
+    h.tick();
+    let before: Vec<_> = cfs.iter().map(|cf| h.assignment(cf)).collect();
+    // A new owner over the same state (same executors alive).
+    let (tx, rx) = mpsc::unbounded_channel();
+    h.owner = OwnerReactor::new(rx, OwnerConfig::default()).with_clock(now);
+    h.inputs = tx;
+    h.executors(&[("e2", &[]), ("e1", &[])]);
+    let revision = h.tester.revision();
+    h.tick();
+    assert_eq!(h.tester.revision(), revision, "nothing moved");
+    let after: Vec<_> = cfs.iter().map(|cf| h.assignment(cf)).collect();
+    assert_eq!(before, after);
+}
