@@ -494,3 +494,70 @@ fn server_id() -> String {
         .unwrap_or_else(|| "flotilla".into());
     format!("{host}-{:08x}", rand::random::<u32>())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Distinct free ports, held at once so that none is handed out twice.
+    fn free_ports<const N: usize>() -> [u16; N] {
+        let listeners: Vec<_> = (0..N)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+            .collect();
+        std::array::from_fn(|i| listeners[i].local_addr().expect("bound").port())
+    }
+
+    fn healthz(port: u16) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        Some(answer)
+    }
+
+    #[actix_web::test]
+    async fn an_in_process_server_serves_until_asked_to_stop_then_stops_its_etcd() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let [http, client, peer] = free_ports();
+        let env = [
+            ("FLOTILLA_SERVER_DATA_DIR", dir.path().display().to_string()),
+            ("FLOTILLA_HTTP_LISTEN", format!("127.0.0.1:{http}")),
+            ("FLOTILLA_ETCD_EMBEDDED_CLIENT_PORT", client.to_string()),
+            ("FLOTILLA_ETCD_EMBEDDED_PEER_PORT", peer.to_string()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v));
+        let config = Config::load(None, env, &[]).expect("valid config");
+        let (requests, shutdown) = futures::channel::mpsc::unbounded();
+        let server = actix_rt::spawn(run(config, shutdown));
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let answer = loop {
+            let answer = actix_web::rt::task::spawn_blocking(move || healthz(http))
+                .await
+                .expect("probe");
+            match answer {
+                Some(answer) if answer.starts_with("HTTP/1.1 200") => break answer,
+                _ if std::time::Instant::now() > deadline => panic!("no healthz: {answer:?}"),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+        requests.unbounded_send("test").expect("server listening");
+        let result = tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .expect("stops within 30 s")
+            .expect("run did not panic");
+        assert!(result.is_ok(), "{result:?}");
+        assert!(
+            TcpStream::connect(("127.0.0.1", client)).is_err(),
+            "the embedded etcd stopped with the server"
+        );
+        assert!(healthz(http).is_none(), "HTTP stopped");
+    }
+}
