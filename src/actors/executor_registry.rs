@@ -93,7 +93,7 @@ pub const MAX_ADDRESS_LEN: usize = 256;
 pub use crate::labels::MAX_LABELS;
 
 /// Why a registry request failed. Each variant has a stable code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RegistryError {
     /// The request is malformed (bad name, address or label).
     #[error("{0}")]
@@ -107,9 +107,10 @@ pub enum RegistryError {
     /// Missing or wrong token.
     #[error("missing or wrong token for executor {0}")]
     Unauthorized(String),
-    /// The SQL store failed; nothing was changed.
+    /// The SQL store failed; nothing was changed. (Shared: one failed batch
+    /// insert answers every registration in it.)
     #[error("the metadata store is unavailable: {0}")]
-    StoreUnavailable(String),
+    StoreUnavailable(#[source] Arc<store::Error>),
     /// The registry is still loading executors from SQL.
     #[error("the registry is still loading executors from the metadata store")]
     NotReady,
@@ -132,6 +133,16 @@ impl RegistryError {
         }
     }
 }
+
+/// Equal when they would answer a request alike: the same code and message (the
+/// store's errors have no equality of their own).
+impl PartialEq for RegistryError {
+    fn eq(&self, other: &Self) -> bool {
+        self.code() == other.code() && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for RegistryError {}
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
@@ -996,17 +1007,13 @@ impl Handler<Register> for ExecutorRegistry {
                 .map(move |stored, act, _| {
                     act.reserved.remove(&id);
                     let result = match stored {
-                        Err(_) => Err(RegistryError::StoreUnavailable(
-                            "the registry stopped before the store answered".to_owned(),
-                        )),
+                        // The batch was dropped unanswered: only if it panicked.
+                        Err(_) => Err(RegistryError::NotReady),
                         Ok(Err(error)) => {
+                            // A duplicate id (a collision with a row still being
+                            // deleted) is as retryable as an outage: 503 either way.
                             warn!(name = %msg.name, %error, "registration failed: the store refused it");
-                            Err(RegistryError::StoreUnavailable(match &*error {
-                                store::Error::Duplicate { .. } => {
-                                    "id collision with a stored executor; retry".to_owned()
-                                }
-                                other => other.to_string(),
-                            }))
+                            Err(RegistryError::StoreUnavailable(error))
                         }
                         Ok(Ok(())) => {
                             let now = Instant::now();
