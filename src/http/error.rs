@@ -287,7 +287,10 @@ mod tests {
                 401,
             ),
             (
-                RegistryError::StoreUnavailable("x".into()).into(),
+                RegistryError::StoreUnavailable(std::sync::Arc::new(
+                    crate::store::Error::Duplicate { id: "x".into() },
+                ))
+                .into(),
                 "store_unavailable",
                 503,
             ),

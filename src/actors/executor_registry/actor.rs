@@ -21,7 +21,7 @@ use super::{ExecutorId, RegistryConfig, RegistryError, Result, MAX_ADDRESS_LEN, 
 use crate::election::LeaseGuard;
 use crate::labels;
 use crate::metrics;
-use crate::store::{self, Store, StoredExecutor};
+use crate::store::{Store, StoredExecutor};
 
 /// Register an executor.
 #[derive(Message, Debug, Clone)]
@@ -336,17 +336,13 @@ impl Handler<Register> for ExecutorRegistry {
                 .map(move |stored, act, _| {
                     act.reserved.remove(&id);
                     let result = match stored {
-                        Err(_) => Err(RegistryError::StoreUnavailable(
-                            "the registry stopped before the store answered".to_owned(),
-                        )),
+                        // The batch was dropped unanswered: only if it panicked.
+                        Err(_) => Err(RegistryError::NotReady),
                         Ok(Err(error)) => {
+                            // A duplicate id (a collision with a row still being
+                            // deleted) is as retryable as an outage: 503 either way.
                             warn!(name = %msg.name, %error, "registration failed: the store refused it");
-                            Err(RegistryError::StoreUnavailable(match &*error {
-                                store::Error::Duplicate { .. } => {
-                                    "id collision with a stored executor; retry".to_owned()
-                                }
-                                other => other.to_string(),
-                            }))
+                            Err(RegistryError::StoreUnavailable(error))
                         }
                         Ok(Ok(())) => {
                             let now = Instant::now();

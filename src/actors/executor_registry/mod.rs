@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error_code::ErrorCode;
+use crate::store;
 
 mod actor;
 mod expiry;
@@ -104,7 +105,7 @@ pub const MAX_ADDRESS_LEN: usize = 256;
 pub use crate::labels::MAX_LABELS;
 
 /// Why a registry request failed. Each variant has a stable code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RegistryError {
     /// The request is malformed (bad name, address or label).
     #[error("{0}")]
@@ -118,9 +119,10 @@ pub enum RegistryError {
     /// Missing or wrong token.
     #[error("missing or wrong token for executor {0}")]
     Unauthorized(String),
-    /// The SQL store failed; nothing was changed.
+    /// The SQL store failed; nothing was changed. (Shared: one failed batch
+    /// insert answers every registration in it.)
     #[error("the metadata store is unavailable: {0}")]
-    StoreUnavailable(String),
+    StoreUnavailable(#[source] Arc<store::Error>),
     /// The registry is still loading executors from SQL.
     #[error("the registry is still loading executors from the metadata store")]
     NotReady,
@@ -143,5 +145,15 @@ impl RegistryError {
         }
     }
 }
+
+/// Equal when they would answer a request alike: the same code and message (the
+/// store's errors have no equality of their own).
+impl PartialEq for RegistryError {
+    fn eq(&self, other: &Self) -> bool {
+        self.code() == other.code() && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for RegistryError {}
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
