@@ -2,11 +2,10 @@
 //! which route (the token matrix), and malformed values written into etcd
 //! from outside.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::server::{request, FlotillaServer, Response, ServerOptions};
+use crate::harness::server::{request, FlotillaServer, Response, ServerOptions};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "admin-s3cret-token";

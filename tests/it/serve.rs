@@ -1,8 +1,8 @@
 //! End-to-end tests of `flotilla serve`: the real binary, a real embedded etcd, plain
 //! HTTP over a TcpStream, and signals.
 
-mod common;
 
+use crate::harness;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -300,7 +300,7 @@ fn missing_explicit_config_file_fails() {
 /// worker full, a new connection gets no answer; when one closes, it does.
 #[test]
 fn connections_beyond_the_limit_wait_until_one_closes() {
-    let server = common::server::FlotillaServer::start(common::server::ServerOptions {
+    let server = harness::server::FlotillaServer::start(harness::server::ServerOptions {
         env: vec![("FLOTILLA_HTTP_MAX_CONNECTIONS".into(), "2".into())],
         ..Default::default()
     });

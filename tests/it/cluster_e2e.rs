@@ -2,8 +2,8 @@
 //! HTTP the way executors and operators use it: changefeeds balance over
 //! executors, move off a silent one, and survive a restart of the server.
 
-mod common;
 
+use crate::harness;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -42,7 +42,7 @@ impl Server {
                 etcd_client.to_string(),
             )
             .env("FLOTILLA_ETCD_EMBEDDED_PEER_PORT", etcd_peer.to_string())
-            .envs(common::server::FAST_TIMINGS.iter().copied())
+            .envs(harness::server::FAST_TIMINGS.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -195,7 +195,7 @@ async fn until_assigned(
 
 #[actix_rt::test]
 async fn changefeeds_balance_fail_over_and_survive_a_server_restart() {
-    common::init_tracing();
+    harness::init_tracing();
     let data = tempfile::tempdir().unwrap();
     let [http, etcd_client, etcd_peer] = free_ports::<3>();
     let server = Server::start(data.path(), http, etcd_client, etcd_peer);

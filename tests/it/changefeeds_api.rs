@@ -2,8 +2,8 @@
 //! CAS create under concurrency, the pause/update/resume/delete flows, every
 //! error code, the admin token, an etcd outage and malformed stored values.
 
-mod common;
 
+use crate::harness;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use flotilla::owner::feeds::Changefeeds;
 use flotilla::owner::model::{ChangefeedId, ChangefeedStatus, Key, Keys};
 use serde_json::{json, Value};
 
-use common::EtcdCluster;
+use crate::harness::EtcdCluster;
 
 const PREFIX: &str = "/flotilla/test";
 const ADMIN: &str = "admin-secret-token";
@@ -30,7 +30,7 @@ struct Fixture {
 }
 
 async fn fixture_with(admin_token: Option<&str>, timeout: Duration) -> Fixture {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let keys = Keys::new(PREFIX);
@@ -1080,7 +1080,7 @@ async fn malformed_values_are_reported_and_do_not_hide_the_others() {
 
 #[actix_rt::test]
 async fn without_etcd_the_routes_are_503_unavailable() {
-    common::init_tracing();
+    harness::init_tracing();
     let client = etcd_client::Client::connect(
         ["http://127.0.0.1:1"],
         Some(etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(100))),

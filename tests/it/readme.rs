@@ -5,14 +5,13 @@
 //! say. Only the ports differ (set through the environment, so other tests
 //! and servers on this machine do not collide with it).
 
-mod common;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{free_port, BIN};
+use crate::harness::server::{free_port, BIN};
 
 const MARKER: &str = "<!-- walkthrough:";
 

@@ -1,8 +1,8 @@
 //! `/api/v1/executors` over HTTP: the JSON contract, every error code, a
 //! fuzzing pass, a store outage, and the SSE feed read by a real client.
 
-mod common;
 
+use crate::harness;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,7 +135,7 @@ fn assert_error(status: StatusCode, body: &Value, want_status: u16, want_code: &
 
 #[actix_rt::test]
 async fn register_heartbeat_list_get_and_deregister() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let (state, _) = state_with(sqlite(&dir).await).await;
     let app = app!(state);
@@ -306,7 +306,7 @@ async fn heartbeats_have_their_own_body_limit_read_only_for_a_live_executor() {
 
 #[actix_rt::test]
 async fn every_bad_request_gets_its_code_and_status() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let (state, _) = state_with(sqlite(&dir).await).await;
     let app = app!(state);
@@ -460,7 +460,7 @@ async fn every_bad_request_gets_its_code_and_status() {
 
 #[actix_rt::test]
 async fn hostile_requests_never_get_a_5xx_nor_change_the_registry() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let (state, _) = state_with(sqlite(&dir).await).await;
     let app = app!(state);
@@ -572,8 +572,8 @@ async fn hostile_requests_never_get_a_5xx_nor_change_the_registry() {
 
 #[actix_rt::test]
 async fn a_store_outage_refuses_registration_and_leaves_no_trace() {
-    common::init_tracing();
-    let pg = common::postgres::PostgresServer::start();
+    harness::init_tracing();
+    let pg = harness::postgres::PostgresServer::start();
     let url = pg.fresh_database("outage").await;
     let options = StoreOptions {
         connect_timeout: Duration::from_secs(2),
@@ -632,7 +632,7 @@ async fn read_frame(reader: &mut BufReader<tokio::net::TcpStream>) -> (String, V
 
 #[actix_rt::test]
 async fn the_watch_feed_is_readable_by_a_real_http_client() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let (state, _) = state_with(sqlite(&dir).await).await;
     let listener = http::listen("127.0.0.1:0").unwrap();

@@ -3,14 +3,13 @@
 //! certificate. Certificates are made for the test with `openssl`; requests
 //! go through `curl`.
 
-mod common;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{free_port, BIN};
+use crate::harness::server::{free_port, BIN};
 use serde_json::Value;
 use tempfile::TempDir;
 
