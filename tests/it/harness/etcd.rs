@@ -15,7 +15,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, CompactionOptions, ConnectOptions};
 use tempfile::TempDir;
+
+pub(crate) use super::ports::free_ports;
 
 /// The etcd binary; `FLOTILLA_TEST_ETCD` overrides it (e.g. a newer release).
 const DEFAULT_ETCD_BIN: &str = "/usr/bin/etcd";
@@ -572,23 +574,6 @@ pub(crate) fn spawn_from_long_lived_thread(cmd: Command) -> io::Result<Child> {
     reply_rx
         .recv()
         .map_err(|_| io::Error::other("etcd spawner thread dropped the request"))?
-}
-
-/// `count` distinct free loopback ports. All listeners are held until every port is
-/// picked so the kernel cannot hand out the same port twice; they are released
-/// before etcd binds, so another process may still win the race (then we retry).
-pub(crate) fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| {
-            l.local_addr()
-                .expect("local addr of a bound listener")
-                .port()
-        })
-        .collect()
 }
 
 fn unique_token() -> String {

@@ -2,7 +2,6 @@
 //! SQLite store in a temp dir and fast registry timings, for tests of the client, the
 //! CLI and the agent. Dropping it kills the server, then etcd.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub use super::ports::free_port;
 use super::EtcdCluster;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
@@ -19,15 +19,6 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 /// one cargo built.
 fn server_bin() -> std::ffi::OsString {
     std::env::var_os("FLOTILLA_TEST_BIN").unwrap_or_else(|| BIN.into())
-}
-
-/// A free loopback port (released before the server binds it).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// How a test server is started.
