@@ -5,7 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::server::{request, FlotillaServer, Response, ServerOptions};
+use crate::harness::http::{request, Response};
+use crate::harness::server::{FlotillaServer, ServerOptions};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "admin-s3cret-token";

@@ -53,7 +53,7 @@ fn request(
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     stream
-        .write_all(&harness::server::request_bytes(method, path, token, body))
+        .write_all(&harness::http::request_bytes(method, path, token, body))
         .unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).unwrap();

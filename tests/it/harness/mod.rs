@@ -6,6 +6,7 @@ use std::sync::Once;
 
 pub mod cluster;
 pub mod etcd;
+pub mod http;
 pub mod ports;
 pub mod postgres;
 pub mod reactors;
