@@ -2,13 +2,14 @@
 //! fuzzing pass, a store outage, and the SSE feed read by a real client.
 
 
+use crate::harness::app::{app, assert_error, call};
 use crate::harness;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::http::StatusCode;
-use actix_web::{test, web, App};
+use actix_web::{test, web};
 use flotilla::actors::executor_registry::{ExecutorRegistry, GetRegistryStats, RegistryConfig};
 use flotilla::actors::leader::{RoleSlot, Roles};
 use flotilla::http::limits::RegisterLimiter;
@@ -90,28 +91,6 @@ async fn sqlite(dir: &TempDir) -> Store {
         .unwrap()
 }
 
-macro_rules! app {
-    ($state:expr) => {
-        test::init_service(App::new().configure(http::configure($state.clone()))).await
-    };
-}
-
-/// Sends a request and returns status and JSON body (Null when empty).
-macro_rules! call {
-    ($app:expr, $req:expr) => {{
-        let resp = test::call_service(&$app, $req.to_request()).await;
-        let status = resp.status();
-        let bytes = test::read_body(resp).await;
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|e| panic!("non-JSON body {bytes:?}: {e}"))
-        };
-        (status, body)
-    }};
-}
-
 fn register_req(name: &str, labels: Value) -> test::TestRequest {
     test::TestRequest::post()
         .uri("/api/v1/executors")
@@ -124,14 +103,6 @@ fn heartbeat_req(id: &str, token: &str) -> test::TestRequest {
         .insert_header(("Authorization", format!("Bearer {token}")))
 }
 
-fn assert_error(status: StatusCode, body: &Value, want_status: u16, want_code: &str) {
-    assert_eq!(status.as_u16(), want_status, "{body}");
-    assert_eq!(body["code"], want_code, "{body}");
-    assert!(
-        body["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-}
 
 #[actix_rt::test]
 async fn register_heartbeat_list_get_and_deregister() {

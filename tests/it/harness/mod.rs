@@ -4,6 +4,7 @@
 
 use std::sync::Once;
 
+pub mod app;
 pub mod cluster;
 pub mod etcd;
 pub mod http;
