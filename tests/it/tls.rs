@@ -3,14 +3,14 @@
 //! certificate. Certificates are made for the test with `openssl`; requests
 //! go through `curl`.
 
-mod common;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{free_port, BIN};
+use crate::harness::ports::{free_port, free_port_array};
+use crate::harness::server::BIN;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -117,7 +117,7 @@ fn spawn(command: &mut Command, log: PathBuf) -> Killed {
 }
 
 fn etcd_with_mtls(dir: &Path) -> (Killed, String) {
-    let (client, peer) = (free_port(), free_port());
+    let [client, peer] = free_port_array::<2>();
     let url = format!("https://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let etcd = spawn(

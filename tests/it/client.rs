@@ -1,14 +1,14 @@
 //! `flotilla::client` against a real `flotilla serve` over a real etcd: every method,
 //! and how each kind of failure maps onto `client::Error`.
 
-mod common;
 
+use crate::harness;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use common::server::{FlotillaServer, ServerOptions};
+use crate::harness::server::{FlotillaServer, ServerOptions};
 use flotilla::client::{
     Client, CreateChangefeed, Error, ExecutorFilter, HeartbeatRequest, Progress, RegisterRequest,
     UpdateChangefeed, WatchEvent, WatchStream, DEFAULT_NAMESPACE,
@@ -64,7 +64,7 @@ async fn next_event(stream: &mut WatchStream) -> WatchEvent {
 
 #[tokio::test]
 async fn executor_methods_and_their_errors() {
-    common::init_tracing();
+    harness::init_tracing();
     let server = FlotillaServer::start(ServerOptions::default());
     let client = Client::new(&server.url()).unwrap();
 
@@ -197,7 +197,7 @@ async fn executor_methods_and_their_errors() {
 
 #[tokio::test]
 async fn changefeed_methods_with_the_admin_token_and_progress() {
-    common::init_tracing();
+    harness::init_tracing();
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
         ..ServerOptions::default()
@@ -392,7 +392,7 @@ async fn changefeed_methods_with_the_admin_token_and_progress() {
 #[tokio::test]
 async fn no_server_is_unreachable_and_retryable() {
     // Bound then dropped: nothing listens there.
-    let port = common::server::free_port();
+    let port = harness::server::free_port();
     let client = Client::new(&format!("127.0.0.1:{port}")).unwrap();
     let error = client.status().await.unwrap_err();
     assert!(matches!(error, Error::Unreachable { .. }), "{error:?}");

@@ -2,8 +2,9 @@
 //! CAS create under concurrency, the pause/update/resume/delete flows, every
 //! error code, the admin token, an etcd outage and malformed stored values.
 
-mod common;
 
+use crate::harness::app::{app, assert_error, call, call_full};
+use crate::harness;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use flotilla::owner::feeds::Changefeeds;
 use flotilla::owner::model::{ChangefeedId, ChangefeedStatus, Key, Keys};
 use serde_json::{json, Value};
 
-use common::EtcdCluster;
+use crate::harness::EtcdCluster;
 
 const PREFIX: &str = "/flotilla/test";
 const ADMIN: &str = "admin-secret-token";
@@ -30,7 +31,7 @@ struct Fixture {
 }
 
 async fn fixture_with(admin_token: Option<&str>, timeout: Duration) -> Fixture {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let keys = Keys::new(PREFIX);
@@ -140,37 +141,6 @@ impl Fixture {
     }
 }
 
-macro_rules! app {
-    ($fixture:expr) => {
-        test::init_service(App::new().configure(http::configure($fixture.state.clone()))).await
-    };
-}
-
-/// Sends a request; returns the status, the JSON body (Null when empty) and
-/// the response headers.
-macro_rules! call_full {
-    ($app:expr, $req:expr) => {{
-        let resp = test::call_service(&$app, $req.to_request()).await;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = test::read_body(resp).await;
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|e| panic!("non-JSON body {bytes:?}: {e}"))
-        };
-        (status, body, headers)
-    }};
-}
-
-macro_rules! call {
-    ($app:expr, $req:expr) => {{
-        let (status, body, _) = call_full!($app, $req);
-        (status, body)
-    }};
-}
-
 fn create_req(namespace: Option<&str>, body: Value) -> test::TestRequest {
     let uri = match namespace {
         Some(ns) => format!("/api/v1/changefeeds?namespace={ns}"),
@@ -209,15 +179,6 @@ fn delete_req(id: &str, namespace: &str) -> test::TestRequest {
     test::TestRequest::delete().uri(&feed_uri(id, namespace, ""))
 }
 
-fn assert_error(status: StatusCode, body: &Value, want_status: u16, want_code: &str) {
-    assert_eq!(status.as_u16(), want_status, "{body}");
-    assert_eq!(body["code"], want_code, "{body}");
-    assert!(
-        body["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-}
-
 fn ids(list: &Value) -> Vec<&str> {
     list["items"]
         .as_array()
@@ -230,7 +191,7 @@ fn ids(list: &Value) -> Vec<&str> {
 #[actix_rt::test]
 async fn create_get_and_list_by_namespace_and_state() {
     let f = fixture().await;
-    let app = app!(f);
+    let app = app!(f.state);
     let before = flotilla::owner::feeds::now_ts();
 
     let (status, a, headers) = call_full!(
@@ -360,7 +321,7 @@ async fn create_get_and_list_by_namespace_and_state() {
 #[actix_rt::test]
 async fn duplicate_create_is_409_and_keeps_the_first() {
     let f = fixture().await;
-    let app = app!(f);
+    let app = app!(f.state);
     let (status, first) = call!(
         app,
         create_req(
@@ -408,7 +369,7 @@ async fn duplicate_create_is_409_and_keeps_the_first() {
 #[actix_rt::test]
 async fn concurrent_creates_of_one_id_yield_exactly_one_201() {
     let f = fixture().await;
-    let app = app!(f);
+    let app = app!(f.state);
     let requests = (0..20).map(|i| {
         let app = &app;
         async move {
@@ -441,7 +402,7 @@ async fn concurrent_creates_of_one_id_yield_exactly_one_201() {
 #[actix_rt::test]
 async fn pause_update_resume_flows() {
     let f = fixture().await;
-    let app = app!(f);
+    let app = app!(f.state);
     let cf = ChangefeedId::new("default", "flow");
     let (status, created) = call!(
         app,
@@ -584,7 +545,7 @@ async fn pause_update_resume_flows() {
 #[actix_rt::test]
 async fn concurrent_updates_each_answer_what_they_wrote() {
     let f = fixture().await;
-    let app = app!(f);
+    let app = app!(f.state);
     let (status, _) = call!(
         app,
         create_req(None, json!({"id": "busy", "sink_uri": "kafka://0"}))
@@ -624,7 +585,7 @@ async fn concurrent_updates_each_answer_what_they_wrote() {
 #[actix_rt::test]
 async fn delete_removes_every_key_it_owns_and_nothing_else() {
     let f = fixture().await;
-    let app = app!(f);
+    let app = app!(f.state);
     for (ns, id) in [
         ("default", "doomed"),
         ("default", "kept"),
@@ -696,7 +657,7 @@ async fn delete_removes_every_key_it_owns_and_nothing_else() {
 #[actix_rt::test]
 async fn delete_of_a_changefeed_with_more_task_keys_than_one_txn_holds_removes_them_all() {
     let f = fixture().await;
-    let app = app!(f);
+    let app = app!(f.state);
     let (status, body) = call!(
         app,
         create_req(None, json!({"id": "wide", "sink_uri": "kafka://k"}))
@@ -735,7 +696,7 @@ impl Fixture {
 #[actix_rt::test]
 async fn bad_inputs_are_400_invalid_argument_and_write_nothing() {
     let f = fixture().await;
-    let app = app!(f);
+    let app = app!(f.state);
     let long = "x".repeat(129);
     let base = |extra: Value| {
         let mut body = json!({"id": "ok", "sink_uri": "kafka://k"});
@@ -887,7 +848,7 @@ type RequestMaker = Box<dyn Fn() -> test::TestRequest>;
 #[actix_rt::test]
 async fn mutations_need_the_admin_token_when_one_is_set() {
     let f = fixture_with(Some(ADMIN), Duration::from_secs(5)).await;
-    let app = app!(f);
+    let app = app!(f.state);
     let create = || create_req(None, json!({"id": "guarded", "sink_uri": "kafka://k"}));
     let mutations: Vec<(&str, RequestMaker)> = vec![
         ("create", Box::new(create)),
@@ -950,7 +911,7 @@ async fn mutations_need_the_admin_token_when_one_is_set() {
 async fn etcd_down_is_503_etcd_unavailable_within_the_timeout() {
     let timeout = Duration::from_millis(300);
     let mut f = fixture_with(None, timeout).await;
-    let app = app!(f);
+    let app = app!(f.state);
     let (status, _) = call!(
         app,
         create_req(None, json!({"id": "cf", "sink_uri": "kafka://k"}))
@@ -998,7 +959,7 @@ async fn etcd_down_is_503_etcd_unavailable_within_the_timeout() {
 #[actix_rt::test]
 async fn malformed_values_are_reported_and_do_not_hide_the_others() {
     let f = fixture().await;
-    let app = app!(f);
+    let app = app!(f.state);
     for id in ["good", "bad-info", "bad-status"] {
         let (status, _) = call!(
             app,
@@ -1080,7 +1041,7 @@ async fn malformed_values_are_reported_and_do_not_hide_the_others() {
 
 #[actix_rt::test]
 async fn without_etcd_the_routes_are_503_unavailable() {
-    common::init_tracing();
+    harness::init_tracing();
     let client = etcd_client::Client::connect(
         ["http://127.0.0.1:1"],
         Some(etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(100))),
@@ -1118,7 +1079,7 @@ async fn without_etcd_the_routes_are_503_unavailable() {
 #[actix_rt::test]
 async fn reads_span_many_pages() {
     let f = fixture().await;
-    let app = app!(f);
+    let app = app!(f.state);
     // More changefeeds and assignments than one page holds (PAGE_KEYS = 256),
     // written straight to etcd, 40 changefeeds (120 keys) per txn.
     let count = 700;

@@ -2,14 +2,14 @@
 //! `etcd_worker_test.go` and `batch_test.go`, ported, plus the holes tiflow
 //! leaves open.
 
-mod common;
 
+use crate::harness;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::reactors::{add, append, failed, Bank, FnReactor, KvState, Linearizability};
-use common::EtcdCluster;
+use crate::harness::reactors::{add, append, failed, Bank, FnReactor, KvState, Linearizability};
+use crate::harness::EtcdCluster;
 use etcd_client::{Client, GetOptions};
 use flotilla::actors::{self, Fence, WorkerConfig, WorkerError};
 use flotilla::state::{Change, DataPatch, PlanError, Reactor, ReactorError};
@@ -61,7 +61,7 @@ async fn revision(client: &Client) -> i64 {
 
 #[actix_rt::test]
 async fn sum_invariant_holds_with_six_concurrent_workers() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     const P: &str = "/sum";
@@ -152,7 +152,7 @@ async fn sum_invariant_holds_with_six_concurrent_workers() {
 
 #[actix_rt::test]
 async fn linearizability_values_never_go_back_and_ticks_see_own_writes() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     const P: &str = "/lin";
@@ -179,7 +179,7 @@ async fn linearizability_values_never_go_back_and_ticks_see_own_writes() {
 
 #[actix_rt::test]
 async fn finished_commits_the_last_patches_then_stops() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let reactor = FnReactor::new(|state: &mut KvState, n| {
@@ -205,7 +205,7 @@ async fn finished_commits_the_last_patches_then_stops() {
 
 #[actix_rt::test]
 async fn patches_on_one_key_compose_in_order() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let reactor = FnReactor::new(|state: &mut KvState, n| {
@@ -239,7 +239,7 @@ async fn patches_on_one_key_compose_in_order() {
 /// `changes_that_cancel_out_write_nothing` (an empty plan).
 #[actix_rt::test]
 async fn ticks_whose_patches_change_nothing_write_nothing() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let mut c = client.clone();
@@ -276,7 +276,7 @@ async fn ticks_whose_patches_change_nothing_write_nothing() {
 
 #[actix_rt::test]
 async fn a_write_outside_the_prefix_stops_the_worker_with_a_typed_error() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let reactor = FnReactor::new(|state: &mut KvState, _| {
@@ -293,7 +293,7 @@ async fn a_write_outside_the_prefix_stops_the_worker_with_a_typed_error() {
 
 #[actix_rt::test]
 async fn an_empty_value_is_a_value_and_a_missing_one_a_delete() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let reactor = FnReactor::new(|state: &mut KvState, n| {
@@ -340,7 +340,7 @@ async fn a_modify_decided_before_a_delete_does_not_resurrect_the_key() {
     // tiflow's TestModifyAfterDelete: worker 1 decides to modify a key that
     // exists in its snapshot; worker 2 deletes it meanwhile. The modify must
     // fail its compare, and on fresh state worker 1 sees nothing to modify.
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let mut c = client.clone();
@@ -390,7 +390,7 @@ async fn a_write_decided_on_a_key_deleted_meanwhile_is_refused() {
     // Write skew through a delete (what tiflow's delete counter is for):
     // worker 1 sees /info/x and creates /task/x for it; worker 2 deletes
     // /info/x meanwhile. Worker 1 guards /info/x, so no orphan task appears.
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let mut c = client.clone();
@@ -433,7 +433,7 @@ async fn a_write_decided_on_a_key_deleted_meanwhile_is_refused() {
 
 #[actix_rt::test]
 async fn a_thousand_single_key_groups_commit_in_txns_under_the_op_limit() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let before = revision(&client).await;
@@ -473,7 +473,7 @@ async fn a_thousand_single_key_groups_commit_in_txns_under_the_op_limit() {
 
 #[actix_rt::test]
 async fn a_group_of_exactly_the_op_limit_commits() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let reactor = FnReactor::new(|state: &mut KvState, _| {
@@ -499,7 +499,7 @@ async fn a_group_of_exactly_the_op_limit_commits() {
 
 #[actix_rt::test]
 async fn a_group_over_a_txn_limit_stops_the_worker_with_a_typed_error() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
 
@@ -551,7 +551,7 @@ async fn a_group_over_a_txn_limit_stops_the_worker_with_a_typed_error() {
 
 #[actix_rt::test]
 async fn a_deposed_fence_stops_the_worker_before_it_writes() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let mut c = client.clone();
@@ -606,11 +606,11 @@ async fn a_deposed_fence_stops_the_worker_before_it_writes() {
 
 #[actix_rt::test]
 async fn bank_sum_stays_zero_with_ten_restarting_workers() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let checked = Arc::new(AtomicU64::new(0));
-    common::reactors::seed_bank(&client, "/bank", 25).await;
+    harness::reactors::seed_bank(&client, "/bank", 25).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut slots = Vec::new();
     for slot in 0..10u64 {
@@ -640,5 +640,5 @@ async fn bank_sum_stays_zero_with_ten_restarting_workers() {
         checked.load(Ordering::Relaxed) > 50,
         "ticks checked the sum"
     );
-    assert_eq!(common::reactors::bank_sum(&client, "/bank").await, 0);
+    assert_eq!(harness::reactors::bank_sum(&client, "/bank").await, 0);
 }

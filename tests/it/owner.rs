@@ -1,13 +1,13 @@
 //! The owner end to end, in process: a real etcd, the registry on SQLite,
 //! the owner actor, executors heartbeating through the actors.
 
-mod common;
 
+use crate::harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use actix::prelude::*;
-use common::EtcdCluster;
+use crate::harness::EtcdCluster;
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
 use flotilla::actors::executor_registry::{
     ExecutorRegistry, GetRegistryStats, Heartbeat, Register, Registration, RegistryConfig,
@@ -64,7 +64,7 @@ async fn cluster() -> Cluster {
 }
 
 async fn cluster_with(registry: RegistryConfig) -> Cluster {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let dir = TempDir::new().unwrap();

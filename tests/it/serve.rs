@@ -1,24 +1,17 @@
 //! End-to-end tests of `flotilla serve`: the real binary, a real embedded etcd, plain
 //! HTTP over a TcpStream, and signals.
 
-mod common;
 
+use crate::harness;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::harness::ports::free_port_array;
+use crate::harness::server::BIN;
 
 /// The shipped config, so the test also proves it works.
 fn shipped_config() -> PathBuf {
@@ -121,7 +114,7 @@ impl Drop for Server {
 fn serve_answers_and_stops_cleanly_with_its_etcd() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let (http_port, client_port, peer_port) = (free_port(), free_port(), free_port());
+    let [http_port, client_port, peer_port] = free_port_array::<3>();
     let stderr_path = dir.path().join("stderr.log");
     let started = Instant::now();
     let child = Command::new(BIN)
@@ -235,15 +228,16 @@ fn missing_etcd_binary_fails_with_install_hint() {
     let dir = tempfile::tempdir().unwrap();
     let empty_path = dir.path().join("bin");
     std::fs::create_dir(&empty_path).unwrap();
+    let [client_port, peer_port] = free_port_array::<2>();
     let output = run(Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path().join("data"))
         .env("PATH", &empty_path)
         .env(
             "FLOTILLA_ETCD_EMBEDDED_CLIENT_PORT",
-            free_port().to_string(),
+            client_port.to_string(),
         )
-        .env("FLOTILLA_ETCD_EMBEDDED_PEER_PORT", free_port().to_string())
+        .env("FLOTILLA_ETCD_EMBEDDED_PEER_PORT", peer_port.to_string())
         .current_dir(dir.path()));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
@@ -300,7 +294,7 @@ fn missing_explicit_config_file_fails() {
 /// worker full, a new connection gets no answer; when one closes, it does.
 #[test]
 fn connections_beyond_the_limit_wait_until_one_closes() {
-    let server = common::server::FlotillaServer::start(common::server::ServerOptions {
+    let server = harness::server::FlotillaServer::start(harness::server::ServerOptions {
         env: vec![("FLOTILLA_HTTP_MAX_CONNECTIONS".into(), "2".into())],
         ..Default::default()
     });

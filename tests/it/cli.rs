@@ -2,12 +2,11 @@
 //! human and JSON output, one-line errors, and the exit codes scripts rely on
 //! (0 ok, 1 refused, 2 usage, 3 no usable answer).
 
-mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 
-use common::server::{free_port, FlotillaServer, ServerOptions, BIN};
+use crate::harness::server::{free_port, FlotillaServer, ServerOptions, BIN};
 use flotilla::client::{Client, RegisterRequest};
 use serde_json::Value;
 

@@ -2,13 +2,13 @@
 //! a real etcd: registration, heartbeats, assignments, progress that moves the
 //! changefeed's checkpoint, re-registration, and a clean stop that deregisters.
 
-mod common;
 
+use crate::harness;
 use std::future::Future;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{FlotillaServer, ServerOptions, BIN};
+use crate::harness::server::{FlotillaServer, ServerOptions, BIN};
 use flotilla::client::{
     simulate, Agent, AgentConfig, AgentHandle, AgentView, Changefeed, Client, CreateChangefeed,
     Error, ExecutorFilter, DEFAULT_NAMESPACE,
@@ -79,7 +79,7 @@ fn view_of(handle: &AgentHandle) -> AgentView {
 
 #[tokio::test]
 async fn agent_runs_its_assignment_reports_progress_and_deregisters_on_stop() {
-    common::init_tracing();
+    harness::init_tracing();
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
         ..ServerOptions::default()
@@ -142,7 +142,7 @@ async fn agent_runs_its_assignment_reports_progress_and_deregisters_on_stop() {
 
 #[tokio::test]
 async fn an_agent_with_more_progress_than_a_heartbeat_holds_reports_it_all_in_turn() {
-    common::init_tracing();
+    harness::init_tracing();
     // 2 KiB holds the progress of about 15 changefeeds; this agent runs 60.
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
@@ -190,7 +190,7 @@ async fn an_agent_with_more_progress_than_a_heartbeat_holds_reports_it_all_in_tu
 
 #[tokio::test]
 async fn agent_registers_again_after_being_deregistered() {
-    common::init_tracing();
+    harness::init_tracing();
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
         ..ServerOptions::default()
@@ -235,7 +235,7 @@ async fn agent_registers_again_after_being_deregistered() {
 
 #[tokio::test]
 async fn a_refused_registration_ends_the_agent_with_the_server_error() {
-    common::init_tracing();
+    harness::init_tracing();
     let server = FlotillaServer::start(ServerOptions::default());
     let mut handle = Agent::spawn(
         Client::new(&server.url()).unwrap(),
@@ -264,7 +264,7 @@ impl Drop for AgentProcess {
 
 #[tokio::test]
 async fn agent_subcommand_simulates_progress_and_deregisters_on_sigterm() {
-    common::init_tracing();
+    harness::init_tracing();
     let server = FlotillaServer::start(ServerOptions::default());
     let client = Client::new(&server.url()).unwrap();
     create(&client, "orders").await;
@@ -313,7 +313,7 @@ async fn agent_subcommand_simulates_progress_and_deregisters_on_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_keeps_its_work_while_the_server_is_down_and_goes_on_after() {
-    common::init_tracing();
+    harness::init_tracing();
     let mut server = FlotillaServer::start(ServerOptions::default());
     let client = Client::new(&server.url()).unwrap();
     create(&client, "orders").await;

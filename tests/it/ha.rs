@@ -4,12 +4,12 @@
 //! The tests run one at a time (a process-wide lock): each starts seven
 //! processes, and two cores are all CI has.
 
-mod common;
 
+use crate::harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::cluster::{
+use crate::harness::cluster::{
     assignments, create_changefeeds, Auditor, Fleet, Ha, CLUSTER, FAILOVER_GRACE, SERIAL,
     SESSION_TTL,
 };
@@ -21,7 +21,7 @@ use flotilla::client::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_under_load_expires_no_executor_and_moves_no_changefeed() {
     let _serial = SERIAL.lock().await;
-    common::init_tracing();
+    harness::init_tracing();
     let mut ha = Ha::start("ha_failover").await;
     let leader = ha.leader(Duration::from_secs(10)).await;
     let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
@@ -100,7 +100,7 @@ async fn killing_the_leader_under_load_expires_no_executor_and_moves_no_changefe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_leader_key_deposes_that_leader_and_a_leader_resumes() {
     let _serial = SERIAL.lock().await;
-    common::init_tracing();
+    harness::init_tracing();
     let ha = Ha::start("ha_delete_key").await;
     let leader = ha.leader(Duration::from_secs(10)).await;
     let before = ha.status(leader).await.unwrap().election.unwrap();
@@ -146,7 +146,7 @@ async fn deleting_the_leader_key_deposes_that_leader_and_a_leader_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_never_writes_after_its_lease_is_gone() {
     let _serial = SERIAL.lock().await;
-    common::init_tracing();
+    harness::init_tracing();
     let ha = Ha::start("ha_frozen").await;
     let leader = ha.leader(Duration::from_secs(10)).await;
     let old_id = ha.status(leader).await.unwrap().id;
@@ -201,7 +201,7 @@ async fn a_frozen_leader_never_writes_after_its_lease_is_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_one_etcd_member_is_harmless_and_losing_two_is_reported_then_recovered() {
     let _serial = SERIAL.lock().await;
-    common::init_tracing();
+    harness::init_tracing();
     let mut ha = Ha::start("ha_etcd_loss").await;
     let leader = ha.leader(Duration::from_secs(10)).await;
     let follower = (leader + 1) % 3;

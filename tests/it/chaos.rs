@@ -8,14 +8,13 @@
 //! `chaos_for_two_minutes` runs in CI; `scripts/chaos` runs the long one
 //! (`FLOTILLA_CHAOS_SECONDS`, default 900) and prints the figures.
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{
+use crate::harness::cluster::{
     create_changefeeds, record_and_advance, Auditor, Ha, CLUSTER, FAILOVER_GRACE, SERIAL,
 };
 use flotilla::client::{Client, Error as ClientError, HeartbeatRequest, Progress, RegisterRequest};

@@ -17,7 +17,9 @@ use flotilla::client::{
 use tempfile::TempDir;
 
 use super::postgres::PostgresServer;
-use super::server::{free_port, readyz, ServerSpec};
+use super::http::readyz;
+use super::ports::free_port;
+use super::server::ServerSpec;
 use super::EtcdCluster;
 
 pub const ADMIN: &str = "ha-admin-token";

@@ -1,14 +1,15 @@
 //! `/api/v1/executors` over HTTP: the JSON contract, every error code, a
 //! fuzzing pass, a store outage, and the SSE feed read by a real client.
 
-mod common;
 
+use crate::harness::app::{app, assert_error, call};
+use crate::harness;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::http::StatusCode;
-use actix_web::{test, web, App};
+use actix_web::{test, web};
 use flotilla::actors::executor_registry::{ExecutorRegistry, GetRegistryStats, RegistryConfig};
 use flotilla::actors::leader::{RoleSlot, Roles};
 use flotilla::http::limits::RegisterLimiter;
@@ -90,28 +91,6 @@ async fn sqlite(dir: &TempDir) -> Store {
         .unwrap()
 }
 
-macro_rules! app {
-    ($state:expr) => {
-        test::init_service(App::new().configure(http::configure($state.clone()))).await
-    };
-}
-
-/// Sends a request and returns status and JSON body (Null when empty).
-macro_rules! call {
-    ($app:expr, $req:expr) => {{
-        let resp = test::call_service(&$app, $req.to_request()).await;
-        let status = resp.status();
-        let bytes = test::read_body(resp).await;
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|e| panic!("non-JSON body {bytes:?}: {e}"))
-        };
-        (status, body)
-    }};
-}
-
 fn register_req(name: &str, labels: Value) -> test::TestRequest {
     test::TestRequest::post()
         .uri("/api/v1/executors")
@@ -124,18 +103,10 @@ fn heartbeat_req(id: &str, token: &str) -> test::TestRequest {
         .insert_header(("Authorization", format!("Bearer {token}")))
 }
 
-fn assert_error(status: StatusCode, body: &Value, want_status: u16, want_code: &str) {
-    assert_eq!(status.as_u16(), want_status, "{body}");
-    assert_eq!(body["code"], want_code, "{body}");
-    assert!(
-        body["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-}
 
 #[actix_rt::test]
 async fn register_heartbeat_list_get_and_deregister() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let (state, _) = state_with(sqlite(&dir).await).await;
     let app = app!(state);
@@ -306,7 +277,7 @@ async fn heartbeats_have_their_own_body_limit_read_only_for_a_live_executor() {
 
 #[actix_rt::test]
 async fn every_bad_request_gets_its_code_and_status() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let (state, _) = state_with(sqlite(&dir).await).await;
     let app = app!(state);
@@ -460,7 +431,7 @@ async fn every_bad_request_gets_its_code_and_status() {
 
 #[actix_rt::test]
 async fn hostile_requests_never_get_a_5xx_nor_change_the_registry() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let (state, _) = state_with(sqlite(&dir).await).await;
     let app = app!(state);
@@ -572,8 +543,8 @@ async fn hostile_requests_never_get_a_5xx_nor_change_the_registry() {
 
 #[actix_rt::test]
 async fn a_store_outage_refuses_registration_and_leaves_no_trace() {
-    common::init_tracing();
-    let pg = common::postgres::PostgresServer::start();
+    harness::init_tracing();
+    let pg = harness::postgres::PostgresServer::start();
     let url = pg.fresh_database("outage").await;
     let options = StoreOptions {
         connect_timeout: Duration::from_secs(2),
@@ -632,7 +603,7 @@ async fn read_frame(reader: &mut BufReader<tokio::net::TcpStream>) -> (String, V
 
 #[actix_rt::test]
 async fn the_watch_feed_is_readable_by_a_real_http_client() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let (state, _) = state_with(sqlite(&dir).await).await;
     let listener = http::listen("127.0.0.1:0").unwrap();

@@ -1,16 +1,16 @@
 //! The SQL metadata store against both backends: a SQLite file in a temp dir and a
-//! real PostgreSQL server (`common::postgres`). The shared suite runs once per backend
+//! real PostgreSQL server (`harness::postgres`). The shared suite runs once per backend
 //! (`sqlite::*`, `postgres::*`); backend-specific behaviour (WAL, the data directory,
 //! unreachable servers) follows it.
 
-mod common;
 
+use crate::harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::postgres::PostgresServer;
+use crate::harness::postgres::PostgresServer;
 use flotilla::store::{Error, Store, StoreOptions, StoredExecutor};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 use tempfile::TempDir;
@@ -100,7 +100,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    crate::common::init_tracing();
+                    crate::harness::init_tracing();
                     super::$case(super::TestDb::sqlite()).await;
                 }
             )*
@@ -109,7 +109,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    crate::common::init_tracing();
+                    crate::harness::init_tracing();
                     super::$case(super::TestDb::postgres(stringify!($case)).await).await;
                 }
             )*
@@ -388,7 +388,7 @@ async fn sqlite_missing_file_without_create_mode_is_unavailable() {
 
 #[tokio::test]
 async fn postgres_on_a_closed_port_is_unavailable_quickly() {
-    common::init_tracing();
+    harness::init_tracing();
     let port = {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()

@@ -5,14 +5,14 @@
 //! say. Only the ports differ (set through the environment, so other tests
 //! and servers on this machine do not collide with it).
 
-mod common;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{free_port, BIN};
+use crate::harness::ports::free_port_array;
+use crate::harness::server::BIN;
 
 const MARKER: &str = "<!-- walkthrough:";
 
@@ -81,7 +81,7 @@ fn readme_walkthrough_works_as_written() {
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let port = free_port();
+    let [port, etcd_client, etcd_peer] = free_port_array::<3>();
     let started = Instant::now();
     let mut bash = Command::new("bash");
     bash.args(["-euo", "pipefail", "-c", &script])
@@ -92,9 +92,9 @@ fn readme_walkthrough_works_as_written() {
         .env("FLOTILLA_SERVER", format!("http://127.0.0.1:{port}"))
         .env(
             "FLOTILLA_ETCD_EMBEDDED_CLIENT_PORT",
-            free_port().to_string(),
+            etcd_client.to_string(),
         )
-        .env("FLOTILLA_ETCD_EMBEDDED_PEER_PORT", free_port().to_string())
+        .env("FLOTILLA_ETCD_EMBEDDED_PEER_PORT", etcd_peer.to_string())
         .env_remove("FLOTILLA_ADMIN_TOKEN")
         .env_remove("FLOTILLA_NAMESPACE")
         .stdin(Stdio::null())

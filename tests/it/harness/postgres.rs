@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database};
 use tempfile::TempDir;
 
-use super::{free_ports, spawn_from_long_lived_thread, tail};
+use super::etcd::{free_ports, spawn_from_long_lived_thread, tail};
 
 const PG_ROOT: &str = "/usr/lib/postgresql";
 const INSTALL_HINT: &str = "install PostgreSQL: apt-get install -y postgresql";

@@ -7,13 +7,13 @@
 //! keywords the document uses and fails on any other, so it cannot pass by
 //! ignoring what it does not understand.
 
-mod common;
 
+use crate::harness;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::server::{FlotillaServer, ServerOptions};
+use crate::harness::server::{FlotillaServer, ServerOptions};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "openapi-admin-token";
@@ -53,7 +53,7 @@ fn request(
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     stream
-        .write_all(&common::server::request_bytes(method, path, token, body))
+        .write_all(&harness::http::request_bytes(method, path, token, body))
         .unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).unwrap();

@@ -4,14 +4,14 @@
 //! went back), where the worker must end with `HistoryReset` instead of
 //! stalling.
 
-mod common;
 
+use crate::harness;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::reactors::{bank_sum, failed, seed_bank, Bank, FnReactor, KvState, Linearizability};
-use common::EtcdCluster;
+use crate::harness::reactors::{bank_sum, failed, seed_bank, Bank, FnReactor, KvState, Linearizability};
+use crate::harness::EtcdCluster;
 use etcd_client::Client;
 use flotilla::actors::{self, WorkerConfig};
 use flotilla::state::{DataPatch, ReactorError};
@@ -90,7 +90,7 @@ async fn bank_under(fault: Fault) {
 }
 
 async fn bank_on(etcd: EtcdCluster, fault: Fault) {
-    common::init_tracing();
+    harness::init_tracing();
     let client = etcd.client().await;
     const P: &str = "/bank";
     seed_bank(&client, P, 25).await;
@@ -134,7 +134,7 @@ async fn bank_on(etcd: EtcdCluster, fault: Fault) {
 }
 
 async fn linearizability_under(fault: Fault) {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     const P: &str = "/lin";
@@ -282,7 +282,7 @@ async fn fall_behind_a_compaction(etcd: &EtcdCluster, prefix: &'static str) -> b
 
 #[actix_rt::test]
 async fn a_watch_that_falls_behind_a_compaction_resyncs_and_loses_nothing() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     // Whether etcd cancels the lagging watch depends on how much it had
     // already buffered for it; a few attempts make hitting the path certain
@@ -300,7 +300,7 @@ async fn a_watch_that_falls_behind_a_compaction_resyncs_and_loses_nothing() {
 
 #[actix_rt::test]
 async fn a_frozen_etcd_stalls_the_worker_but_does_not_stop_it() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     const P: &str = "/frozen";
@@ -351,7 +351,7 @@ async fn a_frozen_etcd_stalls_the_worker_but_does_not_stop_it() {
 
 #[actix_rt::test]
 async fn a_wiped_etcd_ends_the_worker_with_history_reset_instead_of_stalling() {
-    common::init_tracing();
+    harness::init_tracing();
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     const P: &str = "/wiped";

@@ -2,8 +2,8 @@
 //! HTTP the way executors and operators use it: changefeeds balance over
 //! executors, move off a silent one, and survive a restart of the server.
 
-mod common;
 
+use crate::harness;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,16 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
-
-/// `N` distinct free loopback ports: every listener is held until all are
-/// bound (ports taken one by one may repeat).
-fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<_> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
-}
+use crate::harness::server::BIN;
 
 /// A `flotilla serve` child; SIGKILLed on drop.
 struct Server {
@@ -42,7 +33,7 @@ impl Server {
                 etcd_client.to_string(),
             )
             .env("FLOTILLA_ETCD_EMBEDDED_PEER_PORT", etcd_peer.to_string())
-            .envs(common::server::FAST_TIMINGS.iter().copied())
+            .envs(harness::server::FAST_TIMINGS.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -195,9 +186,9 @@ async fn until_assigned(
 
 #[actix_rt::test]
 async fn changefeeds_balance_fail_over_and_survive_a_server_restart() {
-    common::init_tracing();
+    harness::init_tracing();
     let data = tempfile::tempdir().unwrap();
-    let [http, etcd_client, etcd_peer] = free_ports::<3>();
+    let [http, etcd_client, etcd_peer] = harness::ports::free_port_array::<3>();
     let server = Server::start(data.path(), http, etcd_client, etcd_peer);
     server.wait_ready().await;
     let addr = server.addr;

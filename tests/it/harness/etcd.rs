@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! Shared integration-test harness: real etcd servers (the system `etcd` binary) run
 //! as child processes on free loopback ports, one temp dir per cluster.
 //!
@@ -16,17 +15,19 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Once, OnceLock};
+use std::sync::{mpsc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, CompactionOptions, ConnectOptions};
 use tempfile::TempDir;
+
+pub(crate) use super::ports::free_ports;
 
 /// The etcd binary; `FLOTILLA_TEST_ETCD` overrides it (e.g. a newer release).
 const DEFAULT_ETCD_BIN: &str = "/usr/bin/etcd";
@@ -39,22 +40,6 @@ const LOG_TAIL_LINES: usize = 40;
 const PORT_IN_USE: &str = "address already in use";
 /// Logged by etcd once all its listeners are bound, before it has a quorum.
 const LISTENING: &str = "now serving peer/client/metrics";
-
-/// Installs a `tracing` fmt subscriber for tests once per process: `RUST_LOG` if set,
-/// `warn,flotilla=info` otherwise, written through the test writer so libtest
-/// captures it per test.
-pub fn init_tracing() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,flotilla=info"));
-        // Another subscriber may already be installed (a test that set its own).
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
-    });
-}
 
 /// One etcd member: stable identity (name, ports, dirs) plus the live process, if any.
 struct Member {
@@ -567,7 +552,7 @@ fn die_with_test_process(cmd: &mut Command) {
 /// when the *thread* that forked the child exits, and a test may well start or
 /// restart etcd from a thread that ends early (a tokio blocking-pool thread, a
 /// helper thread); forking from a permanent thread ties etcd to the process instead.
-fn spawn_from_long_lived_thread(cmd: Command) -> io::Result<Child> {
+pub(crate) fn spawn_from_long_lived_thread(cmd: Command) -> io::Result<Child> {
     type Request = (Command, mpsc::Sender<io::Result<Child>>);
     static SPAWNER: OnceLock<mpsc::Sender<Request>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
@@ -589,23 +574,6 @@ fn spawn_from_long_lived_thread(cmd: Command) -> io::Result<Child> {
     reply_rx
         .recv()
         .map_err(|_| io::Error::other("etcd spawner thread dropped the request"))?
-}
-
-/// `count` distinct free loopback ports. All listeners are held until every port is
-/// picked so the kernel cannot hand out the same port twice; they are released
-/// before etcd binds, so another process may still win the race (then we retry).
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| {
-            l.local_addr()
-                .expect("local addr of a bound listener")
-                .port()
-        })
-        .collect()
 }
 
 fn unique_token() -> String {
@@ -679,7 +647,7 @@ fn log_since(path: &Path, offset: u64) -> String {
 }
 
 /// The last `lines` lines of `path` (or why it could not be read).
-fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     match fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
@@ -689,7 +657,3 @@ fn tail(path: &Path, lines: usize) -> String {
         Err(e) => format!("<cannot read {}: {e}>", path.display()),
     }
 }
-pub mod cluster;
-pub mod postgres;
-pub mod reactors;
-pub mod server;

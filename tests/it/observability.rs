@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
@@ -16,16 +16,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
-const HEARTBEAT_ROUTE: &str = "/api/v1/executors/{id}/heartbeat";
+use crate::harness::ports::free_port_array;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::harness::server::BIN;
+const HEARTBEAT_ROUTE: &str = "/api/v1/executors/{id}/heartbeat";
 
 fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -70,7 +64,7 @@ struct Server {
 impl Server {
     fn start(extra_args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let [port, etcd_client, etcd_peer] = free_port_array::<3>();
         let stderr_path = dir.path().join("stderr.log");
         let child = Command::new(BIN)
             .args(["serve", "--config", "/dev/null", "--listen"])
@@ -80,9 +74,9 @@ impl Server {
             .args(extra_args)
             .env(
                 "FLOTILLA_ETCD_EMBEDDED_CLIENT_PORT",
-                free_port().to_string(),
+                etcd_client.to_string(),
             )
-            .env("FLOTILLA_ETCD_EMBEDDED_PEER_PORT", free_port().to_string())
+            .env("FLOTILLA_ETCD_EMBEDDED_PEER_PORT", etcd_peer.to_string())
             .env("FLOTILLA_LOG_LEVEL", "info")
             .current_dir(dir.path())
             .stdin(Stdio::null())

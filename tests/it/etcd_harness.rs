@@ -1,8 +1,7 @@
-//! Tests of the shared etcd harness itself (`tests/common`): real etcd servers start,
+//! Tests of the shared etcd harness itself (`tests/it/harness`): real etcd servers start,
 //! serve, survive member loss, keep data across restarts, compact, and never outlive
 //! the test.
 
-mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -10,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{init_tracing, process_is_running, EtcdCluster};
+use crate::harness::{init_tracing, process_is_running, EtcdCluster};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 
 /// Writes `key`, retrying while the cluster elects a leader or the client's channel
@@ -356,7 +355,7 @@ fn etcd_dies_when_the_test_process_is_killed() {
     init_tracing();
     let probe = Command::new(std::env::current_exe().expect("test binary path"))
         .args([
-            "orphan_probe_starts_a_cluster_and_hangs",
+            "etcd_harness::orphan_probe_starts_a_cluster_and_hangs",
             "--exact",
             "--ignored",
             "--nocapture",

@@ -2,11 +2,11 @@
 //! which route (the token matrix), and malformed values written into etcd
 //! from outside.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::server::{request, FlotillaServer, Response, ServerOptions};
+use crate::harness::http::{request, Response};
+use crate::harness::server::{FlotillaServer, ServerOptions};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "admin-s3cret-token";

@@ -1,8 +1,8 @@
 //! The executor registry actor on a real SQL store: the behaviour of
 //! tiflow's `executor_manager_test.go`, ported, and what tiflow lacks.
 
-mod common;
 
+use crate::harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -76,7 +76,7 @@ async fn heartbeat(addr: &Addr<ExecutorRegistry>, r: &Registration) -> Result<()
 
 #[actix_rt::test]
 async fn register_heartbeat_expire_and_watch() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let addr = start(sqlite_store(&dir).await, fast_config()).await;
 
@@ -147,7 +147,7 @@ async fn register_heartbeat_expire_and_watch() {
 
 #[actix_rt::test]
 async fn unknown_ids_and_wrong_tokens_are_refused_and_do_not_count() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let addr = start(sqlite_store(&dir).await, fast_config()).await;
     let a = register(&addr, "a").await;
@@ -257,7 +257,7 @@ async fn ttl_requests_are_clamped_to_the_configured_bounds() {
 
 #[actix_rt::test]
 async fn a_thousand_concurrent_registrations_with_one_name_get_distinct_ids() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let config = RegistryConfig {
         default_ttl: Duration::from_secs(60),
@@ -326,7 +326,7 @@ async fn a_burst_of_a_thousand_registrations_on_one_connection_is_never_refused(
 
 #[actix_rt::test]
 async fn of_ten_thousand_executors_exactly_the_hundred_silent_ones_expire() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let config = RegistryConfig {
         default_ttl: Duration::from_secs(60),
@@ -411,7 +411,7 @@ async fn of_ten_thousand_executors_exactly_the_hundred_silent_ones_expire() {
 
 #[actix_rt::test]
 async fn a_mass_silence_expires_executors_at_the_throttled_rate() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let config = RegistryConfig {
         default_ttl: Duration::from_millis(400),
@@ -472,7 +472,7 @@ async fn a_mass_silence_expires_executors_at_the_throttled_rate() {
 
 #[actix_rt::test]
 async fn a_restarted_registry_reloads_executors_and_keeps_heartbeating_ones() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let first = start(sqlite_store(&dir).await, fast_config()).await;
     let kept = register(&first, "kept").await;
@@ -513,7 +513,7 @@ async fn a_restarted_registry_reloads_executors_and_keeps_heartbeating_ones() {
 
 #[actix_rt::test]
 async fn a_subscriber_that_falls_behind_is_cut_off_with_a_resync() {
-    common::init_tracing();
+    harness::init_tracing();
     let dir = TempDir::new().unwrap();
     let config = RegistryConfig {
         watch_buffer: 4,

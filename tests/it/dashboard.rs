@@ -4,13 +4,13 @@
 //! `tests/browser/`, both installed by `scripts/install-deps`). The browser
 //! script (`tests/browser/dashboard.mjs`) stops one agent and watches the page.
 
-mod common;
 
+use crate::harness;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{FlotillaServer, ServerOptions, BIN};
+use crate::harness::server::{FlotillaServer, ServerOptions, BIN};
 use flotilla::client::{Client, CreateChangefeed, ExecutorFilter, DEFAULT_NAMESPACE};
 
 const ADMIN: &str = "dashboard-admin";
@@ -69,7 +69,7 @@ fn browser_tools() -> (PathBuf, PathBuf) {
 
 #[tokio::test]
 async fn dashboard_shows_an_executor_go_offline_and_its_changefeeds_move() {
-    common::init_tracing();
+    harness::init_tracing();
     let (chromium, browser_dir) = browser_tools();
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
