@@ -279,18 +279,21 @@ pub struct RegistryConfig {
     pub max_executors: usize,
 }
 
+/// The runtime registry's defaults, written once in
+/// [`crate::actors::executor_registry::RegistryConfig`]'s `Default`.
 impl Default for RegistryConfig {
     fn default() -> Self {
+        let runtime = crate::actors::executor_registry::RegistryConfig::default();
         Self {
-            keepalive_interval: Duration::from_millis(500),
-            heartbeat_interval: Duration::from_secs(1),
-            default_ttl: Duration::from_secs(5),
-            min_ttl: Duration::from_secs(1),
-            max_ttl: Duration::from_secs(60),
-            failover_grace: Duration::from_secs(15),
-            mass_expiry_fraction: 0.55,
-            mass_expiry_rate: 1.0,
-            max_executors: 100_000,
+            keepalive_interval: runtime.keepalive_interval,
+            heartbeat_interval: runtime.heartbeat_interval,
+            default_ttl: runtime.default_ttl,
+            min_ttl: runtime.min_ttl,
+            max_ttl: runtime.max_ttl,
+            failover_grace: runtime.failover_grace,
+            mass_expiry_fraction: runtime.mass_expiry_fraction,
+            mass_expiry_rate: runtime.mass_expiry_rate,
+            max_executors: runtime.max_executors,
         }
     }
 }
