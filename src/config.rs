@@ -215,16 +215,19 @@ pub struct EtcdConfig {
     pub tls_key_file: Option<PathBuf>,
 }
 
+/// The worker's fields (`request_timeout`, `tick_interval`, `max_txn_*`) take their
+/// defaults from [`crate::actors::worker::WorkerConfig::new`], written once there.
 impl Default for EtcdConfig {
     fn default() -> Self {
+        let worker = crate::actors::worker::WorkerConfig::new("");
         Self {
             endpoints: Vec::new(),
             prefix: String::new(),
             dial_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(5),
-            tick_interval: Duration::from_millis(100),
-            max_txn_ops: 128,
-            max_txn_bytes: 1_310_720,
+            request_timeout: worker.request_timeout,
+            tick_interval: worker.tick_interval,
+            max_txn_ops: worker.max_txn_ops,
+            max_txn_bytes: worker.max_txn_bytes,
             embedded_client_port: 2379,
             embedded_peer_port: 2380,
             tls_ca_file: None,
