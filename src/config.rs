@@ -215,16 +215,19 @@ pub struct EtcdConfig {
     pub tls_key_file: Option<PathBuf>,
 }
 
+/// The worker's fields (`request_timeout`, `tick_interval`, `max_txn_*`) take their
+/// defaults from [`crate::actors::worker::WorkerConfig::new`], written once there.
 impl Default for EtcdConfig {
     fn default() -> Self {
+        let worker = crate::actors::worker::WorkerConfig::new("");
         Self {
             endpoints: Vec::new(),
             prefix: String::new(),
             dial_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(5),
-            tick_interval: Duration::from_millis(100),
-            max_txn_ops: 128,
-            max_txn_bytes: 1_310_720,
+            request_timeout: worker.request_timeout,
+            tick_interval: worker.tick_interval,
+            max_txn_ops: worker.max_txn_ops,
+            max_txn_bytes: worker.max_txn_bytes,
             embedded_client_port: 2379,
             embedded_peer_port: 2380,
             tls_ca_file: None,
@@ -279,18 +282,21 @@ pub struct RegistryConfig {
     pub max_executors: usize,
 }
 
+/// The runtime registry's defaults, written once in
+/// [`crate::actors::executor_registry::RegistryConfig`]'s `Default`.
 impl Default for RegistryConfig {
     fn default() -> Self {
+        let runtime = crate::actors::executor_registry::RegistryConfig::default();
         Self {
-            keepalive_interval: Duration::from_millis(500),
-            heartbeat_interval: Duration::from_secs(1),
-            default_ttl: Duration::from_secs(5),
-            min_ttl: Duration::from_secs(1),
-            max_ttl: Duration::from_secs(60),
-            failover_grace: Duration::from_secs(15),
-            mass_expiry_fraction: 0.55,
-            mass_expiry_rate: 1.0,
-            max_executors: 100_000,
+            keepalive_interval: runtime.keepalive_interval,
+            heartbeat_interval: runtime.heartbeat_interval,
+            default_ttl: runtime.default_ttl,
+            min_ttl: runtime.min_ttl,
+            max_ttl: runtime.max_ttl,
+            failover_grace: runtime.failover_grace,
+            mass_expiry_fraction: runtime.mass_expiry_fraction,
+            mass_expiry_rate: runtime.mass_expiry_rate,
+            max_executors: runtime.max_executors,
         }
     }
 }

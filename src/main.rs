@@ -20,7 +20,7 @@ use tracing::info;
     name = "flotilla",
     version,
     about = "Control plane for a fleet of executors running changefeeds",
-    after_help = cli::TOP_HELP
+    after_help = cli::top_help()
 )]
 struct Cli {
     #[command(subcommand)]

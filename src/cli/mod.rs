@@ -21,37 +21,60 @@ use flotilla::client::{
 use futures::StreamExt;
 use serde::Serialize;
 
-/// What scripts can rely on; shown by `--help` and in the README.
-pub const EXIT_CODES: &str = "\
-Exit codes:
-  0  success
-  1  the server refused the request (4xx: not found, unauthorized, conflict, invalid)
-  2  usage error: bad flags or arguments, unreadable token file, invalid --config JSON
-  3  no usable answer: cannot connect, timeout, a 5xx (the server is unavailable or
-     failed), or an answer that is not flotilla's API";
+/// The exit codes of `executors`, `changefeed` and `status`, the one table both help
+/// texts ([`exit_codes_help`], [`top_help`]) are generated from; shown in the README too.
+pub const EXIT_CODES: &[(u8, &str)] = &[
+    (0, "success"),
+    (
+        1,
+        "the server refused the request (4xx: not found, unauthorized, conflict, invalid)",
+    ),
+    (
+        2,
+        "usage error: bad flags or arguments, unreadable token file, invalid --config JSON",
+    ),
+    (
+        3,
+        "no usable answer: cannot connect, timeout, a 5xx (the server is unavailable or\n     \
+         failed), or an answer that is not flotilla's API",
+    ),
+];
+
+/// [`EXIT_CODES`] as help lines, `  <code>  <meaning>`.
+fn exit_code_lines() -> String {
+    EXIT_CODES
+        .iter()
+        .map(|(code, meaning)| format!("  {code}  {meaning}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The client subcommands' `--help` epilogue: what scripts can rely on.
+pub fn exit_codes_help() -> String {
+    format!("Exit codes:\n{}", exit_code_lines())
+}
 
 /// The binary's `--help` epilogue: both families of exit codes.
-pub const TOP_HELP: &str = "\
-Exit codes of executors, changefeed and status:
-  0  success
-  1  the server refused the request (4xx: not found, unauthorized, conflict, invalid)
-  2  usage error: bad flags or arguments, unreadable token file, invalid --config JSON
-  3  no usable answer: cannot connect, timeout, a 5xx, or an answer that is not
-     flotilla's API
-Exit codes of serve: 0 clean shutdown, 1 start-up failure, 2 configuration error.
-Exit codes of agent: see `flotilla agent --help`.";
+pub fn top_help() -> String {
+    format!(
+        "Exit codes of executors, changefeed and status:\n{}\n\
+         Exit codes of serve: 0 clean shutdown, 1 start-up failure, 2 configuration error.\n\
+         Exit codes of agent: see `flotilla agent --help`.",
+        exit_code_lines()
+    )
+}
 
 /// The subcommands this module runs; flattened into the binary's command list.
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// List, inspect, watch and deregister executors.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = exit_codes_help())]
     Executors(ExecutorsArgs),
     /// Create, list, inspect, pause, resume, update and delete changefeeds.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = exit_codes_help())]
     Changefeed(ChangefeedArgs),
     /// Show the server's status: version, etcd and store health, executor counts.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = exit_codes_help())]
     Status(StatusArgs),
     /// Run an executor agent: register, heartbeat, report progress, deregister on exit.
     #[command(after_help = agent::AFTER_HELP)]
