@@ -2,7 +2,6 @@
 //! a real etcd: registration, heartbeats, assignments, progress that moves the
 //! changefeed's checkpoint, re-registration, and a clean stop that deregisters.
 
-
 use crate::harness;
 use std::future::Future;
 use std::process::{Child, Command, Stdio};

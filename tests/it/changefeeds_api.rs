@@ -2,9 +2,8 @@
 //! CAS create under concurrency, the pause/update/resume/delete flows, every
 //! error code, the admin token, an etcd outage and malformed stored values.
 
-
-use crate::harness::app::{app, assert_error, call, call_full};
 use crate::harness;
+use crate::harness::app::{app, assert_error, call, call_full};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 

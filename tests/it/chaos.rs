@@ -8,7 +8,6 @@
 //! `chaos_for_two_minutes` runs in CI; `scripts/chaos` runs the long one
 //! (`FLOTILLA_CHAOS_SECONDS`, default 900) and prints the figures.
 
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,6 @@
 //! human and JSON output, one-line errors, and the exit codes scripts rely on
 //! (0 ok, 1 refused, 2 usage, 3 no usable answer).
 
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 

@@ -1,7 +1,6 @@
 //! `flotilla::client` against a real `flotilla serve` over a real etcd: every method,
 //! and how each kind of failure maps onto `client::Error`.
 
-
 use crate::harness;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

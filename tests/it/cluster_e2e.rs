@@ -2,7 +2,6 @@
 //! HTTP the way executors and operators use it: changefeeds balance over
 //! executors, move off a silent one, and survive a restart of the server.
 
-
 use crate::harness;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

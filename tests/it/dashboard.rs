@@ -4,7 +4,6 @@
 //! `tests/browser/`, both installed by `scripts/install-deps`). The browser
 //! script (`tests/browser/dashboard.mjs`) stops one agent and watches the page.
 
-
 use crate::harness;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,6 @@
 //! serve, survive member loss, keep data across restarts, compact, and never outlive
 //! the test.
 
-
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;

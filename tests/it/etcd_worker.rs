@@ -2,7 +2,6 @@
 //! `etcd_worker_test.go` and `batch_test.go`, ported, plus the holes tiflow
 //! leaves open.
 
-
 use crate::harness;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

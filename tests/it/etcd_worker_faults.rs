@@ -4,13 +4,14 @@
 //! went back), where the worker must end with `HistoryReset` instead of
 //! stalling.
 
-
 use crate::harness;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::harness::reactors::{bank_sum, failed, seed_bank, Bank, FnReactor, KvState, Linearizability};
+use crate::harness::reactors::{
+    bank_sum, failed, seed_bank, Bank, FnReactor, KvState, Linearizability,
+};
 use crate::harness::EtcdCluster;
 use etcd_client::Client;
 use flotilla::actors::{self, WorkerConfig};

@@ -1,7 +1,6 @@
 //! The executor registry actor on a real SQL store: the behaviour of
 //! tiflow's `executor_manager_test.go`, ported, and what tiflow lacks.
 
-
 use crate::harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -293,7 +292,7 @@ async fn a_thousand_concurrent_registrations_with_one_name_get_distinct_ids() {
 /// `store_unavailable`; CI saw it in the registry bench's smoke run).
 #[actix_rt::test]
 async fn a_burst_of_a_thousand_registrations_on_one_connection_is_never_refused() {
-    common::init_tracing();
+    harness::init_tracing();
     let options = StoreOptions {
         acquire_timeout: Duration::from_millis(100),
         ..StoreOptions::default()

@@ -1,9 +1,8 @@
 //! `/api/v1/executors` over HTTP: the JSON contract, every error code, a
 //! fuzzing pass, a store outage, and the SSE feed read by a real client.
 
-
-use crate::harness::app::{app, assert_error, call};
 use crate::harness;
+use crate::harness::app::{app, assert_error, call};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,7 +101,6 @@ fn heartbeat_req(id: &str, token: &str) -> test::TestRequest {
         .uri(&format!("/api/v1/executors/{id}/heartbeat"))
         .insert_header(("Authorization", format!("Bearer {token}")))
 }
-
 
 #[actix_rt::test]
 async fn register_heartbeat_list_get_and_deregister() {

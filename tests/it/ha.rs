@@ -4,7 +4,6 @@
 //! The tests run one at a time (a process-wide lock): each starts seven
 //! processes, and two cores are all CI has.
 
-
 use crate::harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};

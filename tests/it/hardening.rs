@@ -2,7 +2,6 @@
 //! which route (the token matrix), and malformed values written into etcd
 //! from outside.
 
-
 use std::time::{Duration, Instant};
 
 use crate::harness::http::{request, Response};

@@ -7,7 +7,6 @@
 //! keywords the document uses and fails on any other, so it cannot pass by
 //! ignoring what it does not understand.
 
-
 use crate::harness;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -1,13 +1,12 @@
 //! The owner end to end, in process: a real etcd, the registry on SQLite,
 //! the owner actor, executors heartbeating through the actors.
 
-
 use crate::harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use actix::prelude::*;
 use crate::harness::EtcdCluster;
+use actix::prelude::*;
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
 use flotilla::actors::executor_registry::{
     ExecutorRegistry, GetRegistryStats, Heartbeat, Register, Registration, RegistryConfig,

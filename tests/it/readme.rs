@@ -5,7 +5,6 @@
 //! say. Only the ports differ (set through the environment, so other tests
 //! and servers on this machine do not collide with it).
 
-
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};

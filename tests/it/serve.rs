@@ -1,7 +1,6 @@
 //! End-to-end tests of `flotilla serve`: the real binary, a real embedded etcd, plain
 //! HTTP over a TcpStream, and signals.
 
-
 use crate::harness;
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -3,7 +3,6 @@
 //! (`sqlite::*`, `postgres::*`); backend-specific behaviour (WAL, the data directory,
 //! unreachable servers) follows it.
 
-
 use crate::harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;

@@ -3,7 +3,6 @@
 //! certificate. Certificates are made for the test with `openssl`; requests
 //! go through `curl`.
 
-
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

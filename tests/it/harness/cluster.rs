@@ -16,9 +16,9 @@ use flotilla::client::{
 };
 use tempfile::TempDir;
 
-use super::postgres::PostgresServer;
 use super::http::readyz;
 use super::ports::free_port;
+use super::postgres::PostgresServer;
 use super::server::ServerSpec;
 use super::EtcdCluster;
 

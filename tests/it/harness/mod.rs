@@ -30,4 +30,3 @@ pub fn init_tracing() {
             .try_init();
     });
 }
-

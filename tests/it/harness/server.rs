@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-pub use super::ports::free_port;
 use super::http::readyz;
+pub use super::ports::free_port;
 use super::EtcdCluster;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
@@ -216,4 +216,3 @@ impl Drop for FlotillaServer {
         self.kill();
     }
 }
-
