@@ -125,18 +125,18 @@ impl ExecutorRegistry {
         let store = self.store.clone();
         ctx.spawn(
             async move {
-                let rows: Vec<StoredExecutor> = batch.iter().map(|p| p.row.clone()).collect();
+                let (rows, done): (Vec<StoredExecutor>, Vec<_>) =
+                    batch.into_iter().map(|p| (p.row, p.done)).unzip();
                 match store.insert_executors(&rows).await {
-                    Err(store::Error::Duplicate { .. }) if batch.len() > 1 => {
-                        for pending in batch {
-                            let outcome = store.insert_executor(&pending.row).await;
-                            let _ = pending.done.send(outcome.map_err(Arc::new));
+                    Err(store::Error::Duplicate { .. }) if rows.len() > 1 => {
+                        for (row, done) in rows.iter().zip(done) {
+                            let _ = done.send(store.insert_executor(row).await.map_err(Arc::new));
                         }
                     }
                     outcome => {
                         let outcome = outcome.map_err(Arc::new);
-                        for pending in batch {
-                            let _ = pending.done.send(outcome.clone());
+                        for done in done {
+                            let _ = done.send(outcome.clone());
                         }
                     }
                 }
