@@ -48,7 +48,7 @@ use etcd_client::{
 use flotilla::actors::{self, WorkerConfig};
 use flotilla::metrics;
 use flotilla::state::{
-    plan_commit, DataPatch, PatchGroup, RawState, Reactor, ReactorError, ReactorState, StateError,
+    self as state, plan_commit, reactor, DataPatch, PatchGroup, RawState, Reactor, ReactorState,
     TxnLimits,
 };
 use tempfile::TempDir;
@@ -335,7 +335,7 @@ struct FillState {
 }
 
 impl ReactorState for FillState {
-    fn update(&mut self, key: &str, value: Option<&[u8]>, _: bool) -> Result<(), StateError> {
+    fn update(&mut self, key: &str, value: Option<&[u8]>, _: bool) -> Result<(), state::Error> {
         self.first_applied.get_or_insert_with(Instant::now);
         match value {
             Some(_) => self.keys.insert(key.to_owned()),
@@ -372,7 +372,7 @@ struct Fill {
 impl Reactor for Fill {
     type State = FillState;
 
-    fn tick(&mut self, state: &mut FillState) -> Result<(), ReactorError> {
+    fn tick(&mut self, state: &mut FillState) -> Result<(), reactor::Error> {
         let mut times = self.times.borrow_mut();
         times.ticks += 1;
         times.first_tick.get_or_insert_with(Instant::now);
@@ -380,7 +380,7 @@ impl Reactor for Fill {
         if present >= self.n {
             times.all_seen = Some(Instant::now());
             times.first_applied = state.first_applied;
-            return Err(ReactorError::Finished);
+            return Err(reactor::Error::Finished);
         }
         for i in present..(present + self.batch).min(self.n) {
             state

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use flotilla::state::{
-    plan_commit, Change, CommitPlan, DataPatch, PatchError, PatchGroup, RawEntry, RawState,
-    Reactor, ReactorError, ReactorState, StateError, TxnLimits,
+    self as state, patch, plan_commit, reactor, Change, CommitPlan, DataPatch, PatchGroup,
+    RawEntry, RawState, Reactor, ReactorState, TxnLimits,
 };
 use serde::{Deserialize, Serialize};
 
@@ -138,11 +138,11 @@ struct FleetState {
 }
 
 impl ReactorState for FleetState {
-    fn update(&mut self, key: &str, value: Option<&[u8]>, _: bool) -> Result<(), StateError> {
+    fn update(&mut self, key: &str, value: Option<&[u8]>, _: bool) -> Result<(), state::Error> {
         let rest = key
             .strip_prefix(NAMESPACE)
-            .ok_or_else(|| StateError::UnexpectedKey(key.to_owned()))?;
-        let malformed = |e: serde_json::Error| StateError::Malformed {
+            .ok_or_else(|| state::Error::UnexpectedKey(key.to_owned()))?;
+        let malformed = |e: serde_json::Error| state::Error::Malformed {
             key: key.to_owned(),
             reason: e.to_string(),
         };
@@ -155,7 +155,7 @@ impl ReactorState for FleetState {
                 .map_err(malformed)?;
             self.changefeeds.entry(id.to_owned()).or_default().status = status;
         } else if !rest.starts_with("task/status/") {
-            return Err(StateError::UnexpectedKey(key.to_owned()));
+            return Err(state::Error::UnexpectedKey(key.to_owned()));
         }
         Ok(())
     }
@@ -173,9 +173,9 @@ struct CheckpointReactor {
 /// Moves the status checkpoint forward to `target`; `Keep` when it is there.
 fn advance_status(key: String, target: u64) -> DataPatch {
     DataPatch::single(key.clone(), move |old| {
-        let old = old.ok_or_else(|| PatchError::Precondition(format!("{key} is gone")))?;
+        let old = old.ok_or_else(|| patch::Error::Precondition(format!("{key} is gone")))?;
         let status: ChangefeedStatus =
-            serde_json::from_slice(old).map_err(|e| PatchError::Malformed {
+            serde_json::from_slice(old).map_err(|e| patch::Error::Malformed {
                 key: key.clone(),
                 reason: e.to_string(),
             })?;
@@ -200,7 +200,7 @@ fn set_task(key: String, checkpoint: u64) -> DataPatch {
 impl Reactor for CheckpointReactor {
     type State = FleetState;
 
-    fn tick(&mut self, state: &mut FleetState) -> Result<(), ReactorError> {
+    fn tick(&mut self, state: &mut FleetState) -> Result<(), reactor::Error> {
         let mut groups = Vec::with_capacity(state.changefeeds.len());
         for (id, changefeed) in &state.changefeeds {
             let (true, Some(status)) = (changefeed.has_info, changefeed.status) else {

@@ -137,13 +137,37 @@ pub enum Leadership {
     Deposed { reason: String },
 }
 
+/// Why an etcd request of the campaign failed. Never fatal: the campaign logs it and
+/// retries with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// etcd refused or failed the request.
+    #[error("{step}: {source}")]
+    Etcd {
+        step: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// etcd did not answer within `etcd.request_timeout`.
+    #[error("{step}: no answer within {timeout:?}")]
+    Timeout {
+        step: &'static str,
+        timeout: Duration,
+    },
+    /// Our election key was there before we created it (a lease id reused).
+    #[error("election key {key} exists already")]
+    KeyExists { key: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 /// Why a membership ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 enum Lost {
     LeaseExpired,
     DeadlinePassed,
     KeyDeleted,
-    Etcd(String),
+    Etcd(Error),
 }
 
 impl std::fmt::Display for Lost {
@@ -321,18 +345,19 @@ impl Campaign {
 
     async fn timed<T>(
         &self,
-        what: &str,
+        step: &'static str,
         request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, String> {
-        match tokio::time::timeout(self.config.request_timeout, request).await {
+    ) -> Result<T> {
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, request).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(format!("{what}: {e}")),
-            Err(_) => Err(format!("{what}: no answer in time")),
+            Ok(Err(source)) => Err(Error::Etcd { step, source }),
+            Err(_) => Err(Error::Timeout { step, timeout }),
         }
     }
 
     /// A lease and a key under it.
-    async fn join(&mut self) -> Result<Session, String> {
+    async fn join(&mut self) -> Result<Session> {
         let mut client = self.client.clone();
         let ttl_secs = self.config.session_ttl.as_secs().max(1) as i64;
         let grant = self
@@ -360,7 +385,7 @@ impl Campaign {
             other => {
                 let _ = self.revoke(lease).await;
                 return Err(match other {
-                    Ok(_) => format!("election key {key} exists already"),
+                    Ok(_) => Error::KeyExists { key },
                     Err(e) => e,
                 });
             }
@@ -524,7 +549,7 @@ impl Campaign {
         by_guard.min(Instant::now() + session.ttl - margin)
     }
 
-    async fn watch(&self, from_revision: i64) -> Result<WatchStream, String> {
+    async fn watch(&self, from_revision: i64) -> Result<WatchStream> {
         let mut client = self.client.clone();
         self.timed(
             "election watch",
@@ -660,7 +685,7 @@ impl Campaign {
         let _ = self.revoke(session.lease).await;
     }
 
-    async fn revoke(&self, lease: i64) -> Result<(), String> {
+    async fn revoke(&self, lease: i64) -> Result<()> {
         let mut client = self.client.clone();
         self.timed("lease revoke", client.lease_revoke(lease))
             .await

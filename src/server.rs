@@ -73,7 +73,7 @@ pub enum Error {
     PeerTls(#[source] tls::Error),
     /// The HTTP listener or server could not be set up.
     #[error(transparent)]
-    Http(http::Error),
+    Http(http::listen::Error),
     /// The bound HTTP address could not be read back.
     #[error("cannot read the bound HTTP address")]
     BoundAddr(#[source] std::io::Error),

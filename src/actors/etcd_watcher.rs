@@ -21,7 +21,7 @@ use actix::prelude::*;
 use etcd_client::{Client, EventType, GetOptions, WatchOptions, WatchStream};
 use tracing::{debug, info, warn};
 
-use super::worker::{Backoff, WorkerConfig, WorkerError};
+use super::worker::{self, Backoff, WorkerConfig};
 use crate::etcd_errors::is_retryable;
 use crate::metrics;
 use crate::state::{RawEntry, RawState};
@@ -91,7 +91,7 @@ pub struct WatchProgress {
 /// The watcher hit an error it cannot retry and stopped.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct WatcherFailed(pub WorkerError);
+pub struct WatcherFailed(pub worker::Error);
 
 /// Stops the watcher.
 #[derive(Message, Debug)]
@@ -233,7 +233,7 @@ impl WatchLoop {
             let _ = self
                 .sink
                 .failed
-                .send(WatcherFailed(WorkerError::Etcd {
+                .send(WatcherFailed(worker::Error::Etcd {
                     operation,
                     source: error,
                 }))

@@ -10,4 +10,4 @@ pub mod txn_committer;
 pub mod worker;
 
 pub use ticker::WorkerStats;
-pub use worker::{start, Fence, WorkerConfig, WorkerError, WorkerHandle};
+pub use worker::{start, Fence, WorkerConfig, WorkerHandle};

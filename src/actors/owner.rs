@@ -45,7 +45,7 @@ pub struct OwnerSettings {
 
 /// Why the owner could not answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum OwnerError {
+pub enum Error {
     /// The owner's worker is (re)starting.
     #[error("the changefeed owner is not running yet")]
     NotRunning,
@@ -71,11 +71,11 @@ impl WorkDesk {
     /// current assignments go to the reactor, the others come back
     /// rejected. Call it only for an executor the registry just accepted a
     /// heartbeat from.
-    pub fn work(&self, executor: &str, progress: Vec<ProgressReport>) -> Result<Work, OwnerError> {
+    pub fn work(&self, executor: &str, progress: Vec<ProgressReport>) -> Result<Work, Error> {
         let (work, accepted) = self
             .board
             .work_for(executor, progress)
-            .ok_or(OwnerError::NotRunning)?;
+            .ok_or(Error::NotRunning)?;
         if !accepted.is_empty() {
             let inputs = self.inputs.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(inputs) = inputs.as_ref() {
@@ -95,7 +95,7 @@ impl WorkDesk {
 
 /// A heartbeat's progress, and the question "what must I run?".
 #[derive(Message, Debug, Clone)]
-#[rtype(result = "Result<Work, OwnerError>")]
+#[rtype(result = "Result<Work, Error>")]
 pub struct ExecutorWork {
     pub executor: String,
     pub progress: Vec<ProgressReport>,
@@ -294,7 +294,7 @@ impl StreamHandler<Feed> for Owner {
 }
 
 impl Handler<ExecutorWork> for Owner {
-    type Result = Result<Work, OwnerError>;
+    type Result = Result<Work, Error>;
 
     fn handle(&mut self, msg: ExecutorWork, _: &mut Self::Context) -> Self::Result {
         self.desk.work(&msg.executor, msg.progress)

@@ -25,10 +25,10 @@ use super::etcd_watcher::{
     EtcdWatcher, Resync, StopWatcher, WatchEvents, WatchProgress, WatcherFailed,
 };
 use super::txn_committer::{Commit, CommitOutcome, StopCommitter, TxnCommitter};
-use super::worker::{Backoff, WorkerConfig, WorkerError};
+use super::worker::{self, Backoff, WorkerConfig};
 use crate::metrics;
 use crate::state::{
-    plan_commit, CommitPlan, RawEntry, RawState, Reactor, ReactorError, ReactorState, StateError,
+    self as state, plan_commit, reactor, CommitPlan, RawEntry, RawState, Reactor, ReactorState,
     TxnLimits,
 };
 
@@ -79,7 +79,7 @@ pub struct ReactorTicker<R: Reactor> {
     backoff: Backoff,
     watcher: Addr<EtcdWatcher>,
     committer: Addr<TxnCommitter>,
-    done: Option<oneshot::Sender<Result<(), WorkerError>>>,
+    done: Option<oneshot::Sender<Result<(), worker::Error>>>,
     /// The revision `raw` reflects; meaningful once `initialized`.
     applied_revision: i64,
     initialized: bool,
@@ -105,7 +105,7 @@ impl<R: Reactor> ReactorTicker<R> {
         config: WorkerConfig,
         watcher: Addr<EtcdWatcher>,
         committer: Addr<TxnCommitter>,
-        done: oneshot::Sender<Result<(), WorkerError>>,
+        done: oneshot::Sender<Result<(), worker::Error>>,
     ) -> Self {
         Self {
             reactor: Box::new(reactor),
@@ -176,11 +176,11 @@ where
     /// A snapshot older than what was applied means etcd's history went
     /// back (the cluster was wiped or restored from a backup): nothing this
     /// worker derived can be trusted, and its barrier may never be reached
-    /// again, so the worker ends with [`WorkerError::HistoryReset`] for its
+    /// again, so the worker ends with [`worker::Error::HistoryReset`] for its
     /// owner to start a fresh one.
-    fn apply_resync(&mut self, resync: Resync) -> Result<(), WorkerError> {
+    fn apply_resync(&mut self, resync: Resync) -> Result<(), worker::Error> {
         if self.initialized && resync.revision < self.applied_revision {
-            return Err(WorkerError::HistoryReset {
+            return Err(worker::Error::HistoryReset {
                 snapshot: resync.revision,
                 applied: self.applied_revision,
             });
@@ -238,7 +238,7 @@ where
         skip_rejected(key, self.state.update(key, value, is_init));
     }
 
-    fn apply(&mut self, incoming: Incoming) -> Result<(), WorkerError> {
+    fn apply(&mut self, incoming: Incoming) -> Result<(), worker::Error> {
         match incoming {
             Incoming::Events(batch) => {
                 self.apply_events(batch);
@@ -314,10 +314,10 @@ where
         }
         match result {
             Ok(()) => {}
-            Err(ReactorError::Finished) => self.finishing = true,
-            Err(ReactorError::Failed(error)) => {
+            Err(reactor::Error::Finished) => self.finishing = true,
+            Err(reactor::Error::Failed(error)) => {
                 self.state.get_patches();
-                self.finish(Err(WorkerError::Reactor(error)), ctx);
+                self.finish(Err(worker::Error::Reactor(error)), ctx);
                 return;
             }
         }
@@ -357,7 +357,7 @@ where
         self.committing = false;
         match outcome {
             Err(_) => {
-                self.finish(Err(WorkerError::Gone), ctx);
+                self.finish(Err(worker::Error::Gone), ctx);
                 return;
             }
             Ok(CommitOutcome::Committed { revision, keys }) => {
@@ -417,7 +417,7 @@ where
         self.schedule_tick(ctx);
     }
 
-    fn finish(&mut self, result: Result<(), WorkerError>, ctx: &mut Context<Self>) {
+    fn finish(&mut self, result: Result<(), worker::Error>, ctx: &mut Context<Self>) {
         let Some(done) = self.done.take() else { return };
         match &result {
             Ok(()) => info!(prefix = %self.prefix, "worker stopped"),
@@ -431,7 +431,7 @@ where
 }
 
 /// A malformed value written from outside is logged and counted, never fatal.
-fn skip_rejected(key: &str, result: Result<(), StateError>) {
+fn skip_rejected(key: &str, result: Result<(), state::Error>) {
     if let Err(error) = result {
         metrics::worker().skipped_updates_total.inc();
         warn!(key, %error, "reactor state rejected an update; skipped");
@@ -447,7 +447,7 @@ where
 
     fn stopped(&mut self, _: &mut Self::Context) {
         if let Some(done) = self.done.take() {
-            let _ = done.send(Err(WorkerError::Gone));
+            let _ = done.send(Err(worker::Error::Gone));
             self.watcher.do_send(StopWatcher);
             self.committer.do_send(StopCommitter);
         }

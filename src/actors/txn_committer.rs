@@ -15,7 +15,7 @@ use actix::prelude::*;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
 use tracing::{debug, warn};
 
-use super::worker::{Fence, WorkerConfig, WorkerError};
+use super::worker::{self, Fence, WorkerConfig};
 use crate::etcd_errors::is_retryable;
 use crate::metrics;
 use crate::state::{CommitPlan, PlannedTxn};
@@ -47,7 +47,7 @@ pub enum CommitOutcome {
         error: String,
     },
     /// A non-retryable error, or the fence is lost: the worker must stop.
-    Failed(WorkerError),
+    Failed(worker::Error),
 }
 
 /// Stops the committer.
@@ -158,7 +158,7 @@ impl TxnSender {
                             .fence
                             .take()
                             .expect("fence_held is false only when fenced");
-                        return CommitOutcome::Failed(WorkerError::FenceLost {
+                        return CommitOutcome::Failed(worker::Error::FenceLost {
                             key: fence.key,
                             create_revision: fence.create_revision,
                         });
@@ -262,7 +262,7 @@ impl TxnSender {
         }
         match sent {
             Ok(Ok(response)) => Ok(self.read_response(&response)),
-            Ok(Err(error)) if !is_retryable(&error) => Err(SendError::Fatal(WorkerError::Etcd {
+            Ok(Err(error)) if !is_retryable(&error) => Err(SendError::Fatal(worker::Error::Etcd {
                 operation: "txn",
                 source: error,
             })),
@@ -314,5 +314,5 @@ impl TxnSender {
 
 enum SendError {
     Retryable(String),
-    Fatal(WorkerError),
+    Fatal(worker::Error),
 }

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use super::etcd_watcher::{EtcdWatcher, WatchSink};
 use super::ticker::{GetWorkerStats, ReactorTicker, StopWorker, WorkerStats};
 use super::txn_committer::TxnCommitter;
-use crate::state::{PlanError, Reactor, TxnLimits};
+use crate::state::{plan, Reactor, TxnLimits};
 
 /// A key whose create_revision every txn of the worker must match: the
 /// leader's election key. A deposed leader's txns fail on it.
@@ -91,10 +91,10 @@ impl WorkerConfig {
 
 /// Why a worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
+pub enum Error {
     /// The reactor queued patches that can never be committed.
     #[error(transparent)]
-    Plan(#[from] PlanError),
+    Plan(#[from] plan::Error),
     /// The reactor's tick failed.
     #[error("reactor failed: {0}")]
     Reactor(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -146,7 +146,7 @@ impl Backoff {
 pub struct WorkerHandle {
     stop: Recipient<StopWorker>,
     stats: Recipient<GetWorkerStats>,
-    done: oneshot::Receiver<Result<(), WorkerError>>,
+    done: oneshot::Receiver<Result<(), Error>>,
 }
 
 impl WorkerHandle {
@@ -162,8 +162,8 @@ impl WorkerHandle {
 
     /// Waits until the worker ends: `Ok` after the reactor finished or after
     /// [`WorkerHandle::stop`], the error otherwise.
-    pub async fn wait(self) -> Result<(), WorkerError> {
-        self.done.await.unwrap_or(Err(WorkerError::Gone))
+    pub async fn wait(self) -> Result<(), Error> {
+        self.done.await.unwrap_or(Err(Error::Gone))
     }
 
     /// A recipient that stops the worker, for callers that keep the handle

@@ -7,7 +7,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{Error, ErrorBody, Result};
 use super::{bearer_token, json_body, resource, AppState};
 use crate::owner::feeds::{
     self, ChangefeedView, Changefeeds, CreateChangefeed, ResumeChangefeed, Unreadable,
@@ -34,21 +34,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/api/v1/changefeeds/{id}/resume").route(web::post().to(resume)));
 }
 
-fn changefeeds(state: &AppState) -> ApiResult<&Changefeeds> {
+fn changefeeds(state: &AppState) -> Result<&Changefeeds> {
     state.changefeeds.as_ref().ok_or_else(|| {
-        ApiError::Unavailable("changefeeds are not served by this server (no etcd)".into())
+        Error::Unavailable("changefeeds are not served by this server (no etcd)".into())
     })
 }
 
 /// Mutations are admin operations when the server has an admin token.
-fn require_admin(state: &AppState, req: &HttpRequest) -> ApiResult<()> {
+fn require_admin(state: &AppState, req: &HttpRequest) -> Result<()> {
     if state.admin_token.is_none() {
         return Ok(());
     }
     match bearer_token(req) {
         Some(token) if state.is_admin_token(token) => Ok(()),
-        Some(_) => Err(ApiError::Unauthorized("wrong admin token".into())),
-        None => Err(ApiError::Unauthorized(
+        Some(_) => Err(Error::Unauthorized("wrong admin token".into())),
+        None => Err(Error::Unauthorized(
             "changefeed changes need the admin token: Authorization: Bearer <token>".into(),
         )),
     }
@@ -64,7 +64,7 @@ struct Scope {
 impl Scope {
     /// Parsed from the request, after the admin check: an unauthorized
     /// request learns nothing about what else is wrong with it.
-    fn of(req: &HttpRequest) -> ApiResult<Scope> {
+    fn of(req: &HttpRequest) -> Result<Scope> {
         query(req)
     }
 
@@ -73,10 +73,10 @@ impl Scope {
     }
 }
 
-fn query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> ApiResult<T> {
+fn query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T> {
     web::Query::<T>::from_query(req.query_string())
         .map(web::Query::into_inner)
-        .map_err(|e| ApiError::InvalidArgument(format!("invalid query string: {e}")))
+        .map_err(|e| Error::InvalidArgument(format!("invalid query string: {e}")))
 }
 
 /// `?namespace=&state=` of the listing.
@@ -132,13 +132,13 @@ pub(super) async fn create(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Payload,
-) -> ApiResult<HttpResponse> {
+) -> Result<HttpResponse> {
     require_admin(&state, &req)?;
     let scope = Scope::of(&req)?;
     let request: CreateChangefeed = json_body(&req, body, state.max_body_bytes)
         .await?
         .ok_or_else(|| {
-            ApiError::InvalidArgument(
+            Error::InvalidArgument(
                 "a JSON body {\"id\",\"sink_uri\",\"start_ts\"?,\"target_ts\"?,\"config\"?,\
                  \"selector\"?} is required"
                     .into(),
@@ -177,7 +177,7 @@ pub(super) async fn create(
          headers(("Retry-After" = String))),
     ),
 )]
-pub(super) async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
+pub(super) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse> {
     let query: ListQuery = query(&req)?;
     let filter = query.state.as_deref().map(feeds::parse_state).transpose()?;
     let namespace = query.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
@@ -209,7 +209,7 @@ pub(super) async fn get(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
-) -> ApiResult<HttpResponse> {
+) -> Result<HttpResponse> {
     let scope = Scope::of(&req)?;
     let view = changefeeds(&state)?.get(scope.namespace(), &id).await?;
     Ok(HttpResponse::Ok().json(view))
@@ -243,13 +243,13 @@ pub(super) async fn update(
     req: HttpRequest,
     id: web::Path<String>,
     body: web::Payload,
-) -> ApiResult<HttpResponse> {
+) -> Result<HttpResponse> {
     require_admin(&state, &req)?;
     let scope = Scope::of(&req)?;
     let request: UpdateChangefeed = json_body(&req, body, state.max_body_bytes)
         .await?
         .ok_or_else(|| {
-            ApiError::InvalidArgument(
+            Error::InvalidArgument(
                 "a JSON body {\"sink_uri\"?,\"config\"?,\"selector\"?} is required".into(),
             )
         })?;
@@ -288,7 +288,7 @@ pub(super) async fn pause(
     req: HttpRequest,
     id: web::Path<String>,
     body: web::Payload,
-) -> ApiResult<HttpResponse> {
+) -> Result<HttpResponse> {
     require_admin(&state, &req)?;
     let scope = Scope::of(&req)?;
     let _: Option<NoFields> = json_body(&req, body, state.max_body_bytes).await?;
@@ -328,7 +328,7 @@ pub(super) async fn resume(
     req: HttpRequest,
     id: web::Path<String>,
     body: web::Payload,
-) -> ApiResult<HttpResponse> {
+) -> Result<HttpResponse> {
     require_admin(&state, &req)?;
     let scope = Scope::of(&req)?;
     let request: ResumeChangefeed = json_body(&req, body, state.max_body_bytes)
@@ -364,7 +364,7 @@ pub(super) async fn delete(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
-) -> ApiResult<HttpResponse> {
+) -> Result<HttpResponse> {
     require_admin(&state, &req)?;
     let scope = Scope::of(&req)?;
     changefeeds(&state)?.delete(scope.namespace(), &id).await?;

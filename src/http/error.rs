@@ -1,4 +1,4 @@
-//! `ApiError`: every error a request can end in, rendered as `{"code","message"}` with
+//! `Error`: every error a request can end in, rendered as `{"code","message"}` with
 //! its HTTP status. `code` is stable: clients and scripts match on it, and metrics may
 //! use it as a label. Add a variant per new failure a route can report.
 
@@ -11,7 +11,7 @@ pub use crate::error_code::ErrorCode;
 
 /// Errors a handler returns; the `Display` text is the `message` sent to the client.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub enum Error {
     /// The request is malformed: bad JSON, a bad field, a bad path or query parameter.
     #[error("{0}")]
     InvalidArgument(String),
@@ -47,7 +47,7 @@ pub enum ApiError {
     Unavailable(String),
     /// The executor registry refused the request.
     #[error(transparent)]
-    Registry(#[from] crate::actors::executor_registry::RegistryError),
+    Registry(#[from] crate::actors::executor_registry::Error),
     /// A changefeed request failed (see [`crate::owner::feeds::Error`]).
     #[error(transparent)]
     Changefeed(#[from] crate::owner::feeds::Error),
@@ -60,25 +60,25 @@ pub enum ApiError {
 }
 
 /// What handlers return.
-pub type ApiResult<T> = std::result::Result<T, ApiError>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl ApiError {
+impl Error {
     /// The stable machine-readable code.
     pub fn code(&self) -> ErrorCode {
         match self {
-            ApiError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
-            ApiError::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
-            ApiError::NotFound(_) => ErrorCode::NotFound,
-            ApiError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
-            ApiError::EtcdUnavailable(_) => ErrorCode::EtcdUnavailable,
-            ApiError::Unavailable(_) => ErrorCode::Unavailable,
-            ApiError::NoLeader(_) => ErrorCode::NoLeader,
-            ApiError::TooManyRequests { .. } => ErrorCode::TooManyRequests,
-            ApiError::Registry(e) => e.code(),
-            ApiError::Changefeed(e) => e.code(),
-            ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
-            ApiError::Internal(_) => ErrorCode::Internal,
+            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Error::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
+            Error::EtcdUnavailable(_) => ErrorCode::EtcdUnavailable,
+            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::NoLeader(_) => ErrorCode::NoLeader,
+            Error::TooManyRequests { .. } => ErrorCode::TooManyRequests,
+            Error::Registry(e) => e.code(),
+            Error::Changefeed(e) => e.code(),
+            Error::Unauthorized(_) => ErrorCode::Unauthorized,
+            Error::Internal(_) => ErrorCode::Internal,
         }
     }
 }
@@ -118,19 +118,19 @@ impl utoipa::ToSchema for ErrorBody {
     }
 }
 
-impl ResponseError for ApiError {
+impl ResponseError for Error {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::EtcdUnavailable(_) | ApiError::Unavailable(_) | ApiError::NoLeader(_) => {
+            Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Error::EtcdUnavailable(_) | Error::Unavailable(_) | Error::NoLeader(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::Registry(e) => {
-                use crate::actors::executor_registry::RegistryError as R;
+            Error::Registry(e) => {
+                use crate::actors::executor_registry::Error as R;
                 match e {
                     R::InvalidArgument(_) => StatusCode::BAD_REQUEST,
                     R::UnknownExecutor(_) => StatusCode::NOT_FOUND,
@@ -141,7 +141,7 @@ impl ResponseError for ApiError {
                     }
                 }
             }
-            ApiError::Changefeed(e) => {
+            Error::Changefeed(e) => {
                 use crate::owner::feeds::Error as F;
                 match e {
                     F::InvalidArgument(_) => StatusCode::BAD_REQUEST,
@@ -156,17 +156,17 @@ impl ResponseError for ApiError {
                     F::Etcd(_) | F::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
                 }
             }
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        if let ApiError::Internal(detail) = self {
+        if let Error::Internal(detail) = self {
             tracing::error!(%detail, "request failed");
         }
-        if let ApiError::Changefeed(
+        if let Error::Changefeed(
             error @ (crate::owner::feeds::Error::Etcd(_)
             | crate::owner::feeds::Error::Corrupt { .. }),
         ) = self
@@ -177,13 +177,13 @@ impl ResponseError for ApiError {
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
         }
-        if let ApiError::TooManyRequests { retry_after_secs } = self {
+        if let Error::TooManyRequests { retry_after_secs } = self {
             response.insert_header((
                 actix_web::http::header::RETRY_AFTER,
                 retry_after_secs.to_string(),
             ));
         }
-        if let ApiError::MethodNotAllowed {
+        if let Error::MethodNotAllowed {
             allow: Some(allow), ..
         } = self
         {
@@ -201,61 +201,49 @@ impl ResponseError for ApiError {
 
 /// Error handler for `web::Path` extractors.
 pub(super) fn path_error(err: PathError, _req: &HttpRequest) -> actix_web::Error {
-    ApiError::InvalidArgument(format!("invalid path parameter: {err}")).into()
+    Error::InvalidArgument(format!("invalid path parameter: {err}")).into()
 }
 
 /// Error handler for `web::Query` extractors.
 pub(super) fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
-    ApiError::InvalidArgument(format!("invalid query string: {err}")).into()
+    Error::InvalidArgument(format!("invalid query string: {err}")).into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::executor_registry::RegistryError;
-    use crate::owner::feeds::Error as FeedError;
+    use crate::actors::executor_registry;
+    use crate::owner::feeds;
     use crate::owner::model::{ChangefeedId, FeedState};
 
     #[test]
     fn codes_and_statuses_match() {
         for (err, code, status) in [
+            (Error::InvalidArgument("x".into()), "invalid_argument", 400),
             (
-                ApiError::InvalidArgument("x".into()),
-                "invalid_argument",
-                400,
-            ),
-            (
-                ApiError::PayloadTooLarge { limit: 1 },
+                Error::PayloadTooLarge { limit: 1 },
                 "payload_too_large",
                 413,
             ),
+            (Error::UnsupportedMediaType, "unsupported_media_type", 415),
+            (Error::NotFound("x".into()), "not_found", 404),
+            (Error::EtcdUnavailable("x".into()), "etcd_unavailable", 503),
+            (Error::Internal("x".into()), "internal", 500),
             (
-                ApiError::UnsupportedMediaType,
-                "unsupported_media_type",
-                415,
-            ),
-            (ApiError::NotFound("x".into()), "not_found", 404),
-            (
-                ApiError::EtcdUnavailable("x".into()),
-                "etcd_unavailable",
-                503,
-            ),
-            (ApiError::Internal("x".into()), "internal", 500),
-            (
-                ApiError::TooManyRequests {
+                Error::TooManyRequests {
                     retry_after_secs: 1,
                 },
                 "too_many_requests",
                 429,
             ),
             (
-                ApiError::Registry(crate::actors::executor_registry::RegistryError::Full(1)),
+                Error::Registry(crate::actors::executor_registry::Error::Full(1)),
                 "registry_full",
                 503,
             ),
-            (ApiError::NoLeader("x".into()), "no_leader", 503),
+            (Error::NoLeader("x".into()), "no_leader", 503),
             (
-                ApiError::MethodNotAllowed {
+                Error::MethodNotAllowed {
                     method: "PATCH".into(),
                     path: "/x".into(),
                     allow: Some("GET"),
@@ -263,55 +251,55 @@ mod tests {
                 "method_not_allowed",
                 405,
             ),
-            (ApiError::NoLeader("x".into()), "no_leader", 503),
-            (RegistryError::NotReady.into(), "not_ready", 503),
+            (Error::NoLeader("x".into()), "no_leader", 503),
+            (executor_registry::Error::NotReady.into(), "not_ready", 503),
             (
-                FeedError::Etcd(etcd_client::Error::InvalidArgs("x".into())).into(),
+                feeds::Error::Etcd(etcd_client::Error::InvalidArgs("x".into())).into(),
                 "etcd_error",
                 500,
             ),
-            (ApiError::Unavailable("x".into()), "unavailable", 503),
+            (Error::Unavailable("x".into()), "unavailable", 503),
             (
-                RegistryError::UnknownExecutor("x".into()).into(),
+                executor_registry::Error::UnknownExecutor("x".into()).into(),
                 "unknown_executor",
                 404,
             ),
             (
-                RegistryError::TombstoneExecutor("x".into()).into(),
+                executor_registry::Error::TombstoneExecutor("x".into()).into(),
                 "tombstone_executor",
                 410,
             ),
             (
-                RegistryError::Unauthorized("x".into()).into(),
+                executor_registry::Error::Unauthorized("x".into()).into(),
                 "unauthorized",
                 401,
             ),
             (
-                RegistryError::StoreUnavailable(std::sync::Arc::new(
+                executor_registry::Error::StoreUnavailable(std::sync::Arc::new(
                     crate::store::Error::Duplicate { id: "x".into() },
                 ))
                 .into(),
                 "store_unavailable",
                 503,
             ),
-            (ApiError::Unauthorized("x".into()), "unauthorized", 401),
+            (Error::Unauthorized("x".into()), "unauthorized", 401),
             (
-                FeedError::InvalidArgument("x".into()).into(),
+                feeds::Error::InvalidArgument("x".into()).into(),
                 "invalid_argument",
                 400,
             ),
             (
-                FeedError::NotFound(ChangefeedId::new("n", "c")).into(),
+                feeds::Error::NotFound(ChangefeedId::new("n", "c")).into(),
                 "not_found",
                 404,
             ),
             (
-                FeedError::Exists(ChangefeedId::new("n", "c")).into(),
+                feeds::Error::Exists(ChangefeedId::new("n", "c")).into(),
                 "changefeed_exists",
                 409,
             ),
             (
-                FeedError::NotPaused {
+                feeds::Error::NotPaused {
                     id: ChangefeedId::new("n", "c"),
                     state: FeedState::Normal,
                     hint: "x",
@@ -321,7 +309,7 @@ mod tests {
                 409,
             ),
             (
-                FeedError::WrongState {
+                feeds::Error::WrongState {
                     id: ChangefeedId::new("n", "c"),
                     state: FeedState::Failed,
                     op: "pause",
@@ -331,17 +319,17 @@ mod tests {
                 409,
             ),
             (
-                FeedError::Conflict(ChangefeedId::new("n", "c")).into(),
+                feeds::Error::Conflict(ChangefeedId::new("n", "c")).into(),
                 "conflict",
                 409,
             ),
             (
-                FeedError::Unavailable("x".into()).into(),
+                feeds::Error::Unavailable("x".into()).into(),
                 "etcd_unavailable",
                 503,
             ),
             (
-                FeedError::Corrupt {
+                feeds::Error::Corrupt {
                     key: "k".into(),
                     source: serde_json::from_str::<u8>("x").unwrap_err(),
                 }

@@ -11,11 +11,11 @@ use actix_web::{HttpRequest, HttpResponse};
 use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{Error, ErrorBody, Result};
 use super::{bearer_token, json_body, resource, AppState};
 use crate::actors::executor_registry::{
-    Caller, Deregister, ExecutorEvent, ExecutorInfo, ExecutorRegistry, ExecutorStatus, GetExecutor,
-    ListExecutors, Register, RegistryError, Subscribe, TokenHash,
+    self, Caller, Deregister, ExecutorEvent, ExecutorInfo, ExecutorRegistry, ExecutorStatus,
+    GetExecutor, ListExecutors, Register, Subscribe, TokenHash,
 };
 use crate::actors::leader::Roles;
 use crate::actors::owner::{Assignment, Rejected, Work};
@@ -46,21 +46,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
-fn registry(state: &AppState) -> ApiResult<Addr<ExecutorRegistry>> {
+fn registry(state: &AppState) -> Result<Addr<ExecutorRegistry>> {
     roles(state).map(|r| r.registry.addr)
 }
 
 /// The leader-only actors. Missing only when this server stepped down
 /// between routing and here, or runs no registry at all.
-fn roles(state: &AppState) -> ApiResult<Roles> {
+fn roles(state: &AppState) -> Result<Roles> {
     state.roles.get().ok_or_else(|| not_leading(state))
 }
 
-fn not_leading(state: &AppState) -> ApiError {
+fn not_leading(state: &AppState) -> Error {
     if state.election.is_some() {
-        return ApiError::NoLeader("this server just stopped leading; retry".into());
+        return Error::NoLeader("this server just stopped leading; retry".into());
     }
-    ApiError::Unavailable("the executor registry is not running on this server".into())
+    Error::Unavailable("the executor registry is not running on this server".into())
 }
 
 /// `POST /api/v1/executors` body.
@@ -126,12 +126,12 @@ pub(super) async fn register(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Payload,
-) -> ApiResult<HttpResponse> {
+) -> Result<HttpResponse> {
     limit_registration(&state, &req)?;
     let request: RegisterRequest = json_body(&req, body, state.max_body_bytes)
         .await?
         .ok_or_else(|| {
-            ApiError::InvalidArgument(
+            Error::InvalidArgument(
                 "a JSON body {\"name\",\"address\",\"labels\"} is required".into(),
             )
         })?;
@@ -160,7 +160,7 @@ pub(super) async fn register(
 /// the election forwarded the request (it was limited there). The hop marker
 /// alone proves nothing: anyone can send it, so it counts only from the
 /// address of a server seen in the election.
-pub(super) fn limit_registration(state: &AppState, req: &HttpRequest) -> ApiResult<()> {
+pub(super) fn limit_registration(state: &AppState, req: &HttpRequest) -> Result<()> {
     let Some(peer) = req.peer_addr() else {
         return Ok(());
     };
@@ -275,12 +275,15 @@ pub(super) async fn heartbeat(
     req: HttpRequest,
     id: web::Path<String>,
     body: web::Payload,
-) -> ApiResult<HttpResponse> {
-    let token = bearer_token(&req)
-        .ok_or_else(|| ApiError::Registry(RegistryError::Unauthorized(id.as_str().to_owned())))?;
+) -> Result<HttpResponse> {
+    let token = bearer_token(&req).ok_or_else(|| {
+        Error::Registry(executor_registry::Error::Unauthorized(
+            id.as_str().to_owned(),
+        ))
+    })?;
     let token = TokenHash::of(token);
     let authenticate = || {
-        state.roles.with(|roles| -> ApiResult<()> {
+        state.roles.with(|roles| -> Result<()> {
             let roles = roles.ok_or_else(|| not_leading(&state))?;
             Ok(roles.registry.table.authenticate(&id, &token)?)
         })
@@ -312,7 +315,7 @@ pub(super) async fn heartbeat(
     // registry and the owner share with it: no actor message on this path.
     // The registry first, so only an authenticated, live executor's
     // progress counts.
-    let (ack, work) = state.roles.with(|roles| -> ApiResult<_> {
+    let (ack, work) = state.roles.with(|roles| -> Result<_> {
         let roles = roles.ok_or_else(|| not_leading(&state))?;
         let ack = roles.registry.table.heartbeat(&id, &token, ttl)?;
         Ok((ack, work_for(roles, &id, progress)?))
@@ -332,10 +335,10 @@ async fn heartbeat_request(
     req: &HttpRequest,
     body: web::Payload,
     limit: usize,
-) -> ApiResult<(Vec<ProgressReport>, Option<Duration>)> {
+) -> Result<(Vec<ProgressReport>, Option<Duration>)> {
     let request: HeartbeatRequest = json_body(req, body, limit).await?.unwrap_or_default();
     if request.progress.len() > MAX_PROGRESS_ITEMS {
-        return Err(ApiError::InvalidArgument(format!(
+        return Err(Error::InvalidArgument(format!(
             "at most {MAX_PROGRESS_ITEMS} progress items per heartbeat"
         )));
     }
@@ -358,7 +361,7 @@ async fn heartbeat_request(
         });
     }
     let ttl = match request.ttl_ms {
-        Some(0) => return Err(ApiError::InvalidArgument("ttl_ms must be positive".into())),
+        Some(0) => return Err(Error::InvalidArgument("ttl_ms must be positive".into())),
         Some(ms) => Some(Duration::from_millis(ms)),
         None => None,
     };
@@ -366,14 +369,14 @@ async fn heartbeat_request(
 }
 
 /// The owner's answer to a heartbeat the registry accepted.
-fn work_for(roles: &Roles, id: &str, progress: Vec<ProgressReport>) -> ApiResult<Work> {
+fn work_for(roles: &Roles, id: &str, progress: Vec<ProgressReport>) -> Result<Work> {
     Ok(match &roles.owner {
         // If the owner cannot answer after the heartbeat counted, a 503
         // tells the executor to keep its current work and ask again (an
         // empty list would stop everything).
         Some(owner) => owner
             .work(id, progress)
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+            .map_err(|e| Error::Unavailable(e.to_string()))?,
         // A server built without an owner (registry-only tests) has no work
         // to hand out and takes no progress.
         None => Work {
@@ -452,7 +455,7 @@ fn with_changefeeds(state: &AppState, items: Vec<ExecutorInfo>) -> Vec<ExecutorV
 pub(super) async fn list(
     state: web::Data<AppState>,
     query: web::Query<Vec<(String, String)>>,
-) -> ApiResult<HttpResponse> {
+) -> Result<HttpResponse> {
     let mut filter = ListExecutors::default();
     for (key, value) in query.into_inner() {
         match key.as_str() {
@@ -462,7 +465,7 @@ pub(super) async fn list(
                     "running" => ExecutorStatus::Running,
                     "tombstone" => ExecutorStatus::Tombstone,
                     other => {
-                        return Err(ApiError::InvalidArgument(format!(
+                        return Err(Error::InvalidArgument(format!(
                             "status {other:?} is not one of initing, running, tombstone"
                         )))
                     }
@@ -470,12 +473,12 @@ pub(super) async fn list(
             }
             "label" => {
                 let (k, v) = value.split_once('=').ok_or_else(|| {
-                    ApiError::InvalidArgument(format!("label filter {value:?} is not key=value"))
+                    Error::InvalidArgument(format!("label filter {value:?} is not key=value"))
                 })?;
                 filter.labels.insert(k.to_owned(), v.to_owned());
             }
             other => {
-                return Err(ApiError::InvalidArgument(format!(
+                return Err(Error::InvalidArgument(format!(
                     "unknown query parameter {other:?} (expected status, label)"
                 )))
             }
@@ -503,10 +506,7 @@ pub(super) async fn list(
          headers(("Retry-After" = String))),
     ),
 )]
-pub(super) async fn get(
-    state: web::Data<AppState>,
-    id: web::Path<String>,
-) -> ApiResult<HttpResponse> {
+pub(super) async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
     let info = registry(&state)?
         .send(GetExecutor {
             id: id.into_inner(),
@@ -539,9 +539,12 @@ pub(super) async fn deregister(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
-) -> ApiResult<HttpResponse> {
-    let token = bearer_token(&req)
-        .ok_or_else(|| ApiError::Registry(RegistryError::Unauthorized(id.as_str().to_owned())))?;
+) -> Result<HttpResponse> {
+    let token = bearer_token(&req).ok_or_else(|| {
+        Error::Registry(executor_registry::Error::Unauthorized(
+            id.as_str().to_owned(),
+        ))
+    })?;
     let caller = if state.is_admin_token(token) {
         Caller::Admin
     } else {
@@ -578,7 +581,7 @@ pub(super) async fn deregister(
          headers(("Retry-After" = String))),
     ),
 )]
-pub(super) async fn watch(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+pub(super) async fn watch(state: web::Data<AppState>) -> Result<HttpResponse> {
     let subscription = registry(&state)?.send(Subscribe).await.map_err(mailbox)??;
     let snapshot = sse_frame(
         "snapshot",
@@ -626,6 +629,6 @@ fn sse_frame(event: &str, id: Option<u64>, data: &impl Serialize) -> Bytes {
 }
 
 /// A registry that does not answer (stopping, or gone) is a 503.
-pub(super) fn mailbox(error: actix::MailboxError) -> ApiError {
-    ApiError::Unavailable(format!("the executor registry is not answering: {error}"))
+pub(super) fn mailbox(error: actix::MailboxError) -> Error {
+    Error::Unavailable(format!("the executor registry is not answering: {error}"))
 }

@@ -16,7 +16,7 @@ use actix_web::guard::{self, GuardContext};
 use actix_web::http::header::{self, HeaderName};
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::error::{ApiError, ApiResult};
+use super::error::{Error, Result};
 use super::AppState;
 use crate::election::Member;
 use crate::metrics;
@@ -82,16 +82,16 @@ fn client(state: &AppState) -> awc::Client {
     })
 }
 
-fn no_leader(message: String) -> ApiError {
+fn no_leader(message: String) -> Error {
     metrics::election()
         .forwarded_requests_total
         .with_label_values(&["no_leader"])
         .inc();
-    ApiError::NoLeader(message)
+    Error::NoLeader(message)
 }
 
 /// The leader other than this server, waiting up to [`NO_LEADER_WAIT`].
-async fn leader(state: &AppState) -> ApiResult<Member> {
+async fn leader(state: &AppState) -> Result<Member> {
     let Some(view) = &state.election else {
         return Err(no_leader("this server runs no election".into()));
     };
@@ -148,7 +148,7 @@ async fn forward(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Payload,
-) -> ApiResult<HttpResponse> {
+) -> Result<HttpResponse> {
     if let Some(from) = req.headers().get(&FORWARDED_BY) {
         return Err(no_leader(format!(
             "forwarded by {} to this server, which is not the leader either; retry",

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::error::ApiError;
+use super::error::Error;
 
 /// How many client addresses are tracked at once; beyond it, idle (full)
 /// buckets are dropped, and if none is idle the request is refused, so the
@@ -53,7 +53,7 @@ impl RegisterLimiter {
     }
 
     /// Takes one token for `client`, or says when to retry.
-    pub fn check(&self, client: IpAddr) -> Result<(), ApiError> {
+    pub fn check(&self, client: IpAddr) -> Result<(), Error> {
         if self.rate <= 0.0 {
             return Ok(());
         }
@@ -85,8 +85,8 @@ fn refill(bucket: &Bucket, now: Instant, rate: f64, burst: f64) -> f64 {
     (bucket.tokens + now.saturating_duration_since(bucket.at).as_secs_f64() * rate).min(burst)
 }
 
-fn too_many(wait: Duration) -> ApiError {
-    ApiError::TooManyRequests {
+fn too_many(wait: Duration) -> Error {
+    Error::TooManyRequests {
         retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
     }
 }
@@ -104,7 +104,7 @@ mod tests {
             limiter.check(a).unwrap();
         }
         match limiter.check(a) {
-            Err(ApiError::TooManyRequests { retry_after_secs }) => {
+            Err(Error::TooManyRequests { retry_after_secs }) => {
                 assert_eq!(retry_after_secs, 1)
             }
             other => panic!("expected 429, got {other:?}"),

@@ -5,7 +5,7 @@
 //! module under `src/http/` with a `configure(cfg: &mut web::ServiceConfig)` function and
 //! call it from [`configure`]. To give handlers access to something new (an actor's
 //! `Addr`, the store), add a field to [`AppState`]; handlers take `web::Data<AppState>`.
-//! Handlers return [`Result<T, ApiError>`](ApiError) so every error has the same JSON shape.
+//! Handlers return [`Result<T, Error>`](Error) so every error has the same JSON shape.
 //! Every route is documented in the OpenAPI document ([`openapi`]): annotate the handler
 //! with `#[utoipa::path]` and list it in [`openapi::ApiDoc`] (a unit test fails otherwise).
 
@@ -15,36 +15,18 @@ mod error;
 mod executors;
 pub mod forward;
 pub mod limits;
+pub mod listen;
 pub mod openapi;
 mod route_metrics;
 mod status;
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use actix_web::http::header;
-use actix_web::{dev::Server, web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, HttpRequest, HttpResponse};
 
-pub use error::{ApiError, ApiResult, ErrorBody};
-
-use crate::config::HttpConfig;
-
-/// Errors setting up the HTTP server (request errors are [`ApiError`]).
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The TLS certificate or key cannot be used (`http.tls_*`).
-    #[error("HTTPS (http.tls_cert_file, http.tls_key_file): {0}")]
-    Tls(#[source] crate::tls::Error),
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr} (http.listen / --listen): {source}")]
-    Bind {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use error::{Error, ErrorBody, Result};
+pub use listen::{listen, serve};
 
 /// Facts about this server, fixed at start-up; reported by `/api/v1/status`.
 #[derive(Debug, Clone)]
@@ -140,14 +122,14 @@ pub(crate) async fn json_body<T: serde::de::DeserializeOwned>(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
-) -> ApiResult<Option<T>> {
+) -> Result<Option<T>> {
     use futures::StreamExt;
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk =
-            chunk.map_err(|e| ApiError::InvalidArgument(format!("cannot read the body: {e}")))?;
+            chunk.map_err(|e| Error::InvalidArgument(format!("cannot read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
+            return Err(Error::PayloadTooLarge { limit });
         }
         body.extend_from_slice(&chunk);
     }
@@ -165,11 +147,11 @@ pub(crate) async fn json_body<T: serde::de::DeserializeOwned>(
                 || (mime.starts_with("application/") && mime.ends_with("+json"))
         });
     if !is_json {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(Error::UnsupportedMediaType);
     }
     crate::json::from_object(&body)
         .map(Some)
-        .map_err(|e| ApiError::InvalidArgument(format!("invalid JSON body: {e}")))
+        .map_err(|e| Error::InvalidArgument(format!("invalid JSON body: {e}")))
 }
 
 /// Registers routes, extractor error handlers and the JSON 404 fallback.
@@ -254,16 +236,16 @@ thread_local! {
         Default::default();
 }
 
-async fn not_found(req: HttpRequest) -> ApiResult<HttpResponse> {
-    Err(ApiError::NotFound(format!(
+async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
+    Err(Error::NotFound(format!(
         "no route for {} {}",
         req.method(),
         req.path()
     )))
 }
 
-async fn method_not_allowed(req: HttpRequest) -> ApiResult<HttpResponse> {
-    Err(ApiError::MethodNotAllowed {
+async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse> {
+    Err(Error::MethodNotAllowed {
         method: req.method().to_string(),
         path: req.path().to_owned(),
         allow: req
@@ -329,38 +311,4 @@ where
         }
         Ok(response)
     }
-}
-
-/// Binds the listen address. Separate from [`serve`] so the caller learns the bound
-/// address (port 0 picks one) before it builds the [`AppState`] that reports it.
-pub fn listen(addr: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).map_err(|source| Error::Bind {
-        addr: addr.to_owned(),
-        source,
-    })
-}
-
-/// Starts serving on `listener`; the returned server resolves when it has stopped.
-/// It does not handle signals: the caller stops it through `Server::handle()` so that
-/// the shutdown order stays in one place (main).
-pub fn serve(listener: TcpListener, config: &HttpConfig, state: AppState) -> Result<Server> {
-    let addr = listener
-        .local_addr()
-        .map_or_else(|_| config.listen.clone(), |a| a.to_string());
-    crate::metrics::register_all();
-    let state = web::Data::new(state);
-    let routes = configure(state);
-    let server = HttpServer::new(move || App::new().wrap_fn(access_log).configure(routes.clone()))
-        .max_connections(config.max_connections)
-        .disable_signals()
-        .shutdown_timeout(config.shutdown_timeout.as_secs_f64().ceil() as u64);
-    let server = match (&config.tls_cert_file, &config.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            let tls = crate::tls::server_config(cert, key).map_err(Error::Tls)?;
-            server.listen_rustls_0_23(listener, tls)
-        }
-        _ => server.listen(listener),
-    }
-    .map_err(|source| Error::Bind { addr, source })?;
-    Ok(server.run())
 }

@@ -20,7 +20,7 @@ use actix_web::{web, HttpResponse};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::OpenApi;
 
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{Error, ErrorBody, Result};
 use super::{changefeeds, dashboard, executors, resource, status};
 
 /// Where the document is served.
@@ -266,7 +266,7 @@ fn swagger_config() -> Arc<utoipa_swagger_ui::Config<'static>> {
         (status = 404, description = "`not_found`: no such file", body = ErrorBody),
     ),
 )]
-pub(super) async fn docs(file: web::Path<String>) -> ApiResult<HttpResponse> {
+pub(super) async fn docs(file: web::Path<String>) -> Result<HttpResponse> {
     let file = file.into_inner();
     match utoipa_swagger_ui::serve(&file, swagger_config()) {
         Ok(Some(found)) => {
@@ -278,10 +278,10 @@ pub(super) async fn docs(file: web::Path<String>) -> ApiResult<HttpResponse> {
                 .content_type(found.content_type)
                 .body(found.bytes.into_owned()))
         }
-        Ok(None) => Err(ApiError::NotFound(format!(
+        Ok(None) => Err(Error::NotFound(format!(
             "no file {file:?} in the docs page"
         ))),
-        Err(e) => Err(ApiError::Internal(format!("docs page: {e}"))),
+        Err(e) => Err(Error::Internal(format!("docs page: {e}"))),
     }
 }
 

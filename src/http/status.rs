@@ -3,8 +3,8 @@
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
-use super::{resource, ApiError, ApiResult, AppState, ErrorBody};
-use crate::actors::executor_registry::{GetRegistryStats, PingStore, RegistryError};
+use super::{resource, AppState, Error, ErrorBody, Result};
+use crate::actors::executor_registry::{self, GetRegistryStats, PingStore};
 use crate::election::ElectionView;
 
 /// The exposition format `/metrics` speaks.
@@ -52,16 +52,12 @@ pub(super) async fn healthz() -> HttpResponse {
          body = ErrorBody, headers(("Retry-After" = String))),
     ),
 )]
-pub(super) async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
-    state
-        .etcd
-        .check()
-        .await
-        .map_err(ApiError::EtcdUnavailable)?;
+pub(super) async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
+    state.etcd.check().await.map_err(Error::EtcdUnavailable)?;
     if let Some(view) = &state.election {
         // A follower is ready when it has a leader to forward to.
         if state.roles.is_empty() && view.borrow().leader.is_none() {
-            return Err(ApiError::NoLeader("no leader is elected yet".into()));
+            return Err(Error::NoLeader("no leader is elected yet".into()));
         }
     }
     if let Some(roles) = state.roles.get() {
@@ -72,7 +68,7 @@ pub(super) async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse
             .await
             .map_err(super::executors::mailbox)?;
         if !stats.loaded {
-            return Err(RegistryError::NotReady.into());
+            return Err(executor_registry::Error::NotReady.into());
         }
     }
     Ok(HttpResponse::Ok().json(Healthy { status: "ok" }))
@@ -158,7 +154,7 @@ pub(super) async fn status(state: web::Data<AppState>) -> HttpResponse {
         None => (None, None),
         Some(registry) => {
             let store_error = match registry.addr.send(PingStore).await {
-                Ok(result) => result.err(),
+                Ok(result) => result.err().map(|e| e.to_string()),
                 Err(e) => Some(super::executors::mailbox(e).to_string()),
             };
             let counts = registry
@@ -220,7 +216,7 @@ mod tests {
         state: web::Data<AppState>,
         req: actix_web::HttpRequest,
         body: web::Payload,
-    ) -> ApiResult<HttpResponse> {
+    ) -> Result<HttpResponse> {
         let value: Option<Value> =
             super::super::json_body(&req, body, state.max_body_bytes).await?;
         Ok(HttpResponse::Ok().json(value))

@@ -24,7 +24,7 @@ use super::model::{
     TaskStatus,
 };
 use super::state::{ChangefeedEntry, GlobalState};
-use crate::state::{DataPatch, PatchGroup, Reactor, ReactorError};
+use crate::state::{reactor, DataPatch, PatchGroup, Reactor};
 
 /// An executor the registry says is alive: the same record the owner
 /// mirrors under `__meta__/executor/`.
@@ -528,7 +528,7 @@ impl Reactor for OwnerReactor {
     /// One tick: the inputs, the executor mirror, then for every readable
     /// changefeed one group (its leftovers removed when it was deleted, else
     /// [`Self::schedule`]), then progress of assignments gone is forgotten.
-    fn tick(&mut self, state: &mut GlobalState) -> Result<(), ReactorError> {
+    fn tick(&mut self, state: &mut GlobalState) -> Result<(), reactor::Error> {
         // Ticks come only at a consistent snapshot of etcd: from now on the
         // board may answer heartbeats.
         state.board().set_ready();

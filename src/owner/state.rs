@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::state::{PatchGroup, ReactorState, StateError};
+use crate::state::{self as state, PatchGroup, ReactorState};
 
 use super::board::{Touched, WorkBoard};
 use super::model::{
@@ -97,8 +97,8 @@ impl GlobalState {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StateError> {
-    crate::json::from_object(value).map_err(|e| StateError::Malformed {
+fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, state::Error> {
+    crate::json::from_object(value).map_err(|e| state::Error::Malformed {
         key: key.to_owned(),
         reason: e.to_string(),
     })
@@ -109,7 +109,7 @@ fn set<T: serde::de::DeserializeOwned>(
     slot: &mut Option<T>,
     key: &str,
     value: Option<&[u8]>,
-) -> Result<(), StateError> {
+) -> Result<(), state::Error> {
     *slot = value.map(|v| decode(key, v)).transpose()?;
     Ok(())
 }
@@ -119,7 +119,7 @@ fn set_in<T: serde::de::DeserializeOwned>(
     executor: &str,
     key: &str,
     value: Option<&[u8]>,
-) -> Result<(), StateError> {
+) -> Result<(), state::Error> {
     match value {
         Some(v) => {
             map.insert(executor.to_owned(), decode(key, v)?);
@@ -137,7 +137,7 @@ impl ReactorState for GlobalState {
         key: &str,
         value: Option<&[u8]>,
         _is_init: bool,
-    ) -> Result<(), StateError> {
+    ) -> Result<(), state::Error> {
         let Some(parsed) = self.keys.parse(key) else {
             // Not part of the layout (another tool's key under our prefix):
             // not ours to interpret.
@@ -263,7 +263,7 @@ mod tests {
         let err = state
             .update(&keys.info(&cf), Some(b"garbage"), false)
             .unwrap_err();
-        assert!(matches!(err, StateError::Malformed { .. }));
+        assert!(matches!(err, state::Error::Malformed { .. }));
         assert!(state.changefeeds[&cf].info.is_some());
         // Keys outside the layout are ignored.
         state

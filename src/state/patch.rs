@@ -26,7 +26,7 @@ pub enum Change {
 /// the other groups of the tick are still committed and the reactor sees the
 /// unchanged state on its next tick.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PatchError {
+pub enum Error {
     /// The patch's precondition no longer holds on the state it was applied to
     /// (for example the changefeed it updates was removed meanwhile).
     #[error("patch precondition failed: {0}")]
@@ -36,8 +36,8 @@ pub enum PatchError {
     Malformed { key: String, reason: String },
 }
 
-type SingleFn = Box<dyn FnOnce(Option<&[u8]>) -> Result<Change, PatchError>>;
-type MultiFn = Box<dyn FnOnce(&mut MultiPatchView<'_>) -> Result<(), PatchError>>;
+type SingleFn = Box<dyn FnOnce(Option<&[u8]>) -> Result<Change, Error>>;
+type MultiFn = Box<dyn FnOnce(&mut MultiPatchView<'_>) -> Result<(), Error>>;
 
 /// One change request from a reactor.
 ///
@@ -55,7 +55,7 @@ impl DataPatch {
     /// A patch on one key.
     pub fn single(
         key: impl Into<String>,
-        apply: impl FnOnce(Option<&[u8]>) -> Result<Change, PatchError> + 'static,
+        apply: impl FnOnce(Option<&[u8]>) -> Result<Change, Error> + 'static,
     ) -> Self {
         DataPatch::Single {
             key: key.into(),
@@ -65,7 +65,7 @@ impl DataPatch {
 
     /// A patch that may touch several keys at once.
     pub fn multi(
-        apply: impl FnOnce(&mut MultiPatchView<'_>) -> Result<(), PatchError> + 'static,
+        apply: impl FnOnce(&mut MultiPatchView<'_>) -> Result<(), Error> + 'static,
     ) -> Self {
         DataPatch::Multi(Box::new(apply))
     }

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::patch::{Change, DataPatch, MultiPatchView, PatchError, PatchGroup, ValueSource};
+use super::patch::{self, Change, DataPatch, MultiPatchView, PatchGroup, ValueSource};
 
 /// A key's committed value and the etcd revision that last modified it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +58,7 @@ impl TxnLimits {
 
 /// Errors of planning a commit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PlanError {
+pub enum Error {
     /// One atomic group needs more than a single transaction can hold. It can
     /// never be committed, so retrying is pointless: the reactor must split
     /// its work differently.
@@ -121,7 +121,7 @@ pub struct PlannedTxn {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RejectedGroup {
     pub group: usize,
-    pub error: PatchError,
+    pub error: patch::Error,
 }
 
 /// The transactions to send, in order, and the groups that were dropped.
@@ -192,7 +192,7 @@ struct StagedGroup {
 }
 
 /// Applies one group to a staging map on top of `scratch`.
-fn stage_group(scratch: &Scratch<'_>, group: PatchGroup) -> Result<StagedGroup, PatchError> {
+fn stage_group(scratch: &Scratch<'_>, group: PatchGroup) -> Result<StagedGroup, patch::Error> {
     let mut staged: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
     let mut reads: BTreeSet<String> = BTreeSet::new();
     for patch in group {
@@ -319,7 +319,7 @@ pub fn plan_commit(
     prefix: &str,
     groups: Vec<PatchGroup>,
     limits: &TxnLimits,
-) -> Result<CommitPlan, PlanError> {
+) -> Result<CommitPlan, Error> {
     let max_keys = limits.max_keys();
     let mut scratch = Scratch {
         raw,
@@ -344,7 +344,7 @@ pub fn plan_commit(
             continue;
         }
         if let Some(key) = staged.changes.keys().find(|k| !k.starts_with(prefix)) {
-            return Err(PlanError::KeyOutsidePrefix {
+            return Err(Error::KeyOutsidePrefix {
                 group: index,
                 key: key.clone(),
                 prefix: prefix.to_owned(),
@@ -352,7 +352,7 @@ pub fn plan_commit(
         }
         let (group_keys, group_bytes) = OpenTxn::default().size_with(&staged);
         if group_keys > max_keys || group_bytes > limits.max_bytes {
-            return Err(PlanError::GroupTooLarge {
+            return Err(Error::GroupTooLarge {
                 group: index,
                 keys: group_keys,
                 bytes: group_bytes,
@@ -476,7 +476,7 @@ mod tests {
         let groups = vec![
             vec![
                 DataPatch::put("/p/a", "1"),
-                DataPatch::single("/p/b", |_| Err(PatchError::Precondition("no".into()))),
+                DataPatch::single("/p/b", |_| Err(patch::Error::Precondition("no".into()))),
             ],
             vec![DataPatch::single("/p/a", |old| {
                 assert_eq!(old, None, "the failed group left no trace");
@@ -537,7 +537,7 @@ mod tests {
         let err = plan_commit(&raw(&[]), "/p/", vec![big], &limits(128, 1 << 20)).unwrap_err();
         assert!(matches!(
             err,
-            PlanError::GroupTooLarge {
+            Error::GroupTooLarge {
                 group: 0,
                 keys: 257,
                 max_keys: 128,
@@ -556,17 +556,14 @@ mod tests {
             ..limits(128, 1 << 20)
         };
         let err = plan_commit(&raw(&[]), "/p/", vec![exact], &fenced).unwrap_err();
-        assert!(matches!(
-            err,
-            PlanError::GroupTooLarge { max_keys: 127, .. }
-        ));
+        assert!(matches!(err, Error::GroupTooLarge { max_keys: 127, .. }));
     }
 
     #[test]
     fn an_oversized_value_is_a_typed_error() {
         let huge = vec![DataPatch::put("/p/big", vec![b'x'; 2 << 20])];
         let err = plan_commit(&raw(&[]), "/p/", vec![huge], &TxnLimits::default()).unwrap_err();
-        assert!(matches!(err, PlanError::GroupTooLarge { keys: 1, .. }));
+        assert!(matches!(err, Error::GroupTooLarge { keys: 1, .. }));
     }
 
     #[test]
@@ -583,7 +580,7 @@ mod tests {
     fn writes_outside_the_prefix_are_refused() {
         let groups = vec![vec![DataPatch::put("/elsewhere", "v")]];
         let err = plan_commit(&raw(&[]), "/p/", groups, &TxnLimits::default()).unwrap_err();
-        assert!(matches!(err, PlanError::KeyOutsidePrefix { .. }));
+        assert!(matches!(err, Error::KeyOutsidePrefix { .. }));
     }
 
     #[test]
@@ -673,6 +670,6 @@ mod tests {
             })
             .collect();
         let err = plan_commit(&raw(&[]), "/p/", vec![group], &TxnLimits::default()).unwrap_err();
-        assert!(matches!(err, PlanError::GroupTooLarge { keys: 200, .. }));
+        assert!(matches!(err, Error::GroupTooLarge { keys: 200, .. }));
     }
 }

@@ -1,8 +1,7 @@
 //! An in-memory stand-in for etcd, for unit tests of reactors.
 
 use super::{
-    plan_commit, CommitPlan, PlanError, RawEntry, RawState, Reactor, ReactorError, ReactorState,
-    TxnLimits,
+    plan, plan_commit, reactor, CommitPlan, RawEntry, RawState, Reactor, ReactorState, TxnLimits,
 };
 
 /// Applies a reactor's patches to an in-memory map, the way the worker would
@@ -56,7 +55,7 @@ impl<S: ReactorState> StateTester<S> {
         &mut self,
         key: &str,
         value: Option<&[u8]>,
-    ) -> Result<(), super::StateError> {
+    ) -> Result<(), super::Error> {
         self.revision += 1;
         self.store(key, value);
         self.state.update(key, value, false)
@@ -67,9 +66,9 @@ impl<S: ReactorState> StateTester<S> {
     pub fn tick<R: Reactor<State = S>>(
         &mut self,
         reactor: &mut R,
-    ) -> (Result<(), ReactorError>, Result<CommitPlan, PlanError>) {
+    ) -> (Result<(), reactor::Error>, Result<CommitPlan, plan::Error>) {
         let result = reactor.tick(&mut self.state);
-        if matches!(result, Err(ReactorError::Failed(_))) {
+        if matches!(result, Err(reactor::Error::Failed(_))) {
             // The worker drops a failed tick's patches.
             self.state.get_patches();
             return (result, Ok(CommitPlan::default()));
@@ -79,7 +78,7 @@ impl<S: ReactorState> StateTester<S> {
 
     /// Commits the queued patches: every txn of the plan becomes one
     /// revision, and the state sees each written key.
-    pub fn apply_patches(&mut self) -> Result<CommitPlan, PlanError> {
+    pub fn apply_patches(&mut self) -> Result<CommitPlan, plan::Error> {
         let groups = self.state.get_patches();
         let plan = plan_commit(&self.raw, &self.prefix, groups, &self.limits)?;
         for txn in &plan.txns {
@@ -140,7 +139,7 @@ impl<S: ReactorState> StateTester<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Change, DataPatch, PatchError, PatchGroup, StateError};
+    use crate::state::{self as state, patch, Change, DataPatch, PatchGroup};
     use std::collections::BTreeMap;
 
     /// Counters as decimal strings; rejects anything else.
@@ -157,7 +156,7 @@ mod tests {
             key: &str,
             value: Option<&[u8]>,
             is_init: bool,
-        ) -> Result<(), StateError> {
+        ) -> Result<(), state::Error> {
             self.init += usize::from(is_init);
             match value {
                 None => {
@@ -167,7 +166,7 @@ mod tests {
                     let n = std::str::from_utf8(v)
                         .ok()
                         .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| StateError::Malformed {
+                        .ok_or_else(|| state::Error::Malformed {
                             key: key.into(),
                             reason: "not a number".into(),
                         })?;
@@ -197,11 +196,11 @@ mod tests {
     impl Reactor for Incrementer {
         type State = Counters;
 
-        fn tick(&mut self, state: &mut Counters) -> Result<(), ReactorError> {
+        fn tick(&mut self, state: &mut Counters) -> Result<(), reactor::Error> {
             let a = state.values.get("/c/a").copied().unwrap_or(0);
             state.patches.push(vec![incr("/c/a")]);
             if a + 1 >= self.stop_at {
-                return Err(ReactorError::Finished);
+                return Err(reactor::Error::Finished);
             }
             Ok(())
         }
@@ -243,14 +242,14 @@ mod tests {
         struct Failing;
         impl Reactor for Failing {
             type State = Counters;
-            fn tick(&mut self, state: &mut Counters) -> Result<(), ReactorError> {
+            fn tick(&mut self, state: &mut Counters) -> Result<(), reactor::Error> {
                 state.patches.push(vec![incr("/c/a")]);
-                Err(ReactorError::Failed("broken".into()))
+                Err(reactor::Error::Failed("broken".into()))
             }
         }
         let mut tester = StateTester::new("/c/", Counters::default());
         let (result, plan) = tester.tick(&mut Failing);
-        assert!(matches!(result, Err(ReactorError::Failed(_))));
+        assert!(matches!(result, Err(reactor::Error::Failed(_))));
         assert!(plan.unwrap().txns.is_empty());
         assert_eq!(tester.value("/c/a"), None);
         assert!(
@@ -265,7 +264,7 @@ mod tests {
         tester.state_mut().patches.push(vec![
             incr("/c/x"),
             DataPatch::single("/c/y", |_| {
-                Err(PatchError::Precondition("y is gone".into()))
+                Err(patch::Error::Precondition("y is gone".into()))
             }),
         ]);
         tester.state_mut().patches.push(vec![incr("/c/z")]);
@@ -287,7 +286,7 @@ mod tests {
             .push(vec![incr("/c/a"), incr("/c/b"), incr("/c/c")]);
         assert!(matches!(
             tester.apply_patches(),
-            Err(PlanError::GroupTooLarge { keys: 3, .. })
+            Err(plan::Error::GroupTooLarge { keys: 3, .. })
         ));
         assert!(tester.raw().is_empty());
     }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use crate::harness::reactors::{add, append, failed, Bank, FnReactor, KvState, Linearizability};
 use crate::harness::EtcdCluster;
 use etcd_client::{Client, GetOptions};
-use flotilla::actors::{self, Fence, WorkerConfig, WorkerError};
-use flotilla::state::{Change, DataPatch, PlanError, Reactor, ReactorError};
+use flotilla::actors::{self, worker, Fence, WorkerConfig};
+use flotilla::state::{plan, reactor, Change, DataPatch, Reactor};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -22,14 +22,14 @@ fn config(prefix: &str) -> WorkerConfig {
     }
 }
 
-async fn run<R>(client: &Client, prefix: &str, reactor: R) -> Result<(), WorkerError>
+async fn run<R>(client: &Client, prefix: &str, reactor: R) -> Result<(), worker::Error>
 where
     R: Reactor<State = KvState> + 'static,
 {
     run_with(client, config(prefix), reactor).await
 }
 
-async fn run_with<R>(client: &Client, config: WorkerConfig, reactor: R) -> Result<(), WorkerError>
+async fn run_with<R>(client: &Client, config: WorkerConfig, reactor: R) -> Result<(), worker::Error>
 where
     R: Reactor<State = KvState> + 'static,
 {
@@ -77,7 +77,7 @@ async fn sum_invariant_holds_with_six_concurrent_workers() {
     // Every tick of every worker checks the invariant on its snapshot: total
     // equals the sum of all values, and each writer's column is equal across
     // all keys (it is always bumped in one group).
-    let check = |state: &KvState| -> Result<i64, ReactorError> {
+    let check = |state: &KvState| -> Result<i64, reactor::Error> {
         let total = state.get_i64(&format!("{P}/total")).unwrap();
         let mut sum = 0;
         for w in 0..WRITERS {
@@ -101,7 +101,7 @@ async fn sum_invariant_holds_with_six_concurrent_workers() {
             check(state)?;
             let mine = state.get_i64(&format!("{P}/v/0/{w}")).unwrap();
             if mine >= TARGET {
-                return Err(ReactorError::Finished);
+                return Err(reactor::Error::Finished);
             }
             let mut group: Vec<DataPatch> = (0..KEYS)
                 .map(|k| {
@@ -125,7 +125,7 @@ async fn sum_invariant_holds_with_six_concurrent_workers() {
     let observer = FnReactor::new(move |state: &mut KvState, _| {
         let total = check(state)?;
         if total == (KEYS * WRITERS) as i64 * TARGET {
-            return Err(ReactorError::Finished);
+            return Err(reactor::Error::Finished);
         }
         Ok(())
     });
@@ -190,7 +190,7 @@ async fn finished_commits_the_last_patches_then_stops() {
             append("/fin/key1", "fin"),
             DataPatch::delete("/fin/key2"),
         ]);
-        Err(ReactorError::Finished)
+        Err(reactor::Error::Finished)
     });
     run(&client, "/fin", reactor)
         .await
@@ -223,7 +223,7 @@ async fn patches_on_one_key_compose_in_order() {
             DataPatch::delete("/cover/key2"),
             append("/cover/key2", "fin"),
         ]);
-        Err(ReactorError::Finished)
+        Err(reactor::Error::Finished)
     });
     run(&client, "/cover", reactor).await.expect("finished");
     assert_eq!(
@@ -262,7 +262,7 @@ async fn ticks_whose_patches_change_nothing_write_nothing() {
                     DataPatch::delete("/empty/key1"),
                     DataPatch::put("/empty/key2", "123"),
                 ]);
-                return Err(ReactorError::Finished);
+                return Err(reactor::Error::Finished);
             }
         }
         Ok(())
@@ -284,7 +284,10 @@ async fn a_write_outside_the_prefix_stops_the_worker_with_a_typed_error() {
     });
     let err = run(&client, "/outside", reactor).await.unwrap_err();
     assert!(
-        matches!(err, WorkerError::Plan(PlanError::KeyOutsidePrefix { .. })),
+        matches!(
+            err,
+            worker::Error::Plan(plan::Error::KeyOutsidePrefix { .. })
+        ),
         "{err}"
     );
     assert_eq!(get(&client, "/elsewhere/key3").await, None);
@@ -304,7 +307,7 @@ async fn an_empty_value_is_a_value_and_a_missing_one_a_delete() {
         state.queue(vec![DataPatch::put(empty, ""), DataPatch::delete(missing)]);
         if n == 2 {
             // The state saw the empty value as present.
-            return Err(ReactorError::Finished);
+            return Err(reactor::Error::Finished);
         }
         Ok(())
     });
@@ -319,9 +322,9 @@ fn spawn_blocking_worker<F>(
     endpoints: Vec<String>,
     prefix: &'static str,
     tick: F,
-) -> std::thread::JoinHandle<(Result<(), WorkerError>, u64)>
+) -> std::thread::JoinHandle<(Result<(), worker::Error>, u64)>
 where
-    F: FnMut(&mut KvState, u64) -> Result<(), ReactorError> + Send + 'static,
+    F: FnMut(&mut KvState, u64) -> Result<(), reactor::Error> + Send + 'static,
 {
     std::thread::spawn(move || {
         actix_rt::System::new().block_on(async move {
@@ -359,13 +362,13 @@ async fn a_modify_decided_before_a_delete_does_not_resurrect_the_key() {
                 None => Change::Keep,
             })
         })]);
-        Err(ReactorError::Finished)
+        Err(reactor::Error::Finished)
     });
     entered_rx.recv().unwrap();
 
     let deleter = FnReactor::new(|state: &mut KvState, _| {
         state.queue(vec![DataPatch::delete("/mad/key1")]);
-        Err(ReactorError::Finished)
+        Err(reactor::Error::Finished)
     });
     run(&client, "/mad", deleter).await.expect("deleter");
     assert_eq!(get(&client, "/mad/key1").await, None);
@@ -408,12 +411,12 @@ async fn a_write_decided_on_a_key_deleted_meanwhile_is_refused() {
                 DataPatch::put("/skew/task/x", "assigned"),
             ]);
         }
-        Err(ReactorError::Finished)
+        Err(reactor::Error::Finished)
     });
     entered_rx.recv().unwrap();
     let deleter = FnReactor::new(|state: &mut KvState, _| {
         state.queue(vec![DataPatch::delete("/skew/info/x")]);
-        Err(ReactorError::Finished)
+        Err(reactor::Error::Finished)
     });
     run(&client, "/skew", deleter).await.expect("deleter");
     release_tx.send(()).unwrap();
@@ -452,7 +455,7 @@ async fn a_thousand_single_key_groups_commit_in_txns_under_the_op_limit() {
                 state.values.len()
             )));
         }
-        Err(ReactorError::Finished)
+        Err(reactor::Error::Finished)
     });
     run(&client, "/batch", reactor)
         .await
@@ -482,7 +485,7 @@ async fn a_group_of_exactly_the_op_limit_commits() {
                 .map(|i| DataPatch::put(format!("/exact/k{i:03}"), "v"))
                 .collect(),
         );
-        Err(ReactorError::Finished)
+        Err(reactor::Error::Finished)
     });
     run(&client, "/exact", reactor).await.expect("committed");
     let mut c = client.clone();
@@ -514,7 +517,7 @@ async fn a_group_over_a_txn_limit_stops_the_worker_with_a_typed_error() {
     assert!(
         matches!(
             err,
-            WorkerError::Plan(PlanError::GroupTooLarge {
+            worker::Error::Plan(plan::Error::GroupTooLarge {
                 keys: 257,
                 max_keys: 128,
                 ..
@@ -531,7 +534,7 @@ async fn a_group_over_a_txn_limit_stops_the_worker_with_a_typed_error() {
     assert!(
         matches!(
             err,
-            WorkerError::Plan(PlanError::GroupTooLarge { keys: 1, .. })
+            worker::Error::Plan(plan::Error::GroupTooLarge { keys: 1, .. })
         ),
         "{err}"
     );
@@ -595,7 +598,7 @@ async fn a_deposed_fence_stops_the_worker_before_it_writes() {
         .await
         .unwrap()
         .unwrap_err();
-    assert!(matches!(err, WorkerError::FenceLost { .. }), "{err}");
+    assert!(matches!(err, worker::Error::FenceLost { .. }), "{err}");
     assert_eq!(
         get(&client, "/fence/data/b").await,
         None,

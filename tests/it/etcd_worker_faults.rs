@@ -15,7 +15,7 @@ use crate::harness::reactors::{
 use crate::harness::EtcdCluster;
 use etcd_client::Client;
 use flotilla::actors::{self, WorkerConfig};
-use flotilla::state::{DataPatch, ReactorError};
+use flotilla::state::{reactor, DataPatch};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -239,7 +239,7 @@ async fn fall_behind_a_compaction(etcd: &EtcdCluster, prefix: &'static str) -> b
                         "{doomed} deleted keys left, {fresh} of 300 fresh keys"
                     )));
                 }
-                Err(ReactorError::Finished)
+                Err(reactor::Error::Finished)
             });
             let handle = actors::start(client, reactor, KvState::default(), config(prefix));
             let mut saw_compaction = false;
@@ -308,7 +308,7 @@ async fn a_frozen_etcd_stalls_the_worker_but_does_not_stop_it() {
     let reactor = FnReactor::new(|state: &mut KvState, _| {
         let n = state.get_i64(&format!("{P}/counter")).unwrap_or(0);
         if n >= 30 {
-            return Err(ReactorError::Finished);
+            return Err(reactor::Error::Finished);
         }
         state.queue(vec![DataPatch::put(
             format!("{P}/counter"),
@@ -397,7 +397,7 @@ async fn a_wiped_etcd_ends_the_worker_with_history_reset_instead_of_stalling() {
         .await
         .unwrap_or_else(|_| panic!("the worker stalled\n{}", etcd.log_tails()));
     match result {
-        Err(actors::WorkerError::HistoryReset {
+        Err(actors::worker::Error::HistoryReset {
             snapshot,
             applied: seen,
         }) => {

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use flotilla::actors::executor_registry::{
-    Caller, Deregister, ExecutorEvent, ExecutorRegistry, ExecutorStatus, GetExecutor,
+    self, Caller, Deregister, ExecutorEvent, ExecutorRegistry, ExecutorStatus, GetExecutor,
     GetRegistryStats, Heartbeat, ListExecutors, Register, Registration, RegistryConfig,
-    RegistryError, StopRegistry, Subscribe,
+    StopRegistry, Subscribe,
 };
 use flotilla::store::{Store, StoreOptions};
 use tempfile::TempDir;
@@ -62,7 +62,10 @@ async fn register(addr: &Addr<ExecutorRegistry>, name: &str) -> Registration {
         .expect("registered")
 }
 
-async fn heartbeat(addr: &Addr<ExecutorRegistry>, r: &Registration) -> Result<(), RegistryError> {
+async fn heartbeat(
+    addr: &Addr<ExecutorRegistry>,
+    r: &Registration,
+) -> Result<(), executor_registry::Error> {
     addr.send(Heartbeat {
         id: r.executor.id.clone(),
         token: r.token.clone(),
@@ -114,7 +117,9 @@ async fn register_heartbeat_expire_and_watch() {
     }
     assert_eq!(
         heartbeat(&addr, &r).await,
-        Err(RegistryError::TombstoneExecutor(r.executor.id.clone()))
+        Err(executor_registry::Error::TombstoneExecutor(
+            r.executor.id.clone()
+        ))
     );
     let info = addr
         .send(GetExecutor {
@@ -161,7 +166,9 @@ async fn unknown_ids_and_wrong_tokens_are_refused_and_do_not_count() {
         .unwrap();
     assert_eq!(
         unknown,
-        Err(RegistryError::UnknownExecutor("nobody-00000000".into()))
+        Err(executor_registry::Error::UnknownExecutor(
+            "nobody-00000000".into()
+        ))
     );
 
     // b's token on a, then a wrong one: refused, and they do not keep a
@@ -173,11 +180,11 @@ async fn unknown_ids_and_wrong_tokens_are_refused_and_do_not_count() {
     let mut refused = 0;
     for _ in 0..10 {
         match heartbeat(&addr, &b_token_on_a).await {
-            Err(RegistryError::Unauthorized(id)) => {
+            Err(executor_registry::Error::Unauthorized(id)) => {
                 assert_eq!(id, a.executor.id);
                 refused += 1;
             }
-            Err(RegistryError::TombstoneExecutor(id)) => assert_eq!(id, a.executor.id),
+            Err(executor_registry::Error::TombstoneExecutor(id)) => assert_eq!(id, a.executor.id),
             other => panic!("unexpected {other:?}"),
         }
         b_token_on_a.token = "wrong".into();
@@ -218,7 +225,9 @@ async fn unknown_ids_and_wrong_tokens_are_refused_and_do_not_count() {
         .unwrap();
     assert_eq!(
         wrong,
-        Err(RegistryError::Unauthorized(b.executor.id.clone()))
+        Err(executor_registry::Error::Unauthorized(
+            b.executor.id.clone()
+        ))
     );
     addr.send(Deregister {
         id: b.executor.id.clone(),
@@ -231,7 +240,9 @@ async fn unknown_ids_and_wrong_tokens_are_refused_and_do_not_count() {
     .unwrap();
     assert_eq!(
         heartbeat(&addr, &b).await,
-        Err(RegistryError::TombstoneExecutor(b.executor.id.clone()))
+        Err(executor_registry::Error::TombstoneExecutor(
+            b.executor.id.clone()
+        ))
     );
 }
 
@@ -309,7 +320,7 @@ async fn a_burst_of_a_thousand_registrations_on_one_connection_is_never_refused(
     let sends: Vec<_> = (0..1000)
         .map(|i| addr.send(register_msg(&format!("burst{i}"), &[])))
         .collect();
-    let refused: Vec<RegistryError> = futures::future::join_all(sends)
+    let refused: Vec<executor_registry::Error> = futures::future::join_all(sends)
         .await
         .into_iter()
         .filter_map(|r| r.unwrap().err())
@@ -558,7 +569,7 @@ async fn invalid_registrations_are_refused_with_a_reason() {
     ] {
         let err = addr.send(bad.clone()).await.unwrap().unwrap_err();
         assert!(
-            matches!(err, RegistryError::InvalidArgument(_)),
+            matches!(err, executor_registry::Error::InvalidArgument(_)),
             "{bad:?}: {err}"
         );
     }

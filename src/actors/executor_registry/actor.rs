@@ -17,11 +17,11 @@ use super::model::{
 use super::sql::PendingInsert;
 use super::table::{set_gauges, ExecutorTable};
 use super::token::{encode_hash, hash_token, new_token, TokenHash};
-use super::{ExecutorId, RegistryConfig, RegistryError, Result, MAX_ADDRESS_LEN, MAX_NAME_LEN};
+use super::{Error, ExecutorId, RegistryConfig, Result, MAX_ADDRESS_LEN, MAX_NAME_LEN};
 use crate::election::LeaseGuard;
 use crate::labels;
 use crate::metrics;
-use crate::store::{Store, StoredExecutor};
+use crate::store::{self, Store, StoredExecutor};
 
 /// Register an executor.
 #[derive(Message, Debug, Clone)]
@@ -122,9 +122,9 @@ pub struct RegistryStats {
     pub mass_silence: bool,
 }
 
-/// Pings the SQL store; the error text when it does not answer.
+/// Pings the SQL store; why it does not answer, if it does not.
 #[derive(Message, Debug, Clone, Copy)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<(), store::Error>")]
 pub struct PingStore;
 
 /// Runs one expiry pass now and returns how many executors it expired. The
@@ -299,10 +299,10 @@ impl Handler<Register> for ExecutorRegistry {
         {
             let tables = self.table.lock();
             if !tables.loaded {
-                return Box::pin(fut::ready(Err(RegistryError::NotReady)));
+                return Box::pin(fut::ready(Err(Error::NotReady)));
             }
             if tables.executors.len() + self.reserved.len() >= self.config.max_executors {
-                let result = Err(RegistryError::Full(self.config.max_executors));
+                let result = Err(Error::Full(self.config.max_executors));
                 metrics::registry_metrics()
                     .registrations_total
                     .with_label_values(&[outcome(&result)])
@@ -337,12 +337,12 @@ impl Handler<Register> for ExecutorRegistry {
                     act.reserved.remove(&id);
                     let result = match stored {
                         // The batch was dropped unanswered: only if it panicked.
-                        Err(_) => Err(RegistryError::NotReady),
+                        Err(_) => Err(Error::NotReady),
                         Ok(Err(error)) => {
                             // A duplicate id (a collision with a row still being
                             // deleted) is as retryable as an outage: 503 either way.
                             warn!(name = %msg.name, %error, "registration failed: the store refused it");
-                            Err(RegistryError::StoreUnavailable(error))
+                            Err(Error::StoreUnavailable(error))
                         }
                         Ok(Ok(())) => {
                             let now = Instant::now();
@@ -410,16 +410,16 @@ impl Handler<Deregister> for ExecutorRegistry {
         };
         let mut tables = self.table.lock();
         if !tables.loaded {
-            return Err(RegistryError::NotReady);
+            return Err(Error::NotReady);
         }
         let id = match token_hash {
             Some(hash) => tables.check(&msg.id, &hash)?,
             None => match tables.executors.get_key_value(msg.id.as_str()) {
                 Some((id, _)) => id.clone(),
                 None if tables.tombstones.contains_key(msg.id.as_str()) => {
-                    return Err(RegistryError::TombstoneExecutor(msg.id))
+                    return Err(Error::TombstoneExecutor(msg.id))
                 }
-                None => return Err(RegistryError::UnknownExecutor(msg.id)),
+                None => return Err(Error::UnknownExecutor(msg.id)),
             },
         };
         tables.remove(&id, Instant::now());
@@ -480,7 +480,7 @@ impl Handler<GetExecutor> for ExecutorRegistry {
             .tombstones
             .get(msg.id.as_str())
             .cloned()
-            .ok_or(RegistryError::UnknownExecutor(msg.id))
+            .ok_or(Error::UnknownExecutor(msg.id))
     }
 }
 
@@ -490,7 +490,7 @@ impl Handler<Subscribe> for ExecutorRegistry {
     fn handle(&mut self, _: Subscribe, _: &mut Self::Context) -> Self::Result {
         let tables = self.table.lock();
         if !tables.loaded {
-            return Err(RegistryError::NotReady);
+            return Err(Error::NotReady);
         }
         let now = Instant::now();
         // Heartbeats never add or remove executors, and only this actor
@@ -536,11 +536,11 @@ impl Handler<GetRegistryStats> for ExecutorRegistry {
 }
 
 impl Handler<PingStore> for ExecutorRegistry {
-    type Result = ResponseFuture<Result<(), String>>;
+    type Result = ResponseFuture<Result<(), store::Error>>;
 
     fn handle(&mut self, _: PingStore, _: &mut Self::Context) -> Self::Result {
         let store = self.store.clone();
-        Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+        Box::pin(async move { store.ping().await })
     }
 }
 
@@ -561,7 +561,7 @@ impl Handler<StopRegistry> for ExecutorRegistry {
 }
 
 pub(super) fn validate_registration(msg: &Register) -> Result<()> {
-    let invalid = |m: String| Err(RegistryError::InvalidArgument(m));
+    let invalid = |m: String| Err(Error::InvalidArgument(m));
     if msg.name.is_empty() || msg.name.len() > MAX_NAME_LEN || !labels::matches_pattern(&msg.name) {
         return invalid(format!(
             "name {:?} must be 1..{MAX_NAME_LEN} characters of letters, digits, '-' and '.', \
@@ -581,7 +581,7 @@ pub(super) fn validate_registration(msg: &Register) -> Result<()> {
             labels::shorten(&msg.address)
         ));
     }
-    labels::validate_map(&msg.labels, "label").map_err(RegistryError::InvalidArgument)
+    labels::validate_map(&msg.labels, "label").map_err(Error::InvalidArgument)
 }
 
 #[cfg(test)]
@@ -610,7 +610,7 @@ mod tests {
         r.address = " ".into();
         assert!(matches!(
             validate_registration(&r),
-            Err(RegistryError::InvalidArgument(_))
+            Err(Error::InvalidArgument(_))
         ));
     }
 }

@@ -106,7 +106,7 @@ pub use crate::labels::MAX_LABELS;
 
 /// Why a registry request failed. Each variant has a stable code.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum RegistryError {
+pub enum Error {
     /// The request is malformed (bad name, address or label).
     #[error("{0}")]
     InvalidArgument(String),
@@ -131,29 +131,29 @@ pub enum RegistryError {
     Full(usize),
 }
 
-impl RegistryError {
+impl Error {
     /// The machine-readable code (also a metric label).
     pub fn code(&self) -> ErrorCode {
         match self {
-            RegistryError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            RegistryError::UnknownExecutor(_) => ErrorCode::UnknownExecutor,
-            RegistryError::TombstoneExecutor(_) => ErrorCode::TombstoneExecutor,
-            RegistryError::Unauthorized(_) => ErrorCode::Unauthorized,
-            RegistryError::StoreUnavailable(_) => ErrorCode::StoreUnavailable,
-            RegistryError::NotReady => ErrorCode::NotReady,
-            RegistryError::Full(_) => ErrorCode::RegistryFull,
+            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::UnknownExecutor(_) => ErrorCode::UnknownExecutor,
+            Error::TombstoneExecutor(_) => ErrorCode::TombstoneExecutor,
+            Error::Unauthorized(_) => ErrorCode::Unauthorized,
+            Error::StoreUnavailable(_) => ErrorCode::StoreUnavailable,
+            Error::NotReady => ErrorCode::NotReady,
+            Error::Full(_) => ErrorCode::RegistryFull,
         }
     }
 }
 
 /// Equal when they would answer a request alike: the same code and message (the
 /// store's errors have no equality of their own).
-impl PartialEq for RegistryError {
+impl PartialEq for Error {
     fn eq(&self, other: &Self) -> bool {
         self.code() == other.code() && self.to_string() == other.to_string()
     }
 }
 
-impl Eq for RegistryError {}
+impl Eq for Error {}
 
-pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;

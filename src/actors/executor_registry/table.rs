@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::actor::HeartbeatAck;
 use super::model::{Executor, ExecutorInfo, ExecutorStatus};
 use super::token::{constant_time_eq, TokenHash};
-use super::{ExecutorId, RegistryConfig, RegistryError, Result};
+use super::{Error, ExecutorId, RegistryConfig, Result};
 use crate::metrics;
 
 /// The registry's tables, shared by the actor and the HTTP workers.
@@ -58,12 +58,12 @@ impl Tables {
     pub(super) fn check(&self, id: &str, token_hash: &[u8; 32]) -> Result<ExecutorId> {
         let Some((key, executor)) = self.executors.get_key_value(id) else {
             if self.tombstones.contains_key(id) {
-                return Err(RegistryError::TombstoneExecutor(id.to_owned()));
+                return Err(Error::TombstoneExecutor(id.to_owned()));
             }
-            return Err(RegistryError::UnknownExecutor(id.to_owned()));
+            return Err(Error::UnknownExecutor(id.to_owned()));
         };
         if !constant_time_eq(token_hash, &executor.token_hash) {
-            return Err(RegistryError::Unauthorized(id.to_owned()));
+            return Err(Error::Unauthorized(id.to_owned()));
         }
         Ok(key.clone())
     }
@@ -76,7 +76,7 @@ impl Tables {
         ttl: Duration,
     ) -> Result<bool> {
         if !self.loaded {
-            return Err(RegistryError::NotReady);
+            return Err(Error::NotReady);
         }
         let id = self.check(id, token_hash)?;
         let now = Instant::now();
@@ -161,7 +161,7 @@ impl ExecutorTable {
             if tables.loaded {
                 tables.check(id, &token.0).map(drop)
             } else {
-                Err(RegistryError::NotReady)
+                Err(Error::NotReady)
             }
         };
         outcome.inspect_err(|e| {

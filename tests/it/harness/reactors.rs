@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use flotilla::state::{
-    Change, DataPatch, PatchGroup, Reactor, ReactorError, ReactorState, StateError,
+    self as state, reactor, Change, DataPatch, PatchGroup, Reactor, ReactorState,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -40,7 +40,12 @@ impl KvState {
 }
 
 impl ReactorState for KvState {
-    fn update(&mut self, key: &str, value: Option<&[u8]>, is_init: bool) -> Result<(), StateError> {
+    fn update(
+        &mut self,
+        key: &str,
+        value: Option<&[u8]>,
+        is_init: bool,
+    ) -> Result<(), state::Error> {
         if is_init {
             self.init_updates += 1;
         }
@@ -64,7 +69,7 @@ pub struct FnReactor<F> {
 
 impl<F> FnReactor<F>
 where
-    F: FnMut(&mut KvState, u64) -> Result<(), ReactorError>,
+    F: FnMut(&mut KvState, u64) -> Result<(), reactor::Error>,
 {
     pub fn new(f: F) -> Self {
         Self {
@@ -76,18 +81,18 @@ where
 
 impl<F> Reactor for FnReactor<F>
 where
-    F: FnMut(&mut KvState, u64) -> Result<(), ReactorError>,
+    F: FnMut(&mut KvState, u64) -> Result<(), reactor::Error>,
 {
     type State = KvState;
 
-    fn tick(&mut self, state: &mut KvState) -> Result<(), ReactorError> {
+    fn tick(&mut self, state: &mut KvState) -> Result<(), reactor::Error> {
         let n = self.ticks.fetch_add(1, Ordering::SeqCst);
         (self.f)(state, n)
     }
 }
 
-pub fn failed(message: String) -> ReactorError {
-    ReactorError::Failed(message.into())
+pub fn failed(message: String) -> reactor::Error {
+    reactor::Error::Failed(message.into())
 }
 
 /// Appends `suffix` to the value of `key` (absent = empty).
@@ -107,7 +112,7 @@ pub fn add(key: String, delta: i64) -> DataPatch {
             Some(v) => std::str::from_utf8(v)
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .ok_or_else(|| flotilla::state::PatchError::Malformed {
+                .ok_or_else(|| flotilla::state::patch::Error::Malformed {
                     key: key.clone(),
                     reason: "not an integer".into(),
                 })?,
@@ -153,7 +158,7 @@ impl Bank {
 impl Reactor for Bank {
     type State = KvState;
 
-    fn tick(&mut self, state: &mut KvState) -> Result<(), ReactorError> {
+    fn tick(&mut self, state: &mut KvState) -> Result<(), reactor::Error> {
         let mut sum = 0;
         for i in 0..self.accounts {
             match state.get_i64(&self.account(i)) {
@@ -175,7 +180,7 @@ impl Reactor for Bank {
             ]);
         }
         if self.rng.random_bool(self.finish_chance) {
-            return Err(ReactorError::Finished);
+            return Err(reactor::Error::Finished);
         }
         Ok(())
     }
@@ -214,7 +219,7 @@ impl Linearizability {
 impl Reactor for Linearizability {
     type State = KvState;
 
-    fn tick(&mut self, state: &mut KvState) -> Result<(), ReactorError> {
+    fn tick(&mut self, state: &mut KvState) -> Result<(), reactor::Error> {
         let value = state.get_i64(&self.value_key).unwrap_or(-1);
         if value < self.last_value {
             return Err(failed(format!(
@@ -242,7 +247,7 @@ impl Reactor for Linearizability {
         }
         self.last_own = Some(own);
         if value >= self.target {
-            return Err(ReactorError::Finished);
+            return Err(reactor::Error::Finished);
         }
         state.queue(vec![add(self.own_key.clone(), 1)]);
         Ok(())
