@@ -7,8 +7,8 @@
 //! Executors are registered through the actor on an in-memory SQLite store
 //! (the registration path, SQL insert included, is real). `heartbeats` calls
 //! `ExecutorTable::heartbeat` as the HTTP handler does (token hash, lock,
-//! deadline index update), 1,000 per sample; `heartbeats_via_actor` sends the
-//! same through the actor's mailbox, 1,000 concurrently, for comparison.
+//! deadline index update), 1,000 per sample. (The mailbox path the first runs
+//! compared it with is gone: no production caller sent heartbeats to the actor.)
 //! `stats_roundtrip` (an O(1) message) is the baseline: an expiry pass that
 //! finds nothing should cost about one message round trip.
 
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use flotilla::actors::executor_registry::{
-    GetRegistryStats, Heartbeat, Register, Registration, RegistryHandle, RunExpiryPass, TokenHash,
+    GetRegistryStats, Register, Registration, RegistryHandle, RunExpiryPass, TokenHash,
 };
 
 const BATCH: usize = 1_000;
@@ -77,30 +77,6 @@ fn registry(c: &mut Criterion) {
                     }
                 }
                 start.elapsed()
-            })
-        });
-        group.bench_with_input(BenchmarkId::new("heartbeats_via_actor", n), &n, |b, _| {
-            b.iter_custom(|iters| {
-                system.block_on(async {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        let sends: Vec<_> = (0..BATCH)
-                            .map(|_| {
-                                let r = &registrations[next % registrations.len()];
-                                next += 1;
-                                addr.send(Heartbeat {
-                                    id: r.executor.id.clone(),
-                                    token: r.token.clone(),
-                                    ttl: None,
-                                })
-                            })
-                            .collect();
-                        for ack in futures::future::join_all(sends).await {
-                            ack.unwrap().expect("accepted");
-                        }
-                    }
-                    start.elapsed()
-                })
             })
         });
         group.throughput(Throughput::Elements(1));

@@ -93,14 +93,6 @@ impl WorkDesk {
     }
 }
 
-/// A heartbeat's progress, and the question "what must I run?".
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "Result<Work, Error>")]
-pub struct ExecutorWork {
-    pub executor: String,
-    pub progress: Vec<ProgressReport>,
-}
-
 /// Stops the owner and its worker.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
@@ -291,14 +283,6 @@ impl StreamHandler<Feed> for Owner {
 
     // One subscription ending is not the owner's end.
     fn finished(&mut self, _: &mut Self::Context) {}
-}
-
-impl Handler<ExecutorWork> for Owner {
-    type Result = Result<Work, Error>;
-
-    fn handle(&mut self, msg: ExecutorWork, _: &mut Self::Context) -> Self::Result {
-        self.desk.work(&msg.executor, msg.progress)
-    }
 }
 
 impl Handler<StopOwner> for Owner {

@@ -92,10 +92,6 @@ pub struct WorkBoard {
 }
 
 impl WorkBoard {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Whether the board reflects a consistent snapshot of etcd.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)

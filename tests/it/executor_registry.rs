@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use flotilla::actors::executor_registry::{
-    self, Caller, Deregister, ExecutorEvent, ExecutorRegistry, ExecutorStatus, GetExecutor,
-    GetRegistryStats, Heartbeat, ListExecutors, Register, Registration, RegistryConfig,
-    StopRegistry, Subscribe,
+    self, Caller, Deregister, ExecutorEvent, ExecutorRegistry, ExecutorStatus, ExecutorTable,
+    GetExecutor, GetRegistryStats, HeartbeatAck, ListExecutors, Register, Registration,
+    RegistryConfig, RegistryHandle, StopRegistry, Subscribe, TokenHash,
 };
 use flotilla::store::{Store, StoreOptions};
 use tempfile::TempDir;
@@ -33,11 +33,12 @@ async fn sqlite_store(dir: &TempDir) -> Store {
         .expect("sqlite store")
 }
 
-async fn start(store: Store, config: RegistryConfig) -> Addr<ExecutorRegistry> {
-    let addr = ExecutorRegistry::new(config, store).start();
+/// The registry as the server starts it: the actor, and the table heartbeats go to.
+async fn start(store: Store, config: RegistryConfig) -> RegistryHandle {
+    let handle = ExecutorRegistry::new(config, store).start_with_table();
     for _ in 0..500 {
-        if addr.send(GetRegistryStats).await.unwrap().loaded {
-            return addr;
+        if handle.addr.send(GetRegistryStats).await.unwrap().loaded {
+            return handle;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -62,25 +63,25 @@ async fn register(addr: &Addr<ExecutorRegistry>, name: &str) -> Registration {
         .expect("registered")
 }
 
-async fn heartbeat(
-    addr: &Addr<ExecutorRegistry>,
-    r: &Registration,
-) -> Result<(), executor_registry::Error> {
-    addr.send(Heartbeat {
-        id: r.executor.id.clone(),
-        token: r.token.clone(),
-        ttl: None,
-    })
-    .await
-    .unwrap()
-    .map(|_| ())
+/// One heartbeat, on the path the HTTP handler takes.
+fn heartbeat(table: &ExecutorTable, r: &Registration) -> Result<(), executor_registry::Error> {
+    beat(table, &r.executor.id, &r.token, None).map(|_| ())
+}
+
+fn beat(
+    table: &ExecutorTable,
+    id: &str,
+    token: &str,
+    ttl: Option<Duration>,
+) -> Result<HeartbeatAck, executor_registry::Error> {
+    table.heartbeat(id, &TokenHash::of(token), ttl)
 }
 
 #[actix_rt::test]
 async fn register_heartbeat_expire_and_watch() {
     harness::init_tracing();
     let dir = TempDir::new().unwrap();
-    let addr = start(sqlite_store(&dir).await, fast_config()).await;
+    let RegistryHandle { addr, table } = start(sqlite_store(&dir).await, fast_config()).await;
 
     let mut sub = addr.send(Subscribe).await.unwrap().unwrap();
     assert!(sub.snapshot.is_empty());
@@ -97,7 +98,7 @@ async fn register_heartbeat_expire_and_watch() {
         other => panic!("expected online, got {other:?}"),
     }
 
-    heartbeat(&addr, &r).await.unwrap();
+    heartbeat(&table, &r).unwrap();
     let info = addr
         .send(GetExecutor {
             id: r.executor.id.clone(),
@@ -116,7 +117,7 @@ async fn register_heartbeat_expire_and_watch() {
         other => panic!("expected offline, got {other:?}"),
     }
     assert_eq!(
-        heartbeat(&addr, &r).await,
+        heartbeat(&table, &r),
         Err(executor_registry::Error::TombstoneExecutor(
             r.executor.id.clone()
         ))
@@ -153,17 +154,10 @@ async fn register_heartbeat_expire_and_watch() {
 async fn unknown_ids_and_wrong_tokens_are_refused_and_do_not_count() {
     harness::init_tracing();
     let dir = TempDir::new().unwrap();
-    let addr = start(sqlite_store(&dir).await, fast_config()).await;
+    let RegistryHandle { addr, table } = start(sqlite_store(&dir).await, fast_config()).await;
     let a = register(&addr, "a").await;
     let b = register(&addr, "b").await;
-    let unknown = addr
-        .send(Heartbeat {
-            id: "nobody-00000000".into(),
-            token: a.token.clone(),
-            ttl: None,
-        })
-        .await
-        .unwrap();
+    let unknown = beat(&table, "nobody-00000000", &a.token, None);
     assert_eq!(
         unknown,
         Err(executor_registry::Error::UnknownExecutor(
@@ -179,7 +173,7 @@ async fn unknown_ids_and_wrong_tokens_are_refused_and_do_not_count() {
     };
     let mut refused = 0;
     for _ in 0..10 {
-        match heartbeat(&addr, &b_token_on_a).await {
+        match heartbeat(&table, &b_token_on_a) {
             Err(executor_registry::Error::Unauthorized(id)) => {
                 assert_eq!(id, a.executor.id);
                 refused += 1;
@@ -188,7 +182,7 @@ async fn unknown_ids_and_wrong_tokens_are_refused_and_do_not_count() {
             other => panic!("unexpected {other:?}"),
         }
         b_token_on_a.token = "wrong".into();
-        heartbeat(&addr, &b).await.unwrap();
+        heartbeat(&table, &b).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(refused >= 3, "refused {refused} times before expiry");
@@ -239,7 +233,7 @@ async fn unknown_ids_and_wrong_tokens_are_refused_and_do_not_count() {
     .unwrap()
     .unwrap();
     assert_eq!(
-        heartbeat(&addr, &b).await,
+        heartbeat(&table, &b),
         Err(executor_registry::Error::TombstoneExecutor(
             b.executor.id.clone()
         ))
@@ -249,18 +243,16 @@ async fn unknown_ids_and_wrong_tokens_are_refused_and_do_not_count() {
 #[actix_rt::test]
 async fn ttl_requests_are_clamped_to_the_configured_bounds() {
     let dir = TempDir::new().unwrap();
-    let addr = start(sqlite_store(&dir).await, fast_config()).await;
+    let RegistryHandle { addr, table } = start(sqlite_store(&dir).await, fast_config()).await;
     let r = register(&addr, "ttl").await;
     for (asked, granted) in [(1u64, 300u64), (700, 700), (3_600_000, 5_000)] {
-        let ack = addr
-            .send(Heartbeat {
-                id: r.executor.id.clone(),
-                token: r.token.clone(),
-                ttl: Some(Duration::from_millis(asked)),
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        let ack = beat(
+            &table,
+            &r.executor.id,
+            &r.token,
+            Some(Duration::from_millis(asked)),
+        )
+        .unwrap();
         assert_eq!(ack.ttl, Duration::from_millis(granted), "asked {asked} ms");
     }
 }
@@ -274,7 +266,7 @@ async fn a_thousand_concurrent_registrations_with_one_name_get_distinct_ids() {
         max_ttl: Duration::from_secs(60),
         ..fast_config()
     };
-    let addr = start(sqlite_store(&dir).await, config).await;
+    let addr = start(sqlite_store(&dir).await, config).await.addr;
     let sends: Vec<_> = (0..1000)
         .map(|_| addr.send(register_msg("same", &[])))
         .collect();
@@ -316,7 +308,7 @@ async fn a_burst_of_a_thousand_registrations_on_one_connection_is_never_refused(
         max_ttl: Duration::from_secs(60),
         ..fast_config()
     };
-    let addr = start(store.clone(), config).await;
+    let addr = start(store.clone(), config).await.addr;
     let sends: Vec<_> = (0..1000)
         .map(|i| addr.send(register_msg(&format!("burst{i}"), &[])))
         .collect();
@@ -345,7 +337,7 @@ async fn of_ten_thousand_executors_exactly_the_hundred_silent_ones_expire() {
         keepalive_interval: Duration::from_millis(100),
         ..RegistryConfig::default()
     };
-    let addr = start(sqlite_store(&dir).await, config).await;
+    let RegistryHandle { addr, table } = start(sqlite_store(&dir).await, config).await;
     let mut all = Vec::with_capacity(10_000);
     for chunk in 0..10 {
         let sends: Vec<_> = (0..1000)
@@ -365,36 +357,27 @@ async fn of_ten_thousand_executors_exactly_the_hundred_silent_ones_expire() {
     // Everyone heartbeats once with a 2 s TTL; then all but the silent ones
     // go on every 200 ms for 3.5 s (a debug build needs a few hundred ms for
     // one round of 9,900 heartbeats).
-    let beats: Vec<_> = all
-        .iter()
-        .map(|r| {
-            addr.send(Heartbeat {
-                id: r.executor.id.clone(),
-                token: r.token.clone(),
-                ttl: Some(Duration::from_secs(2)),
-            })
-        })
-        .collect();
-    for ack in futures::future::join_all(beats).await {
-        ack.unwrap().expect("first heartbeat");
+    for r in &all {
+        beat(
+            &table,
+            &r.executor.id,
+            &r.token,
+            Some(Duration::from_secs(2)),
+        )
+        .expect("first heartbeat");
     }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
     let mut slowest_round = Duration::ZERO;
     while tokio::time::Instant::now() < deadline {
-        let beats: Vec<_> = all
-            .iter()
-            .filter(|r| !silent.contains(&r.executor.id))
-            .map(|r| {
-                addr.send(Heartbeat {
-                    id: r.executor.id.clone(),
-                    token: r.token.clone(),
-                    ttl: Some(Duration::from_secs(2)),
-                })
-            })
-            .collect();
         let round = tokio::time::Instant::now();
-        for ack in futures::future::join_all(beats).await {
-            ack.unwrap().unwrap_or_else(|e| {
+        for r in all.iter().filter(|r| !silent.contains(&r.executor.id)) {
+            beat(
+                &table,
+                &r.executor.id,
+                &r.token,
+                Some(Duration::from_secs(2)),
+            )
+            .unwrap_or_else(|e| {
                 panic!(
                     "a live executor's heartbeat is refused: {e} (slowest round {slowest_round:?})"
                 )
@@ -431,7 +414,7 @@ async fn a_mass_silence_expires_executors_at_the_throttled_rate() {
         mass_expiry_rate: 2.0,
         ..fast_config()
     };
-    let addr = start(sqlite_store(&dir).await, config).await;
+    let RegistryHandle { addr, table } = start(sqlite_store(&dir).await, config).await;
     let mut all = Vec::new();
     for i in 0..10 {
         all.push(register(&addr, &format!("m{i}")).await);
@@ -443,7 +426,7 @@ async fn a_mass_silence_expires_executors_at_the_throttled_rate() {
     let mut expired_at = Vec::new();
     while started.elapsed() < Duration::from_millis(2600) {
         for r in &all[8..] {
-            heartbeat(&addr, r).await.unwrap();
+            heartbeat(&table, r).unwrap();
         }
         while let Ok(event) = sub.events.try_recv() {
             if let ExecutorEvent::Offline { .. } = event {
@@ -471,7 +454,7 @@ async fn a_mass_silence_expires_executors_at_the_throttled_rate() {
     let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_secs(3) {
         for r in &all[8..] {
-            heartbeat(&addr, r).await.unwrap();
+            heartbeat(&table, r).unwrap();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -484,21 +467,22 @@ async fn a_mass_silence_expires_executors_at_the_throttled_rate() {
 async fn a_restarted_registry_reloads_executors_and_keeps_heartbeating_ones() {
     harness::init_tracing();
     let dir = TempDir::new().unwrap();
-    let first = start(sqlite_store(&dir).await, fast_config()).await;
+    let first = start(sqlite_store(&dir).await, fast_config()).await.addr;
     let kept = register(&first, "kept").await;
     let lost = register(&first, "lost").await;
     first.send(StopRegistry).await.unwrap();
 
-    let second = start(sqlite_store(&dir).await, fast_config()).await;
+    let RegistryHandle {
+        addr: second,
+        table: second_table,
+    } = start(sqlite_store(&dir).await, fast_config()).await;
     let reloaded = second.send(ListExecutors::default()).await.unwrap();
     assert_eq!(reloaded.len(), 2);
     assert!(reloaded.iter().all(|e| e.status == ExecutorStatus::Initing));
     // Within the grace (1.5 s) nothing expires; the one that heartbeats with
     // its old token stays, the silent one goes after the grace.
     for _ in 0..25 {
-        heartbeat(&second, &kept)
-            .await
-            .expect("old token still valid");
+        heartbeat(&second_table, &kept).expect("old token still valid");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let kept_now = second
@@ -531,7 +515,7 @@ async fn a_subscriber_that_falls_behind_is_cut_off_with_a_resync() {
         max_ttl: Duration::from_secs(60),
         ..fast_config()
     };
-    let addr = start(sqlite_store(&dir).await, config).await;
+    let addr = start(sqlite_store(&dir).await, config).await.addr;
     let mut slow = addr.send(Subscribe).await.unwrap().unwrap();
     let mut fast = addr.send(Subscribe).await.unwrap().unwrap();
     let mut fast_seen = 0;
@@ -555,7 +539,7 @@ async fn a_subscriber_that_falls_behind_is_cut_off_with_a_resync() {
 #[actix_rt::test]
 async fn invalid_registrations_are_refused_with_a_reason() {
     let dir = TempDir::new().unwrap();
-    let addr = start(sqlite_store(&dir).await, fast_config()).await;
+    let addr = start(sqlite_store(&dir).await, fast_config()).await.addr;
     for bad in [
         register_msg("", &[]),
         register_msg("has space", &[]),

@@ -1,5 +1,6 @@
 //! The owner end to end, in process: a real etcd, the registry on SQLite,
-//! the owner actor, executors heartbeating through the actors.
+//! the owner actor, executors heartbeating on the path the HTTP handler takes
+//! (the registry's table, then the owner's work desk).
 
 use crate::harness;
 use std::collections::{BTreeMap, BTreeSet};
@@ -9,9 +10,10 @@ use crate::harness::EtcdCluster;
 use actix::prelude::*;
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
 use flotilla::actors::executor_registry::{
-    ExecutorRegistry, GetRegistryStats, Heartbeat, Register, Registration, RegistryConfig,
+    ExecutorRegistry, GetRegistryStats, Register, Registration, RegistryConfig, RegistryHandle,
+    TokenHash,
 };
-use flotilla::actors::owner::{Assignment, ExecutorWork, Owner, OwnerSettings, StopOwner, Work};
+use flotilla::actors::owner::{Assignment, Owner, OwnerSettings, StopOwner, Work, WorkDesk};
 use flotilla::actors::WorkerConfig;
 use flotilla::owner::model::{
     ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Keys, TaskStatus,
@@ -27,8 +29,9 @@ struct Cluster {
     _dir: TempDir,
     client: Client,
     keys: Keys,
-    registry: Addr<ExecutorRegistry>,
+    registry: RegistryHandle,
     owner: Addr<Owner>,
+    desk: WorkDesk,
 }
 
 fn registry_config() -> RegistryConfig {
@@ -71,25 +74,26 @@ async fn cluster_with(registry: RegistryConfig) -> Cluster {
     let store = Store::connect(&url, &StoreOptions::default())
         .await
         .unwrap();
-    let registry = ExecutorRegistry::new(registry, store).start();
-    while !registry.send(GetRegistryStats).await.unwrap().loaded {
+    let registry = ExecutorRegistry::new(registry, store).start_with_table();
+    while !registry.addr.send(GetRegistryStats).await.unwrap().loaded {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let keys = Keys::new(PREFIX);
     let owner = Owner::new(
-        registry.clone(),
+        registry.addr.clone(),
         client.clone(),
         keys.clone(),
         owner_settings(),
-    )
-    .start();
+    );
+    let desk = owner.desk();
     Cluster {
         _etcd: etcd,
         _dir: dir,
         client,
         keys,
         registry,
-        owner,
+        owner: owner.start(),
+        desk,
     }
 }
 
@@ -138,6 +142,7 @@ async fn create(c: &Cluster, ids: &[String]) {
 
 async fn register(c: &Cluster, name: &str) -> Registration {
     c.registry
+        .addr
         .send(Register {
             name: name.into(),
             address: format!("{name}:9000"),
@@ -151,24 +156,11 @@ async fn register(c: &Cluster, name: &str) -> Registration {
 /// One heartbeat: the registry, then the owner (as the HTTP handler does).
 async fn beat(c: &Cluster, r: &Registration, progress: Vec<ProgressReport>) -> Work {
     c.registry
-        .send(Heartbeat {
-            id: r.executor.id.clone(),
-            token: r.token.clone(),
-            ttl: None,
-        })
-        .await
-        .unwrap()
+        .table
+        .heartbeat(&r.executor.id, &TokenHash::of(&r.token), None)
         .expect("heartbeat accepted");
     loop {
-        match c
-            .owner
-            .send(ExecutorWork {
-                executor: r.executor.id.clone(),
-                progress: progress.clone(),
-            })
-            .await
-            .unwrap()
-        {
+        match c.desk.work(&r.executor.id, progress.clone()) {
             Ok(work) => return work,
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
@@ -356,13 +348,17 @@ async fn a_restarted_owner_moves_nothing() {
     let before = beat_until_assigned(&c, &[&a, &b], 8, Duration::from_secs(10)).await;
     c.owner.send(StopOwner).await.unwrap();
     let owner = Owner::new(
-        c.registry.clone(),
+        c.registry.addr.clone(),
         c.client.clone(),
         c.keys.clone(),
         owner_settings(),
-    )
-    .start();
-    let c = Cluster { owner, ..c };
+    );
+    let desk = owner.desk();
+    let c = Cluster {
+        owner: owner.start(),
+        desk,
+        ..c
+    };
     for _ in 0..5 {
         let after = beat_until_assigned(&c, &[&a, &b], 8, Duration::from_secs(10)).await;
         assert_eq!(before, after, "no changefeed moved because of a restart");

@@ -16,7 +16,7 @@ use super::model::{
 };
 use super::sql::PendingInsert;
 use super::table::{set_gauges, ExecutorTable};
-use super::token::{encode_hash, hash_token, new_token, TokenHash};
+use super::token::{encode_hash, hash_token, new_token};
 use super::{Error, ExecutorId, RegistryConfig, Result, MAX_ADDRESS_LEN, MAX_NAME_LEN};
 use crate::election::LeaseGuard;
 use crate::labels;
@@ -39,16 +39,6 @@ pub struct Registration {
     pub token: String,
     pub heartbeat_interval: Duration,
     pub ttl: Duration,
-}
-
-/// A heartbeat from an executor.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "Result<HeartbeatAck>")]
-pub struct Heartbeat {
-    pub id: String,
-    pub token: String,
-    /// The TTL the executor asks for; clamped to the configured bounds.
-    pub ttl: Option<Duration>,
 }
 
 /// The answer to a heartbeat.
@@ -386,17 +376,6 @@ impl Handler<Register> for ExecutorRegistry {
                     result
                 }),
         )
-    }
-}
-
-impl Handler<Heartbeat> for ExecutorRegistry {
-    type Result = Result<HeartbeatAck>;
-
-    /// The same as [`ExecutorTable::heartbeat`], for callers holding only
-    /// the actor's address.
-    fn handle(&mut self, msg: Heartbeat, _: &mut Self::Context) -> Self::Result {
-        self.table
-            .heartbeat(&msg.id, &TokenHash::of(&msg.token), msg.ttl)
     }
 }
 

@@ -37,7 +37,7 @@ mod table;
 mod token;
 
 pub use actor::{
-    Caller, Deregister, ExecutorRegistry, GetExecutor, GetRegistryStats, Heartbeat, HeartbeatAck,
+    Caller, Deregister, ExecutorRegistry, GetExecutor, GetRegistryStats, HeartbeatAck,
     ListExecutors, PingStore, Register, Registration, RegistryHandle, RegistryStats, RunExpiryPass,
     StopRegistry, Subscribe, Subscription,
 };
