@@ -1,0 +1,163 @@
+//! `[etcd]`: where job state lives (endpoints or the embedded etcd, key prefix, timeouts,
+//! txn limits, client TLS), its defaults and its validation, which also derives the
+//! default prefix from the cluster id.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_non_zero, human_duration, Invalid, Result};
+
+/// `[etcd]`: where job state lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Client URLs of an existing cluster; empty starts an embedded etcd.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this cluster; empty means `/flotilla/<cluster_id>`, filled in by
+    /// [`Config::load`](super::Config::load).
+    pub prefix: String,
+    #[serde(with = "human_duration")]
+    pub dial_timeout: Duration,
+    #[serde(with = "human_duration")]
+    pub request_timeout: Duration,
+    /// How often the reactor ticks when nothing happens.
+    #[serde(with = "human_duration")]
+    pub tick_interval: Duration,
+    /// Most operations in one txn (etcd's `--max-txn-ops`).
+    pub max_txn_ops: usize,
+    /// Most bytes of keys and values in one txn (below etcd's `--max-request-bytes`).
+    pub max_txn_bytes: usize,
+    /// Client port of the embedded etcd, on 127.0.0.1.
+    pub embedded_client_port: u16,
+    /// Peer port of the embedded etcd, on 127.0.0.1.
+    pub embedded_peer_port: u16,
+    /// PEM CA that signed etcd's certificate (endpoints are then `https://`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM certificate and key flotilla presents to an etcd that checks
+    /// client certificates (`--client-cert-auth`); both or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// The worker's fields (`request_timeout`, `tick_interval`, `max_txn_*`) take their
+/// defaults from [`crate::actors::worker::WorkerConfig::new`], written once there.
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        let worker = crate::actors::worker::WorkerConfig::new("");
+        Self {
+            endpoints: Vec::new(),
+            prefix: String::new(),
+            dial_timeout: Duration::from_secs(5),
+            request_timeout: worker.request_timeout,
+            tick_interval: worker.tick_interval,
+            max_txn_ops: worker.max_txn_ops,
+            max_txn_bytes: worker.max_txn_bytes,
+            embedded_client_port: 2379,
+            embedded_peer_port: 2380,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
+}
+
+impl EtcdConfig {
+    /// True when the server must start its own etcd.
+    pub fn is_embedded(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// Checks the section and fills in `prefix` from the (already valid) `cluster_id`.
+    pub(super) fn validate(&mut self, cluster_id: &str, invalid: Invalid<'_>) -> Result<()> {
+        let tls = [&self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file];
+        if tls.iter().any(|f| f.is_some()) {
+            if self.endpoints.is_empty() {
+                return Err(invalid(
+                    "etcd.tls_ca_file",
+                    "needs etcd.endpoints: the embedded etcd runs without TLS".into(),
+                ));
+            }
+            if let Some(plain) = self.endpoints.iter().find(|e| !e.starts_with("https://")) {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!("{plain:?} must be https:// when etcd.tls_* is set"),
+                ));
+            }
+            let identity = match (&self.tls_cert_file, &self.tls_key_file) {
+                (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(invalid(
+                        "etcd.tls_key_file",
+                        "is required with etcd.tls_cert_file".into(),
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "etcd.tls_cert_file",
+                        "is required with etcd.tls_key_file".into(),
+                    ))
+                }
+            };
+            crate::tls::etcd_options(self.tls_ca_file.as_deref(), identity)
+                .map_err(|e| invalid("etcd.tls_ca_file", e.to_string()))?;
+        }
+
+        for endpoint in &self.endpoints {
+            if endpoint.is_empty() || endpoint.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    format!("{endpoint:?} is not an etcd URL (expected http://host:port)"),
+                ));
+            }
+        }
+        if self.prefix.is_empty() {
+            self.prefix = format!("/flotilla/{cluster_id}");
+        } else if !self.prefix.starts_with('/') || self.prefix.ends_with('/') {
+            return Err(invalid(
+                "etcd.prefix",
+                format!("{:?} must start with '/' and not end with '/'", self.prefix),
+            ));
+        }
+        check_non_zero(
+            invalid,
+            [
+                ("etcd.dial_timeout", self.dial_timeout),
+                ("etcd.request_timeout", self.request_timeout),
+                ("etcd.tick_interval", self.tick_interval),
+            ],
+        )?;
+        if self.max_txn_ops == 0 {
+            return Err(invalid("etcd.max_txn_ops", "must be > 0".into()));
+        }
+        if self.max_txn_bytes == 0 {
+            return Err(invalid("etcd.max_txn_bytes", "must be > 0".into()));
+        }
+        for (key, port) in [
+            ("etcd.embedded_client_port", self.embedded_client_port),
+            ("etcd.embedded_peer_port", self.embedded_peer_port),
+        ] {
+            if port == 0 {
+                return Err(invalid(
+                    key,
+                    "must be a fixed port (etcd cannot pick one)".into(),
+                ));
+            }
+        }
+        if self.embedded_client_port == self.embedded_peer_port {
+            return Err(invalid(
+                "etcd.embedded_peer_port",
+                format!(
+                    "{} is also etcd.embedded_client_port",
+                    self.embedded_peer_port
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! `[registry]`: executor liveness (heartbeat and TTL bounds, failover grace, mass-expiry
+//! throttling, capacity), its defaults (taken from the runtime registry) and its
+//! validation, including the relations between the TTLs.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_non_zero, human_duration, Invalid, Result};
+
+/// `[registry]`: executor liveness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// How often expired executors are looked for.
+    #[serde(with = "human_duration")]
+    pub keepalive_interval: Duration,
+    /// Interval the server asks executors to heartbeat at.
+    #[serde(with = "human_duration")]
+    pub heartbeat_interval: Duration,
+    /// TTL of an executor that asks for none.
+    #[serde(with = "human_duration")]
+    pub default_ttl: Duration,
+    /// Bounds an executor's requested TTL is clamped to.
+    #[serde(with = "human_duration")]
+    pub min_ttl: Duration,
+    #[serde(with = "human_duration")]
+    pub max_ttl: Duration,
+    /// TTL given to every executor loaded from the store at start-up or failover.
+    #[serde(with = "human_duration")]
+    pub failover_grace: Duration,
+    /// Share of live executors that, expiring at once, counts as a mass expiry.
+    pub mass_expiry_fraction: f64,
+    /// Executors expired per second during a mass expiry.
+    pub mass_expiry_rate: f64,
+    /// Most executors registered at once; beyond it 503 `registry_full`.
+    pub max_executors: usize,
+}
+
+/// The runtime registry's defaults, written once in
+/// [`crate::actors::executor_registry::RegistryConfig`]'s `Default`.
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        let runtime = crate::actors::executor_registry::RegistryConfig::default();
+        Self {
+            keepalive_interval: runtime.keepalive_interval,
+            heartbeat_interval: runtime.heartbeat_interval,
+            default_ttl: runtime.default_ttl,
+            min_ttl: runtime.min_ttl,
+            max_ttl: runtime.max_ttl,
+            failover_grace: runtime.failover_grace,
+            mass_expiry_fraction: runtime.mass_expiry_fraction,
+            mass_expiry_rate: runtime.mass_expiry_rate,
+            max_executors: runtime.max_executors,
+        }
+    }
+}
+
+impl RegistryConfig {
+    pub(super) fn validate(&self, invalid: Invalid<'_>) -> Result<()> {
+        if self.max_executors == 0 {
+            return Err(invalid("registry.max_executors", "must be > 0".into()));
+        }
+        check_non_zero(
+            invalid,
+            [
+                ("registry.keepalive_interval", self.keepalive_interval),
+                ("registry.heartbeat_interval", self.heartbeat_interval),
+                ("registry.default_ttl", self.default_ttl),
+                ("registry.min_ttl", self.min_ttl),
+                ("registry.max_ttl", self.max_ttl),
+            ],
+        )?;
+        if self.min_ttl > self.max_ttl {
+            return Err(invalid(
+                "registry.min_ttl",
+                format!(
+                    "{} is greater than registry.max_ttl ({})",
+                    human(self.min_ttl),
+                    human(self.max_ttl)
+                ),
+            ));
+        }
+        if self.default_ttl < self.min_ttl || self.default_ttl > self.max_ttl {
+            return Err(invalid(
+                "registry.default_ttl",
+                format!(
+                    "{} is outside registry.min_ttl..registry.max_ttl ({}..{})",
+                    human(self.default_ttl),
+                    human(self.min_ttl),
+                    human(self.max_ttl)
+                ),
+            ));
+        }
+        // An executor that heartbeats no faster than its TTL would flap between online
+        // and expired.
+        if self.heartbeat_interval >= self.default_ttl {
+            return Err(invalid(
+                "registry.heartbeat_interval",
+                format!(
+                    "{} must be shorter than registry.default_ttl ({})",
+                    human(self.heartbeat_interval),
+                    human(self.default_ttl)
+                ),
+            ));
+        }
+        if !(self.mass_expiry_fraction > 0.0 && self.mass_expiry_fraction <= 1.0) {
+            return Err(invalid(
+                "registry.mass_expiry_fraction",
+                format!("{} must be in (0, 1]", self.mass_expiry_fraction),
+            ));
+        }
+        if !(self.mass_expiry_rate.is_finite() && self.mass_expiry_rate > 0.0) {
+            return Err(invalid(
+                "registry.mass_expiry_rate",
+                format!("{} must be a positive number", self.mass_expiry_rate),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn human(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::load_env;
+    use crate::config::Config;
+
+    #[test]
+    fn min_ttl_above_max_ttl_is_rejected() {
+        let msg = Config::from_toml_str("[registry]\nmin_ttl = \"2m\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "registry.min_ttl: 2m is greater than registry.max_ttl (1m) (in <string>)"
+        );
+    }
+
+    #[test]
+    fn default_ttl_outside_bounds_is_rejected() {
+        let msg = Config::from_toml_str("[registry]\ndefault_ttl = \"500ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("registry.default_ttl: 500ms is outside"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn heartbeat_not_shorter_than_ttl_is_rejected() {
+        let msg = load_env(&[("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "5s")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("registry.heartbeat_interval: 5s must be shorter"),
+            "{msg}"
+        );
+    }
+}
