@@ -62,6 +62,11 @@ pub struct WorkDesk {
 }
 
 impl WorkDesk {
+    /// Whether the owner has loaded its snapshot and answers [`Self::work`].
+    pub fn is_running(&self) -> bool {
+        self.board.is_ready()
+    }
+
     /// The changefeeds (`namespace/id`) each of `executors` must run.
     pub fn assigned<'a>(&self, executors: impl IntoIterator<Item = &'a str>) -> Vec<Vec<String>> {
         self.board.assigned(executors)

@@ -70,6 +70,12 @@ pub(super) async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
         if !stats.loaded {
             return Err(executor_registry::Error::NotReady.into());
         }
+        // Heartbeats need the owner's answer too.
+        if roles.owner.as_ref().is_some_and(|desk| !desk.is_running()) {
+            return Err(Error::Unavailable(
+                crate::actors::owner::Error::NotRunning.to_string(),
+            ));
+        }
     }
     Ok(HttpResponse::Ok().json(Healthy { status: "ok" }))
 }
