@@ -6,6 +6,7 @@ pub mod config;
 pub mod election;
 pub mod error_code;
 pub mod etcd_errors;
+pub mod etcd_range;
 pub mod etcd_server;
 pub mod http;
 pub mod json;

@@ -29,6 +29,7 @@ pub struct WorkerMetrics {
     pub txn_conflicts_total: prometheus::IntCounter,
     pub committed_keys_total: prometheus::IntCounter,
     pub resyncs_total: prometheus::IntCounterVec,
+    pub rewatches_total: prometheus::IntCounterVec,
     pub watch_lag_revisions: prometheus::IntGauge,
     pub etcd_retries_total: prometheus::IntCounter,
     pub skipped_updates_total: prometheus::IntCounter,
@@ -83,6 +84,16 @@ static WORKER: LazyLock<WorkerMetrics> = LazyLock::new(|| WorkerMetrics {
             prometheus::Opts::new(
                 "etcd_worker_resyncs_total",
                 "Full re-reads of the watched prefix, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid counter vec"),
+    ),
+    rewatches_total: register(
+        prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "etcd_worker_rewatches_total",
+                "Watches opened again from the next revision (nothing re-read), by reason.",
             ),
             &["reason"],
         )
@@ -317,8 +328,11 @@ pub fn is_leader() -> &'static prometheus::IntGauge {
 /// from the start, and dashboards never reference a name a scrape lacks.
 pub fn register_all() {
     let worker = worker();
-    for reason in ["initial", "compacted", "canceled", "lost", "silent"] {
-        worker.resyncs_total.with_label_values(&[reason]);
+    for reason in crate::actors::etcd_watcher::ResyncReason::ALL {
+        worker.resyncs_total.with_label_values(&[reason.as_str()]);
+    }
+    for reason in crate::actors::etcd_watcher::RewatchReason::ALL {
+        worker.rewatches_total.with_label_values(&[reason.as_str()]);
     }
     let registry = registry_metrics();
     for status in ["initing", "running", "tombstone"] {

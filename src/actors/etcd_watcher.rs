@@ -1,28 +1,45 @@
-//! `EtcdWatcher`: one consistent read of the prefix, then a watch from the
-//! revision after it, forwarded to the ticker in order.
+//! `EtcdWatcher`: a consistent read of the prefix in pages, then a watch from
+//! the revision after it, forwarded to the ticker in order.
 //!
 //! The watch loop is an explicit state machine ([`WatchState`] and one
 //! [`WatchLoop::step`]): every state and transition is visible in one place.
 //!
 //! ```text
-//!   List --ok--> Watch --events/progress--> Watch
-//!    ^  \--retryable error--> Backoff --> List
-//!    |                                     ^
-//!    +---- compacted / canceled / lost / silent too long (via Backoff when lost)
+//!   List --ok--> Open --ok--> Watch --events/progress--> Watch
+//!    ^  \           ^  \--retryable error--> Backoff --> Open or List
+//!    |   \          +---- lost / silent (from the next revision, nothing re-read)
+//!    +---- compacted / canceled / an answer over the decode limit
 //! ```
-//! Any loss of the watch ends in a fresh read of the whole prefix, sent as a
-//! [`Resync`]: the ticker diffs it against its own map, so the reactor never
-//! misses a key and never stops. Progress notifications are forwarded for
-//! the lag metric only: they never advance a revision.
+//! The list reads the prefix in pages at one revision (the first page's), as
+//! Kubernetes' pager does: at most `list_page_keys` keys per page, fewer when
+//! the values are large (the page shrinks to keep near `list_page_bytes`, and
+//! halves when an answer still exceeds the client's `max_response_bytes`), and
+//! starts over at a new revision if that one is compacted meanwhile. It is sent
+//! as one [`Resync`]: the ticker diffs it against its own map, so the reactor
+//! never misses a key and never stops.
+//!
+//! A lost or silent watch is opened again from the revision after the last
+//! event delivered (client-go's reflector does the same): nothing is re-read.
+//! Only a compaction of that revision, a watch etcd canceled, or a watch answer
+//! over the decode limit (re-watching would get the same answer) re-read the
+//! prefix. Progress notifications are forwarded for the lag metric only: they
+//! never advance a revision.
+//!
+//! etcd can split a large revision into fragments (`fragment` in the watch
+//! request), but etcd-client 0.21 offers no way to ask for it; the decode limit
+//! is raised instead, and an answer over it ends in a re-read, never in a stop.
 
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use etcd_client::{Client, EventType, GetOptions, WatchOptions, WatchStream};
+use etcd_client::{
+    EventType, GetOptions, GetResponse, KvClient, WatchClient, WatchOptions, WatchStream,
+};
 use tracing::{debug, info, warn};
 
 use super::worker::{self, Backoff, WorkerConfig};
-use crate::etcd_errors::is_retryable;
+use crate::etcd_errors::{is_compacted, is_retryable, is_too_large};
+use crate::etcd_range::prefix_end;
 use crate::metrics;
 use crate::state::{RawEntry, RawState};
 
@@ -53,22 +70,64 @@ pub enum ResyncReason {
     Compacted,
     /// etcd canceled the watch.
     Canceled,
+    /// A watch answer exceeded the decode limit: watching from the same
+    /// revision would get it again.
+    TooLarge,
+    /// etcd's revision is below the one the watch started after: its history
+    /// went back (wiped, or restored from a backup). The re-read lets the
+    /// ticker see it (`HistoryReset`) instead of waiting for a revision that
+    /// may never come.
+    HistoryBack,
+}
+
+impl ResyncReason {
+    /// Every reason, for the metric's series.
+    pub const ALL: [ResyncReason; 5] = [
+        ResyncReason::Initial,
+        ResyncReason::Compacted,
+        ResyncReason::Canceled,
+        ResyncReason::TooLarge,
+        ResyncReason::HistoryBack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResyncReason::Initial => "initial",
+            ResyncReason::Compacted => "compacted",
+            ResyncReason::Canceled => "canceled",
+            ResyncReason::TooLarge => "too_large",
+            ResyncReason::HistoryBack => "history_back",
+        }
+    }
+}
+
+/// Why the watcher opened its watch again from the next revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewatchReason {
     /// The watch stream ended or failed (etcd restarted, connection lost).
     Lost,
     /// The watch answered neither events nor progress requests for too long.
     Silent,
 }
 
-impl ResyncReason {
+impl RewatchReason {
+    /// Every reason, for the metric's series.
+    pub const ALL: [RewatchReason; 2] = [RewatchReason::Lost, RewatchReason::Silent];
+
     pub fn as_str(self) -> &'static str {
         match self {
-            ResyncReason::Initial => "initial",
-            ResyncReason::Compacted => "compacted",
-            ResyncReason::Canceled => "canceled",
-            ResyncReason::Lost => "lost",
-            ResyncReason::Silent => "silent",
+            RewatchReason::Lost => "lost",
+            RewatchReason::Silent => "silent",
         }
     }
+}
+
+/// The watch is being opened again from `revision` (nothing is re-read).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Rewatched {
+    pub revision: i64,
+    pub reason: RewatchReason,
 }
 
 /// A full, consistent snapshot of the prefix at `revision`.
@@ -104,6 +163,7 @@ pub struct WatchSink {
     pub events: Recipient<WatchEvents>,
     pub resync: Recipient<Resync>,
     pub progress: Recipient<WatchProgress>,
+    pub rewatched: Recipient<Rewatched>,
     pub failed: Recipient<WatcherFailed>,
 }
 
@@ -113,16 +173,20 @@ pub struct EtcdWatcher {
 }
 
 impl EtcdWatcher {
-    pub fn new(client: Client, config: &WorkerConfig, sink: WatchSink) -> Self {
+    pub fn new(client: etcd_client::Client, config: &WorkerConfig, sink: WatchSink) -> Self {
+        let limit = config.max_response_bytes;
         Self {
             watch_loop: Some(WatchLoop {
-                client,
+                kv: client.kv_client().max_decoding_message_size(limit),
+                watch: client.watch_client().max_decoding_message_size(limit),
                 prefix: config.prefix.clone(),
                 sink,
                 request_timeout: config.request_timeout,
                 progress_interval: config.progress_interval,
                 silence_timeout: config.silence_timeout,
                 backoff: config.backoff(),
+                page: PageSize::new(config.list_page_keys, config.list_page_bytes),
+                next_revision: 0,
             }),
         }
     }
@@ -154,28 +218,97 @@ impl Handler<StopWatcher> for EtcdWatcher {
 
 /// The states of the watch loop.
 enum WatchState {
-    /// Read the whole prefix, then start watching after it.
+    /// Read the whole prefix, then watch after it.
     List { reason: ResyncReason, attempt: u32 },
+    /// Open a watch from the next revision; `reason` is `None` right after a list.
+    Open {
+        reason: Option<RewatchReason>,
+        attempt: u32,
+    },
     /// Forward what the watch delivers.
     Watch {
         stream: Box<WatchStream>,
         last_response: Instant,
         last_progress_request: Instant,
     },
-    /// Wait before listing again.
-    Backoff { reason: ResyncReason, attempt: u32 },
+    /// Wait, then do `then` again.
+    Backoff { then: Retry, attempt: u32 },
     /// The ticker is gone or a fatal error was reported: end the loop.
     Done,
 }
 
+/// What a [`WatchState::Backoff`] goes back to.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    List(ResyncReason),
+    Open(Option<RewatchReason>),
+}
+
+/// Keys per page of a list: shrinks when values are large, grows back when
+/// they are small, never above the configured count.
+#[derive(Debug, Clone, Copy)]
+struct PageSize {
+    keys: i64,
+    max_keys: i64,
+    target_bytes: usize,
+}
+
+impl PageSize {
+    fn new(max_keys: i64, target_bytes: usize) -> Self {
+        let max_keys = max_keys.max(1);
+        Self {
+            keys: max_keys,
+            max_keys,
+            target_bytes: target_bytes.max(1),
+        }
+    }
+
+    /// After a page of `keys` keys holding `bytes` bytes.
+    fn observe(&mut self, keys: usize, bytes: usize) {
+        if keys == 0 {
+            return;
+        }
+        if bytes > self.target_bytes {
+            let fit = (keys as u128 * self.target_bytes as u128 / bytes as u128) as i64;
+            self.keys = fit.clamp(1, self.max_keys);
+        } else if bytes < self.target_bytes / 2 {
+            self.keys = self.keys.saturating_mul(2).min(self.max_keys);
+        }
+    }
+
+    /// After an answer over the decode limit; `false` if a page is one key already.
+    fn halve(&mut self) -> bool {
+        if self.keys <= 1 {
+            return false;
+        }
+        self.keys = (self.keys / 2).max(1);
+        true
+    }
+}
+
+/// Why a list did not produce a snapshot.
+enum ListError {
+    Etcd(etcd_client::Error),
+    Timeout,
+    /// One key's answer is over the decode limit.
+    TooLarge(etcd_client::Error),
+}
+
+const LOST: Retry = Retry::Open(Some(RewatchReason::Lost));
+
 struct WatchLoop {
-    client: Client,
+    kv: KvClient,
+    watch: WatchClient,
     prefix: String,
     sink: WatchSink,
     request_timeout: Duration,
     progress_interval: Duration,
     silence_timeout: Duration,
     backoff: Backoff,
+    page: PageSize,
+    /// The revision a new watch starts at: after the list's revision and
+    /// after every event delivered.
+    next_revision: i64,
 }
 
 impl WatchLoop {
@@ -192,6 +325,7 @@ impl WatchLoop {
     async fn step(&mut self, state: WatchState) -> WatchState {
         match state {
             WatchState::List { reason, attempt } => self.list(reason, attempt).await,
+            WatchState::Open { reason, attempt } => self.open(reason, attempt).await,
             WatchState::Watch {
                 stream,
                 last_response,
@@ -200,17 +334,14 @@ impl WatchLoop {
                 self.watch(stream, last_response, last_progress_request)
                     .await
             }
-            WatchState::Backoff { reason, attempt } => {
+            WatchState::Backoff { then, attempt } => {
                 let delay = self.backoff.delay(attempt);
-                debug!(
-                    ?delay,
-                    reason = reason.as_str(),
-                    "watch: backing off before re-listing"
-                );
+                debug!(?delay, ?then, "watch: backing off");
                 tokio::time::sleep(delay).await;
-                WatchState::List {
-                    reason,
-                    attempt: attempt.saturating_add(1),
+                let attempt = attempt.saturating_add(1);
+                match then {
+                    Retry::List(reason) => WatchState::List { reason, attempt },
+                    Retry::Open(reason) => WatchState::Open { reason, attempt },
                 }
             }
             WatchState::Done => WatchState::Done,
@@ -222,13 +353,13 @@ impl WatchLoop {
         &mut self,
         operation: &'static str,
         error: etcd_client::Error,
-        reason: ResyncReason,
+        then: Retry,
         attempt: u32,
     ) -> WatchState {
         if is_retryable(&error) {
             metrics::worker().etcd_retries_total.inc();
             warn!(%error, operation, attempt, "watch: retryable etcd error");
-            WatchState::Backoff { reason, attempt }
+            WatchState::Backoff { then, attempt }
         } else {
             let _ = self
                 .sink
@@ -243,43 +374,37 @@ impl WatchLoop {
     }
 
     async fn list(&mut self, reason: ResyncReason, attempt: u32) -> WatchState {
-        let get = self
-            .client
-            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()));
-        let response = match tokio::time::timeout(self.request_timeout, get).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => return self.on_error("range read", error, reason, attempt).await,
-            Err(_) => {
+        let then = Retry::List(reason);
+        let started = Instant::now();
+        let (revision, entries, pages) = match self.read_prefix().await {
+            Ok(read) => read,
+            Err(ListError::Etcd(error)) => {
+                return self.on_error("range read", error, then, attempt).await
+            }
+            Err(ListError::Timeout) => {
                 metrics::worker().etcd_retries_total.inc();
                 warn!(timeout = ?self.request_timeout, "watch: range read timed out");
-                return WatchState::Backoff { reason, attempt };
+                return WatchState::Backoff { then, attempt };
+            }
+            Err(ListError::TooLarge(error)) => {
+                // Not fatal: the key may be rewritten smaller, or deleted.
+                metrics::worker().etcd_retries_total.inc();
+                warn!(%error, "watch: one key of the prefix is larger than the client's decode \
+                    limit (max_response_bytes); retrying");
+                return WatchState::Backoff { then, attempt };
             }
         };
-        let revision = response.header().map_or(0, |h| h.revision());
-        let mut entries = RawState::new();
-        for kv in response.kvs() {
-            match kv.key_str() {
-                Ok(key) => {
-                    entries.insert(
-                        key.to_owned(),
-                        RawEntry {
-                            value: kv.value().to_vec(),
-                            mod_revision: kv.mod_revision(),
-                        },
-                    );
-                }
-                Err(_) => warn!(key = ?kv.key(), "watch: skipping a key that is not UTF-8"),
-            }
-        }
         let keys = entries.len();
         metrics::worker()
             .resyncs_total
             .with_label_values(&[reason.as_str()])
             .inc();
+        let took = started.elapsed();
         if reason == ResyncReason::Initial {
-            info!(prefix = %self.prefix, revision, keys, "watch: read the prefix");
+            info!(prefix = %self.prefix, revision, keys, pages, ?took, "watch: read the prefix");
         } else {
-            warn!(prefix = %self.prefix, revision, keys, reason = reason.as_str(), "watch: re-read the prefix");
+            warn!(prefix = %self.prefix, revision, keys, pages, ?took, reason = reason.as_str(),
+                "watch: re-read the prefix");
         }
         let snapshot = Resync {
             revision,
@@ -289,12 +414,120 @@ impl WatchLoop {
         if self.sink.resync.send(snapshot).await.is_err() {
             return WatchState::Done;
         }
+        self.next_revision = revision + 1;
+        WatchState::Open {
+            reason: None,
+            attempt: 0,
+        }
+    }
 
+    /// The whole prefix at one revision (the first page's), in pages; starts
+    /// over at a new revision if that one is compacted during the read.
+    /// Returns the revision, the entries and the number of pages read.
+    async fn read_prefix(&mut self) -> Result<(i64, RawState, usize), ListError> {
+        let end = prefix_end(self.prefix.as_bytes());
+        'read: loop {
+            let mut entries = RawState::new();
+            let mut revision = 0;
+            let mut start = self.prefix.as_bytes().to_vec();
+            let mut pages = 0;
+            loop {
+                let mut options = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(self.page.keys);
+                if revision > 0 {
+                    options = options.with_revision(revision);
+                }
+                let get = self.kv.get(start.clone(), Some(options));
+                let mut page: GetResponse =
+                    match tokio::time::timeout(self.request_timeout, get).await {
+                        Ok(Ok(page)) => page,
+                        Ok(Err(error)) if is_too_large(&error) => {
+                            if !self.page.halve() {
+                                return Err(ListError::TooLarge(error));
+                            }
+                            debug!(
+                                keys = self.page.keys,
+                                "watch: page over the decode limit, halved"
+                            );
+                            continue;
+                        }
+                        Ok(Err(error)) if revision > 0 && is_compacted(&error) => {
+                            warn!(
+                                revision,
+                                pages,
+                                "watch: the list's revision was compacted \
+                                during the read; starting over"
+                            );
+                            continue 'read;
+                        }
+                        Ok(Err(error)) => return Err(ListError::Etcd(error)),
+                        Err(_) => return Err(ListError::Timeout),
+                    };
+                pages += 1;
+                if revision == 0 {
+                    revision = page.header().map_or(0, |h| h.revision());
+                }
+                let more = page.more();
+                let kvs = page.take_kvs();
+                let bytes = kvs.iter().map(|kv| kv.key().len() + kv.value().len()).sum();
+                self.page.observe(kvs.len(), bytes);
+                if let Some(last) = kvs.last() {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                let empty = kvs.is_empty();
+                for kv in kvs {
+                    let mod_revision = kv.mod_revision();
+                    let (key, value) = kv.into_key_value();
+                    match String::from_utf8(key) {
+                        Ok(key) => {
+                            entries.insert(
+                                key,
+                                RawEntry {
+                                    value,
+                                    mod_revision,
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            warn!(key = ?e.as_bytes(), "watch: skipping a key that is not UTF-8")
+                        }
+                    }
+                }
+                if !more || empty {
+                    return Ok((revision, entries, pages));
+                }
+            }
+        }
+    }
+
+    /// Opens a watch from [`Self::next_revision`].
+    async fn open(&mut self, reason: Option<RewatchReason>, attempt: u32) -> WatchState {
+        if let Some(reason) = reason {
+            metrics::worker()
+                .rewatches_total
+                .with_label_values(&[reason.as_str()])
+                .inc();
+            info!(
+                revision = self.next_revision,
+                reason = reason.as_str(),
+                "watch: opening the watch again from the next revision"
+            );
+            let rewatched = Rewatched {
+                revision: self.next_revision,
+                reason,
+            };
+            if self.sink.rewatched.send(rewatched).await.is_err() {
+                return WatchState::Done;
+            }
+        }
+        let then = Retry::Open(reason.or(Some(RewatchReason::Lost)));
         let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1)
+            .with_range(prefix_end(self.prefix.as_bytes()))
+            .with_start_revision(self.next_revision)
             .with_progress_notify();
-        let watch = self.client.watch(self.prefix.as_str(), Some(options));
+        let watch = self.watch.watch(self.prefix.as_str(), Some(options));
         match tokio::time::timeout(self.request_timeout, watch).await {
             Ok(Ok(stream)) => {
                 let now = Instant::now();
@@ -304,11 +537,12 @@ impl WatchLoop {
                     last_progress_request: now,
                 }
             }
-            Ok(Err(error)) => self.on_error("watch", error, ResyncReason::Lost, 0).await,
-            Err(_) => WatchState::Backoff {
-                reason: ResyncReason::Lost,
-                attempt: 0,
-            },
+            Ok(Err(error)) => self.on_error("watch", error, then, attempt).await,
+            Err(_) => {
+                metrics::worker().etcd_retries_total.inc();
+                warn!(timeout = ?self.request_timeout, "watch: opening the watch timed out");
+                WatchState::Backoff { then, attempt }
+            }
         }
     }
 
@@ -325,7 +559,7 @@ impl WatchLoop {
                 let quiet = last_response.elapsed();
                 if quiet >= self.silence_timeout {
                     warn!(?quiet, "watch: silent for too long, re-creating it");
-                    return WatchState::List { reason: ResyncReason::Silent, attempt: 0 };
+                    return WatchState::Open { reason: Some(RewatchReason::Silent), attempt: 0 };
                 }
                 if quiet >= self.progress_interval
                     && last_progress_request.elapsed() >= self.progress_interval
@@ -337,7 +571,7 @@ impl WatchLoop {
                         .unwrap_or(Err(etcd_client::Error::WatchError("progress request timed out".into())))
                     {
                         warn!(%error, "watch: progress request failed");
-                        return WatchState::Backoff { reason: ResyncReason::Lost, attempt: 0 };
+                        return WatchState::Backoff { then: LOST, attempt: 0 };
                     }
                 }
                 return WatchState::Watch { stream, last_response, last_progress_request };
@@ -348,14 +582,22 @@ impl WatchLoop {
             Ok(None) => {
                 warn!("watch: stream ended");
                 return WatchState::Backoff {
-                    reason: ResyncReason::Lost,
+                    then: LOST,
+                    attempt: 0,
+                };
+            }
+            Err(error) if is_too_large(&error) => {
+                warn!(%error, "watch: an answer exceeded the decode limit (max_response_bytes); \
+                    re-reading the prefix instead");
+                return WatchState::List {
+                    reason: ResyncReason::TooLarge,
                     attempt: 0,
                 };
             }
             Err(error) => {
                 warn!(%error, "watch: stream failed");
                 return WatchState::Backoff {
-                    reason: ResyncReason::Lost,
+                    then: LOST,
                     attempt: 0,
                 };
             }
@@ -369,6 +611,17 @@ impl WatchLoop {
             );
             return WatchState::List {
                 reason: ResyncReason::Compacted,
+                attempt: 0,
+            };
+        }
+        if header_revision > 0 && header_revision < self.next_revision - 1 {
+            warn!(
+                header_revision,
+                next_revision = self.next_revision,
+                "watch: etcd's revision is behind the watch: its history went back"
+            );
+            return WatchState::List {
+                reason: ResyncReason::HistoryBack,
                 attempt: 0,
             };
         }
@@ -405,6 +658,10 @@ impl WatchLoop {
                     mod_revision: kv.mod_revision(),
                 });
             }
+            // Every event counts, a skipped one too: the watch never goes back.
+            if let Some(last) = response.events().iter().rev().find_map(|e| e.kv()) {
+                self.next_revision = self.next_revision.max(last.mod_revision() + 1);
+            }
             let batch = WatchEvents {
                 events,
                 header_revision,
@@ -420,5 +677,40 @@ impl WatchLoop {
             last_response,
             last_progress_request,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PageSize;
+
+    #[test]
+    fn pages_shrink_to_the_byte_target_and_grow_back_to_the_count() {
+        let mut page = PageSize::new(1000, 2 << 20);
+        // 1000 keys of 64 KiB: 62.5 MiB; 2 MiB hold 32 of them.
+        page.observe(1000, 1000 * (64 << 10));
+        assert_eq!(page.keys, 32);
+        // Small values again: doubles, never above the configured count.
+        for _ in 0..10 {
+            page.observe(page.keys as usize, 100 * page.keys as usize);
+        }
+        assert_eq!(page.keys, 1000);
+        // One value over the target: one key per page, not zero.
+        page.observe(1, 3 << 20);
+        assert_eq!(page.keys, 1);
+        // An empty page says nothing.
+        page.observe(0, 0);
+        assert_eq!(page.keys, 1);
+    }
+
+    #[test]
+    fn halving_stops_at_one_key() {
+        let mut page = PageSize::new(5, 1 << 20);
+        assert!(page.halve());
+        assert_eq!(page.keys, 2);
+        assert!(page.halve());
+        assert_eq!(page.keys, 1);
+        assert!(!page.halve());
+        assert_eq!(PageSize::new(0, 0).keys, 1);
     }
 }

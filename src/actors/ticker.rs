@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use super::etcd_watcher::{
-    EtcdWatcher, Resync, StopWatcher, WatchEvents, WatchProgress, WatcherFailed,
+    EtcdWatcher, Resync, Rewatched, StopWatcher, WatchEvents, WatchProgress, WatcherFailed,
 };
 use super::txn_committer::{Commit, CommitOutcome, StopCommitter, TxnCommitter};
 use super::worker::{self, Backoff, WorkerConfig};
@@ -52,8 +52,12 @@ pub struct WorkerStats {
     pub conflicts: u64,
     /// Plans dropped because etcd stayed unreachable.
     pub unavailable: u64,
-    /// Snapshots applied, by reason (`initial`, `compacted`, `lost`, ...).
+    /// Snapshots applied, by reason (`initial`, `compacted`, `canceled`,
+    /// `too_large`).
     pub resyncs: std::collections::BTreeMap<&'static str, u64>,
+    /// Watches opened again from the next revision, by reason (`lost`,
+    /// `silent`).
+    pub rewatches: std::collections::BTreeMap<&'static str, u64>,
     /// The revision the reactor's state reflects.
     pub applied_revision: i64,
     pub barrier: i64,
@@ -487,6 +491,18 @@ where
 
     fn handle(&mut self, msg: WatchProgress, _: &mut Self::Context) {
         self.observe_lag(msg.header_revision);
+    }
+}
+
+impl<R> Handler<Rewatched> for ReactorTicker<R>
+where
+    R: Reactor + 'static,
+    R::State: 'static,
+{
+    type Result = ();
+
+    fn handle(&mut self, msg: Rewatched, _: &mut Self::Context) {
+        *self.stats.rewatches.entry(msg.reason.as_str()).or_default() += 1;
     }
 }
 

@@ -40,8 +40,16 @@ pub struct WorkerConfig {
     pub max_txn_bytes: usize,
     /// Optional fencing on a leader key.
     pub fence: Option<Fence>,
-    /// Deadline of one etcd request (txn, range read, progress request).
+    /// Deadline of one etcd request (txn, one page of a range read, progress
+    /// request).
     pub request_timeout: Duration,
+    /// At most this many keys per page of the prefix's list.
+    pub list_page_keys: i64,
+    /// Pages shrink to stay near this many bytes of keys and values.
+    pub list_page_bytes: usize,
+    /// The largest etcd answer (a page, a watch response) the worker's
+    /// client decodes; tonic's default is 4 MiB.
+    pub max_response_bytes: usize,
     /// Ask etcd for watch progress after this much quiet.
     pub progress_interval: Duration,
     /// Re-create a watch that stayed silent this long despite progress
@@ -65,6 +73,9 @@ impl WorkerConfig {
             max_txn_bytes: 1_310_720,
             fence: None,
             request_timeout: Duration::from_secs(5),
+            list_page_keys: 1000,
+            list_page_bytes: 2 << 20,
+            max_response_bytes: 256 << 20,
             progress_interval: Duration::from_secs(1),
             silence_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_millis(50),
@@ -191,6 +202,7 @@ where
             events: me.clone().recipient(),
             resync: me.clone().recipient(),
             progress: me.clone().recipient(),
+            rewatched: me.clone().recipient(),
             failed: me.recipient(),
         };
         let watcher = EtcdWatcher::new(client, &config, sink).start();

@@ -644,3 +644,57 @@ async fn bank_sum_stays_zero_with_ten_restarting_workers() {
     );
     assert_eq!(harness::reactors::bank_sum(&client, "/bank").await, 0);
 }
+
+/// A prefix of more than 4 MiB (tonic's default decode limit, where the owner
+/// used to stop for good), one value of 1 MiB among them: the worker reads it
+/// in pages at one revision and ticks. With a client limit below the first
+/// page's size the page is halved until it fits: never fatal.
+#[actix_rt::test]
+async fn a_prefix_over_the_decode_limit_is_read_in_pages_and_ticks() {
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let client = etcd.client().await;
+    const P: &str = "/big";
+    const VALUES: usize = 80;
+    let mut c = client.clone();
+    let value = vec![b'v'; 64 << 10];
+    for i in 0..VALUES {
+        c.put(format!("{P}/v/{i:03}"), value.clone(), None)
+            .await
+            .unwrap();
+    }
+    c.put(format!("{P}/huge"), vec![b'h'; 1 << 20], None)
+        .await
+        .unwrap();
+    let expected = VALUES * (64 << 10) + (1 << 20);
+    for limit in [WorkerConfig::new(P).max_response_bytes, 3 << 20] {
+        let seen = format!("{P}/seen/{limit}");
+        let key = seen.clone();
+        let reactor = FnReactor::new(move |state: &mut KvState, _| {
+            let bytes: usize = state
+                .values
+                .iter()
+                .filter(|(k, _)| k.starts_with(&format!("{P}/v/")) || *k == &format!("{P}/huge"))
+                .map(|(_, v)| v.len())
+                .sum();
+            if state.get(&key).is_some() {
+                return Err(reactor::Error::Finished);
+            }
+            state.queue(vec![DataPatch::put(key.clone(), bytes.to_string())]);
+            Ok(())
+        });
+        let config = WorkerConfig {
+            max_response_bytes: limit,
+            list_page_keys: 100,
+            ..config(P)
+        };
+        run_with(&client, config, reactor)
+            .await
+            .unwrap_or_else(|e| panic!("limit {limit}: {e}"));
+        assert_eq!(
+            get(&client, &seen).await,
+            Some(expected.to_string()),
+            "limit {limit}: the first tick saw the whole prefix"
+        );
+    }
+}

@@ -197,10 +197,14 @@ async fn linearizability_survives_repeated_compaction() {
 }
 
 /// One attempt: a worker (on its own thread) whose reactor blocks in its
-/// second tick while the test writes, deletes and compacts. Returns whether
-/// the watcher saw the compaction; the worker's final state is checked either
-/// way.
-async fn fall_behind_a_compaction(etcd: &EtcdCluster, prefix: &'static str) -> bool {
+/// second tick while the test writes (values of `value_bytes`), deletes and
+/// compacts. Returns whether the watcher saw the compaction; the worker's
+/// final state is checked either way.
+async fn fall_behind_a_compaction(
+    etcd: &EtcdCluster,
+    prefix: &'static str,
+    value_bytes: usize,
+) -> bool {
     let client = etcd.client().await;
     let mut c = client.clone();
     for i in 0..50 {
@@ -254,7 +258,7 @@ async fn fall_behind_a_compaction(etcd: &EtcdCluster, prefix: &'static str) -> b
     blocked_rx.recv().unwrap();
     // While the reactor is stuck its watcher cannot hand anything over, so
     // etcd's side of the watch falls behind; compact past it.
-    let value = vec![b'v'; 4096];
+    let value = vec![b'v'; value_bytes];
     for i in 0..3000 {
         c.put(format!("{prefix}/fresh/{}", i % 300), value.clone(), None)
             .await
@@ -291,7 +295,25 @@ async fn a_watch_that_falls_behind_a_compaction_resyncs_and_loses_nothing() {
     let prefixes = ["/behind1", "/behind2", "/behind3", "/behind4"];
     let mut hit = false;
     for prefix in prefixes {
-        if fall_behind_a_compaction(&etcd, prefix).await {
+        if fall_behind_a_compaction(&etcd, prefix, 4096).await {
+            hit = true;
+            break;
+        }
+    }
+    assert!(hit, "no attempt made the watch fall behind the compaction");
+}
+
+/// The same with a prefix of 4.8 MiB (300 values of 16 KiB, more than tonic's
+/// default 4 MiB decode limit): the watch's catch-up answers and the re-read
+/// after the compaction are larger than one default answer.
+#[actix_rt::test]
+async fn a_watch_behind_a_compaction_re_reads_a_large_prefix_in_pages() {
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let prefixes = ["/large1", "/large2", "/large3", "/large4"];
+    let mut hit = false;
+    for prefix in prefixes {
+        if fall_behind_a_compaction(&etcd, prefix, 16 << 10).await {
             hit = true;
             break;
         }
@@ -334,7 +356,7 @@ async fn a_frozen_etcd_stalls_the_worker_but_does_not_stop_it() {
             .stats()
             .await
             .expect("still running after the freeze");
-        if stats.resyncs.contains_key("silent") || stats.resyncs.contains_key("lost") {
+        if stats.rewatches.contains_key("silent") || stats.rewatches.contains_key("lost") {
             noticed = Some(stats);
             break;
         }

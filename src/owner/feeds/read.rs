@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::request::{changefeed_id, validate_id};
 use super::{Changefeeds, Error, Result, PAGE_KEYS};
+use crate::etcd_range::prefix_end;
 use crate::owner::model::{
     ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Key, TaskStatus,
 };
@@ -74,26 +75,13 @@ impl Read {
 
 fn page_options(prefix: &str, keys_only: bool) -> GetOptions {
     let options = GetOptions::new()
-        .with_range(prefix_end(prefix))
+        .with_range(prefix_end(prefix.as_bytes()))
         .with_limit(PAGE_KEYS);
     if keys_only {
         options.with_keys_only()
     } else {
         options
     }
-}
-
-/// The end of the range of keys starting with `prefix` (etcd's `--prefix`).
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // All 0xff (never one of our prefixes): to the end of the keyspace.
-    vec![0]
 }
 
 /// One key as read: its value and the revision a later write compares against.
@@ -377,16 +365,5 @@ pub(super) fn view(
         error: info.error,
         create_time: info.create_time,
         pending_reason: status.pending_reason,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_ends_bound_exactly_the_prefix() {
-        assert_eq!(prefix_end("/p/ns/task/status/"), b"/p/ns/task/status0");
-        assert_eq!(prefix_end("a\u{7f}"), b"a\x80");
     }
 }
