@@ -45,10 +45,10 @@ pub enum Etcd {
 /// Where a [`FlotillaServer`] takes its settings from (`env` goes over all of them).
 #[derive(Debug, Clone, Default)]
 pub enum ServerConfig {
-    /// No file, and [`FAST_TIMINGS`] in the environment.
+    /// `--config /dev/null`, and [`FAST_TIMINGS`] in the environment.
     #[default]
     FastTimings,
-    /// No file: the built-in defaults.
+    /// `--config /dev/null` alone: the built-in defaults.
     Defaults,
     /// `--config` with this path (a relative one is read from the data dir).
     File(PathBuf),
@@ -292,7 +292,7 @@ pub struct ServerSpec {
     pub admin_token_file: Option<PathBuf>,
     /// stderr goes here (appended across restarts).
     pub log_path: PathBuf,
-    /// `--config`; `None`: no file, and [`FAST_TIMINGS`] in the environment.
+    /// `--config`; `None`: `/dev/null`, and [`FAST_TIMINGS`] in the environment.
     pub config_file: Option<PathBuf>,
     /// Extra arguments after the ones the fields above give.
     pub args: Vec<String>,
