@@ -7,18 +7,15 @@
 //! promtool comes from the Debian package `prometheus` (`scripts/install-deps`).
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use crate::harness::ports::free_port_array;
+use crate::harness::http::request;
+use crate::harness::server::{Etcd, FlotillaServer, ServerConfig, ServerOptions, Startup};
 
-use crate::harness::server::BIN;
 const HEARTBEAT_ROUTE: &str = "/api/v1/executors/{id}/heartbeat";
 
 fn repo_file(path: &str) -> PathBuf {
@@ -53,154 +50,56 @@ fn output_text(output: &Output) -> String {
     )
 }
 
-/// A `flotilla serve` child on free ports; killed on drop if a test fails half-way.
-struct Server {
-    child: Child,
-    port: u16,
-    stderr_path: PathBuf,
-    _dir: tempfile::TempDir,
+/// A `flotilla serve` on its embedded etcd and the built-in defaults, logging at
+/// `info`, with `args`.
+fn start(args: &[&str]) -> FlotillaServer {
+    FlotillaServer::start_with(
+        ServerOptions {
+            env: vec![("FLOTILLA_LOG_LEVEL".into(), "info".into())],
+            ..ServerOptions::default()
+        },
+        Startup {
+            etcd: Etcd::Embedded,
+            config: ServerConfig::Defaults,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Startup::default()
+        },
+    )
 }
 
-impl Server {
-    fn start(extra_args: &[&str]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let [port, etcd_client, etcd_peer] = free_port_array::<3>();
-        let stderr_path = dir.path().join("stderr.log");
-        let child = Command::new(BIN)
-            .args(["serve", "--config", "/dev/null", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(extra_args)
-            .env(
-                "FLOTILLA_ETCD_EMBEDDED_CLIENT_PORT",
-                etcd_client.to_string(),
-            )
-            .env("FLOTILLA_ETCD_EMBEDDED_PEER_PORT", etcd_peer.to_string())
-            .env("FLOTILLA_LOG_LEVEL", "info")
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr_path).unwrap())
-            .spawn()
-            .unwrap();
-        let mut server = Server {
-            child,
-            port,
-            stderr_path,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok((200, _)) = server.try_request("GET", "/readyz", None, None) {
-                return server;
-            }
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!("server exited early ({status}):\n{}", server.stderr());
-            }
-            assert!(Instant::now() < deadline, "not ready:\n{}", server.stderr());
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// A minimal HTTP/1.0 request: (status, body).
-    fn try_request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        token: Option<&str>,
-    ) -> std::io::Result<(u16, String)> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let body = body.unwrap_or("");
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        write!(
-            stream,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw)?;
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        Ok((status, body.to_owned()))
-    }
-
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        token: Option<&str>,
-    ) -> (u16, String) {
-        self.try_request(method, path, body, token)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-    }
-
-    /// Registers an executor and heartbeats it `beats` times; returns its id.
-    fn executor_with_heartbeats(&self, name: &str, beats: usize) -> String {
-        let body = format!(r#"{{"name":"{name}","address":"{name}:9000"}}"#);
-        let (status, body) = self.request("POST", "/api/v1/executors", Some(&body), None);
-        assert_eq!(status, 201, "{body}");
-        let body: Value = serde_json::from_str(&body).unwrap();
-        let (id, token) = (
-            body["id"].as_str().unwrap().to_owned(),
-            body["token"].as_str().unwrap().to_owned(),
+/// Registers an executor and heartbeats it `beats` times; returns its id.
+fn executor_with_heartbeats(server: &FlotillaServer, name: &str, beats: usize) -> String {
+    let body = json!({"name": name, "address": format!("{name}:9000")});
+    let answer = request(
+        server.port(),
+        "POST",
+        "/api/v1/executors",
+        None,
+        Some(&body),
+    );
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    let body = answer.json();
+    let (id, token) = (
+        body["id"].as_str().unwrap().to_owned(),
+        body["token"].as_str().unwrap().to_owned(),
+    );
+    for _ in 0..beats {
+        let answer = request(
+            server.port(),
+            "POST",
+            &format!("/api/v1/executors/{id}/heartbeat"),
+            Some(&token),
+            Some(&json!({})),
         );
-        for _ in 0..beats {
-            let (status, body) = self.request(
-                "POST",
-                &format!("/api/v1/executors/{id}/heartbeat"),
-                Some("{}"),
-                Some(&token),
-            );
-            assert_eq!(status, 200, "{body}");
-        }
-        id
+        assert_eq!(answer.status, 200, "{}", answer.body);
     }
-
-    fn scrape(&self) -> String {
-        let (status, body) = self.request("GET", "/metrics", None, None);
-        assert_eq!(status, 200, "{body}");
-        body
-    }
-
-    /// Sends `signal`, then waits for the exit status.
-    fn signal_and_wait(&mut self, signal: libc::c_int) -> ExitStatus {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit after signal {signal}:\n{}",
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
+    id
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn scrape(server: &FlotillaServer) -> String {
+    let answer = request(server.port(), "GET", "/metrics", None, None);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    answer.body
 }
 
 /// The value of the sample `name{labels}` whose labels include every `want` pair.
@@ -253,22 +152,24 @@ fn flotilla_names(text: &str) -> BTreeSet<String> {
 
 #[test]
 fn metrics_pass_promtool_and_label_requests_by_route_pattern() {
-    let server = Server::start(&[]);
+    let server = start(&[]);
     let ids: Vec<String> = ["alpha", "beta"]
         .iter()
-        .map(|name| server.executor_with_heartbeats(name, 3))
+        .map(|name| executor_with_heartbeats(&server, name, 3))
         .collect();
-    let (status, _) = server.request(
+    let status = request(
+        server.port(),
         "POST",
         "/api/v1/executors/nobody-00000000/heartbeat",
-        Some("{}"),
         Some("nope"),
-    );
+        Some(&json!({})),
+    )
+    .status;
     assert!(status >= 400, "{status}");
-    let (status, _) = server.request("GET", "/no/such/route/42", None, None);
+    let status = request(server.port(), "GET", "/no/such/route/42", None, None).status;
     assert_eq!(status, 404);
 
-    let scrape = server.scrape();
+    let scrape = scrape(&server);
     let output = promtool(&["check", "metrics"], Some(&scrape));
     assert!(
         output.status.success(),
@@ -386,9 +287,9 @@ fn alert_rules_pass_promtool_and_deploy_files_use_only_exported_metrics() {
         );
     }
 
-    let server = Server::start(&[]);
-    server.executor_with_heartbeats("gamma", 2);
-    let exported = sample_names(&server.scrape());
+    let server = start(&[]);
+    executor_with_heartbeats(&server, "gamma", 2);
+    let exported = sample_names(&scrape(&server));
 
     let alerts = std::fs::read_to_string(&alerts_path).unwrap();
     for (file, names) in [
@@ -406,13 +307,13 @@ fn alert_rules_pass_promtool_and_deploy_files_use_only_exported_metrics() {
 
 #[test]
 fn json_log_format_writes_json_lines_through_a_graceful_sigint_shutdown() {
-    let mut server = Server::start(&["--log-format", "json"]);
+    let mut server = start(&["--log-format", "json"]);
     // Not a quiet route, so it writes an access-log line.
-    let (status, _) = server.request("GET", "/api/v1/status", None, None);
+    let status = request(server.port(), "GET", "/api/v1/status", None, None).status;
     assert_eq!(status, 200);
     // SIGINT (Ctrl-C); tests/serve.rs covers SIGTERM.
-    let status = server.signal_and_wait(libc::SIGINT);
-    let stderr = server.stderr();
+    let status = server.stop(libc::SIGINT);
+    let stderr = server.log();
     assert_eq!(status.code(), Some(0), "{stderr}");
 
     let mut messages = Vec::new();

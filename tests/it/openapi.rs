@@ -7,106 +7,15 @@
 //! keywords the document uses and fails on any other, so it cannot pass by
 //! ignoring what it does not understand.
 
-use crate::harness;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use crate::harness::http::{request_bytes, try_request, Response};
 use crate::harness::server::{FlotillaServer, ServerOptions};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "openapi-admin-token";
-
-struct Answer {
-    status: u16,
-    content_type: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("{e}: {}", String::from_utf8_lossy(&self.body));
-        })
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One HTTP/1.1 request on its own connection (`Connection: close`).
-fn request(
-    port: u16,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> Answer {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    stream
-        .write_all(&harness::http::request_bytes(method, path, token, body))
-        .unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a head");
-    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    if chunked {
-        body = dechunk(&body);
-    }
-    let content_type = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
-    Answer {
-        status,
-        content_type,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let end = raw.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&raw[..end]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&raw[end + 2..end + 2 + size]);
-        raw = &raw[end + 4 + size..];
-    }
-}
 
 /// The document, and the checks of answers against it.
 struct Spec {
@@ -121,7 +30,7 @@ impl Spec {
 
     /// Checks `answer` to `method` on the documented `path`.
     #[track_caller]
-    fn check(&mut self, method: &str, path: &str, answer: &Answer) {
+    fn check(&mut self, method: &str, path: &str, answer: &Response) {
         let what = format!("{method} {path} -> {}", answer.status);
         let op = &self.doc["paths"][path][method.to_lowercase()];
         assert!(op.is_object(), "{what}: not documented");
@@ -129,7 +38,7 @@ impl Spec {
         assert!(
             response.is_object(),
             "{what}: status not documented; body {}",
-            String::from_utf8_lossy(&answer.body)
+            answer.body
         );
         for name in response["headers"]
             .as_object()
@@ -144,13 +53,15 @@ impl Spec {
             self.checked.push(what);
             return;
         };
-        let mime = answer.content_type.split(';').next().unwrap().trim();
+        let content_type = answer.header("content-type").unwrap_or_default();
+        let mime = content_type.split(';').next().unwrap().trim();
         let (_, media) = content
             .iter()
             .find(|(documented, _)| documented.split(';').next().unwrap().trim() == mime)
             .unwrap_or_else(|| panic!("{what}: content type {mime} not documented"));
         if mime == "application/json" {
-            let body = answer.json();
+            let body: Value = serde_json::from_str(&answer.body)
+                .unwrap_or_else(|e| panic!("{what}: {e}: {}", answer.body));
             let mut errors = Vec::new();
             self.validate(&media["schema"], &body, "$", &mut errors);
             assert!(errors.is_empty(), "{what}: {errors:#?}\nbody: {body:#}");
@@ -286,9 +197,17 @@ fn every_answer_of_a_walk_through_the_api_matches_the_document() {
         admin_token: Some(ADMIN.into()),
         ..ServerOptions::default()
     });
-    let port: u16 = server.url().rsplit(':').next().unwrap().parse().unwrap();
+    let port = server.port();
     let call = |method: &str, path: &str, token: Option<&str>, body: Option<Value>| {
-        request(port, method, path, token, body.as_ref())
+        try_request(
+            port,
+            method,
+            path,
+            token,
+            body.as_ref(),
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     };
 
     let answer = call("GET", "/api/v1/openapi.json", None, None);
@@ -477,12 +396,7 @@ fn every_answer_of_a_walk_through_the_api_matches_the_document() {
         ("DELETE", "/api/v1/changefeeds/walk", Some(ADMIN), None, 404),
     ] {
         let answer = call(method, path, token, body);
-        assert_eq!(
-            answer.status,
-            status,
-            "{method} {path}: {}",
-            String::from_utf8_lossy(&answer.body)
-        );
+        assert_eq!(answer.status, status, "{method} {path}: {}", answer.body);
         let documented = path.replace("/walk", "/{id}").replace("/absent", "/{id}");
         spec.check(method, &documented, &answer);
     }
@@ -499,7 +413,7 @@ fn every_answer_of_a_walk_through_the_api_matches_the_document() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     stream
-        .write_all(b"GET /api/v1/executors/watch HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .write_all(&request_bytes("GET", "/api/v1/executors/watch", None, None))
         .unwrap();
     let mut reader = BufReader::new(stream);
     let mut head = String::new();

@@ -3,13 +3,14 @@
 //! certificate. Certificates are made for the test with `openssl`; requests
 //! go through `curl`.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::ports::{free_port, free_port_array};
-use crate::harness::server::BIN;
+use crate::harness::ports::free_port_array;
+use crate::harness::server::{
+    die_with_test, Etcd, FlotillaServer, ServerConfig, ServerOptions, Startup,
+};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -105,13 +106,7 @@ fn spawn(command: &mut Command, log: PathBuf) -> Killed {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-            Ok(())
-        });
-    }
+    die_with_test(command);
     Killed(command.spawn().expect("spawn"))
 }
 
@@ -166,33 +161,35 @@ fn curl(dir: &Path, method: &str, url: &str, body: Option<&str>) -> Option<(u16,
     ))
 }
 
-fn serve(dir: &Path, etcd: &str, with_identity: bool, name: &str) -> (Killed, String) {
-    let port = free_port();
-    let data = dir.join(name);
-    std::fs::create_dir_all(&data).unwrap();
-    let mut command = Command::new(BIN);
-    command
-        .args(["serve", "--config", "/dev/null", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--etcd-endpoints", etcd, "--data-dir"])
-        .arg(&data)
-        .env("FLOTILLA_SERVER_SESSION_TTL", "2s")
-        .env("FLOTILLA_ETCD_REQUEST_TIMEOUT", "1s")
-        .env("FLOTILLA_ETCD_TLS_CA_FILE", dir.join("ca.pem"))
-        .env("FLOTILLA_HTTP_TLS_CERT_FILE", dir.join("server.pem"))
-        .env("FLOTILLA_HTTP_TLS_KEY_FILE", dir.join("server-key.pem"))
-        .env("FLOTILLA_HTTP_TLS_CA_FILE", dir.join("ca.pem"));
+/// A `flotilla serve` over HTTPS on `etcd`, presenting the client certificate
+/// to it when `with_identity`; not waited for (`/readyz` is plain HTTP).
+fn serve(dir: &Path, etcd: &str, with_identity: bool) -> (FlotillaServer, String) {
+    let file = |name: &str| dir.join(name).display().to_string();
+    let mut env = vec![
+        ("FLOTILLA_SERVER_SESSION_TTL", "2s".to_owned()),
+        ("FLOTILLA_ETCD_REQUEST_TIMEOUT", "1s".to_owned()),
+        ("FLOTILLA_ETCD_TLS_CA_FILE", file("ca.pem")),
+        ("FLOTILLA_HTTP_TLS_CERT_FILE", file("server.pem")),
+        ("FLOTILLA_HTTP_TLS_KEY_FILE", file("server-key.pem")),
+        ("FLOTILLA_HTTP_TLS_CA_FILE", file("ca.pem")),
+    ];
     if with_identity {
-        command
-            .env("FLOTILLA_ETCD_TLS_CERT_FILE", dir.join("client.pem"))
-            .env("FLOTILLA_ETCD_TLS_KEY_FILE", dir.join("client-key.pem"));
+        env.push(("FLOTILLA_ETCD_TLS_CERT_FILE", file("client.pem")));
+        env.push(("FLOTILLA_ETCD_TLS_KEY_FILE", file("client-key.pem")));
     }
-    let child = spawn(&mut command, dir.join(format!("{name}.log")));
-    (child, format!("https://127.0.0.1:{port}"))
-}
-
-fn log(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+    let options = ServerOptions {
+        env: env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        ..ServerOptions::default()
+    };
+    let startup = Startup {
+        etcd: Etcd::Endpoints(etcd.to_owned()),
+        config: ServerConfig::Defaults,
+        no_wait: true,
+        ..Startup::default()
+    };
+    let server = FlotillaServer::start_with(options, startup);
+    let url = format!("https://127.0.0.1:{}", server.port());
+    (server, url)
 }
 
 #[test]
@@ -201,15 +198,15 @@ fn https_server_talks_to_an_etcd_that_checks_client_certificates() {
     let dir = tmp.path();
     make_certificates(dir);
     let (_etcd, etcd_url) = etcd_with_mtls(dir);
-    let (_server, url) = serve(dir, &etcd_url, true, "good");
+    let (server, url) = serve(dir, &etcd_url, true);
 
     let deadline = Instant::now() + Duration::from_secs(30);
     while curl(dir, "GET", &format!("{url}/readyz"), None).map(|r| r.0) != Some(200) {
         assert!(
             Instant::now() < deadline,
             "not ready over HTTPS:\n{}\n{}",
-            log(dir, "good.log"),
-            log(dir, "etcd.log")
+            server.log(),
+            std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -228,7 +225,7 @@ fn https_server_talks_to_an_etcd_that_checks_client_certificates() {
     assert!(executor["token"].as_str().is_some());
 
     // A second server follows and forwards to the leader over HTTPS.
-    let (_follower, follower) = serve(dir, &etcd_url, true, "follower");
+    let (follower_server, follower) = serve(dir, &etcd_url, true);
     let deadline = Instant::now() + Duration::from_secs(30);
     let listed = loop {
         if let Some((200, list)) = curl(dir, "GET", &format!("{follower}/api/v1/executors"), None) {
@@ -237,7 +234,7 @@ fn https_server_talks_to_an_etcd_that_checks_client_certificates() {
         assert!(
             Instant::now() < deadline,
             "no forwarded answer:\n{}",
-            log(dir, "follower.log")
+            follower_server.log()
         );
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -267,17 +264,13 @@ fn https_server_talks_to_an_etcd_that_checks_client_certificates() {
 
     // Without a client certificate etcd refuses the connection: the server
     // says so, and never leads.
-    let (_refused, other) = serve(dir, &etcd_url, false, "no-identity");
+    let (refused, other) = serve(dir, &etcd_url, false);
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some((200, status)) = curl(dir, "GET", &format!("{other}/api/v1/status"), None) {
             break status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no status:\n{}",
-            log(dir, "no-identity.log")
-        );
+        assert!(Instant::now() < deadline, "no status:\n{}", refused.log());
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(status["etcd"]["healthy"], false, "{status}");

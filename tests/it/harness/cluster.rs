@@ -59,12 +59,14 @@ impl Ha {
             std::fs::create_dir_all(&data_dir).unwrap();
             let spec = ServerSpec {
                 port: free_port(),
-                etcd_endpoints: etcd.endpoints().join(","),
+                etcd_endpoints: Some(etcd.endpoints().join(",")),
                 log_path: data_dir.join("server.log"),
                 data_dir,
                 store_url: Some(store_url.clone()),
                 cluster_id: CLUSTER.into(),
                 admin_token_file: Some(token.clone()),
+                config_file: None,
+                args: Vec::new(),
                 env: [
                     ("FLOTILLA_SERVER_SESSION_TTL", "2s"),
                     ("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "500ms"),

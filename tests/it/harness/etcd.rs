@@ -14,8 +14,7 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -588,29 +587,11 @@ fn unique_token() -> String {
     )
 }
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// etcd's `/health` on the client port: true only when the member has a leader and
 /// a quorum read through raft succeeds.
 fn http_health(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&loopback(port), Duration::from_millis(200))
-    else {
-        return false;
-    };
-    let timeout = Some(Duration::from_secs(3));
-    if stream.set_read_timeout(timeout).is_err() || stream.set_write_timeout(timeout).is_err() {
-        return false;
-    }
-    if stream
-        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut response = String::new();
-    stream.read_to_string(&mut response).is_ok() && response.contains(r#""health":"true""#)
+    super::http::try_request(port, "GET", "/health", None, None, Duration::from_secs(3))
+        .is_ok_and(|r| r.body.contains(r#""health":"true""#))
 }
 
 /// One linearizable Get against a single endpoint, bounded in time.
