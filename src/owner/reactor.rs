@@ -13,15 +13,26 @@
 //! the etcd snapshot plus the live executors, so a restarted owner continues
 //! where the last one stopped. It does nothing before it has seen the first
 //! list of live executors: without it, every assignment would look dead.
+//!
+//! Progress lives in the leader's memory; etcd holds what a new leader needs.
+//! A changefeed's checkpoint (a lower bound: after a failover executors report
+//! their real positions again, and the checkpoint never goes backward) is
+//! persisted at most once per `checkpoint_interval` per changefeed, within a
+//! budget of `max_checkpoint_writes` keys per second for all of them, the
+//! least recently written first: the write rate stays bounded however many
+//! changefeeds there are. Every other change of the status (an epoch, a
+//! retry, a pending reason, an error, a finish) is written at once and
+//! carries the latest checkpoint with it. Task positions are not written
+//! (an error reaches the status and the info instead); old ones are deleted
+//! with their task.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
 use super::model::{
-    ChangefeedId, ChangefeedInfo, ChangefeedStatus, ExecutorRecord, FeedState, TaskPosition,
-    TaskStatus,
+    ChangefeedId, ChangefeedInfo, ChangefeedStatus, ExecutorRecord, FeedState, TaskStatus,
 };
 use super::state::{ChangefeedEntry, GlobalState};
 use crate::state::{reactor, DataPatch, PatchGroup, Reactor};
@@ -64,6 +75,10 @@ pub struct OwnerConfig {
     pub retry_backoff: Duration,
     /// This server's id, recorded in what the owner writes (`written_by`).
     pub server_id: String,
+    /// A changefeed's advanced checkpoint is written at most once per interval.
+    pub checkpoint_interval: Duration,
+    /// Checkpoint-only status writes per second, for all changefeeds together.
+    pub max_checkpoint_writes: u32,
 }
 
 impl Default for OwnerConfig {
@@ -72,7 +87,38 @@ impl Default for OwnerConfig {
             max_retries: 3,
             retry_backoff: Duration::from_secs(2),
             server_id: String::new(),
+            checkpoint_interval: Duration::from_secs(2),
+            max_checkpoint_writes: 500,
         }
+    }
+}
+
+/// The checkpoint write budget: a token bucket of `rate` writes per second
+/// holding at most one second's worth.
+#[derive(Debug)]
+struct CheckpointBudget {
+    rate: f64,
+    tokens: f64,
+    refilled_at: Option<u64>,
+}
+
+impl CheckpointBudget {
+    fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            tokens: 0.0,
+            refilled_at: None,
+        }
+    }
+
+    /// Up to `wanted` writes allowed at `now` (ms); they are spent.
+    fn take(&mut self, now: u64, wanted: usize) -> usize {
+        let elapsed = self.refilled_at.map_or(1000, |at| now.saturating_sub(at));
+        self.refilled_at = Some(now);
+        self.tokens = (self.tokens + self.rate * elapsed as f64 / 1000.0).min(self.rate);
+        let granted = (self.tokens.floor() as usize).min(wanted);
+        self.tokens -= granted as f64;
+        granted
     }
 }
 
@@ -84,6 +130,10 @@ pub struct OwnerReactor {
     /// no-op once committed) until the assignment it belongs to is gone, so
     /// a report is never lost to a txn conflict.
     progress: BTreeMap<(ChangefeedId, String), ProgressReport>,
+    /// When this leader last wrote each changefeed's status (ms); a
+    /// changefeed missing here was not written since this leader started.
+    status_written: HashMap<ChangefeedId, u64>,
+    budget: CheckpointBudget,
     config: OwnerConfig,
     now_ms: fn() -> u64,
 }
@@ -118,6 +168,8 @@ impl OwnerReactor {
             inputs,
             live: None,
             progress: BTreeMap::new(),
+            status_written: HashMap::new(),
+            budget: CheckpointBudget::new(config.max_checkpoint_writes),
             config,
             now_ms: unix_now_ms,
         }
@@ -214,6 +266,9 @@ struct Plan<'a> {
     group: PatchGroup,
     status: ChangefeedStatus,
     status_changed: bool,
+    /// The checkpoint moved forward this tick (written with any other status
+    /// change, else when the write budget lets it).
+    checkpoint_advanced: bool,
     /// The info to write: the changefeed failed or finished this tick.
     new_info: Option<ChangefeedInfo>,
     /// The changefeed's state is `normal`.
@@ -244,6 +299,7 @@ impl<'a> Plan<'a> {
             group: vec![DataPatch::guard(state.keys.info(cf))],
             status: entry.status.clone().unwrap_or_default(),
             status_changed: entry.status.is_none(),
+            checkpoint_advanced: false,
             new_info: None,
             running,
             assigned: current.clone(),
@@ -298,22 +354,40 @@ impl<'a> Plan<'a> {
         }
     }
 
-    /// The group: what was decided, then the new info and status; `None`
-    /// when nothing but the guard is in it.
-    fn into_group(mut self, state: &GlobalState, server_id: &str) -> Option<PatchGroup> {
+    /// The group: what was decided, then the new info and status (`None`
+    /// when nothing but the guard is in it), and whether the status is in it.
+    /// A status whose only change is an advanced checkpoint is left out and
+    /// comes back as [`Scheduled::checkpoint`].
+    fn into_scheduled(mut self, state: &GlobalState, server_id: &str) -> Scheduled {
         if let Some(info) = self.new_info {
             self.group
                 .push(DataPatch::put(state.keys.info(self.cf), json(&info)));
         }
+        let mut checkpoint = None;
         if self.status_changed {
             self.status.written_by = server_id.to_owned();
             self.group.push(DataPatch::put(
                 state.keys.status(self.cf),
                 json(&self.status),
             ));
+        } else if self.checkpoint_advanced {
+            checkpoint = Some(self.status);
         }
-        (self.group.len() > 1).then_some(self.group)
+        Scheduled {
+            group: (self.group.len() > 1).then_some(self.group),
+            wrote_status: self.status_changed,
+            checkpoint,
+        }
     }
+}
+
+/// One changefeed's outcome of a tick.
+struct Scheduled {
+    group: Option<PatchGroup>,
+    /// The status is written by `group`.
+    wrote_status: bool,
+    /// The status with an advanced checkpoint, waiting for the budget.
+    checkpoint: Option<ChangefeedStatus>,
 }
 
 /// Queues the deletes of `executor`'s task keys of `cf` that exist.
@@ -365,7 +439,7 @@ impl OwnerReactor {
         cf: &ChangefeedId,
         entry: &ChangefeedEntry,
         info: &ChangefeedInfo,
-    ) -> Option<PatchGroup> {
+    ) -> Scheduled {
         let mut plan = Plan::new(state, tick.live, cf, entry, info);
         plan.delete_stale_tasks(state);
         self.apply_progress(state, tick, &mut plan);
@@ -375,14 +449,21 @@ impl OwnerReactor {
         } else {
             plan.clear_pending_reason();
         }
-        plan.into_group(state, &self.config.server_id)
+        plan.into_scheduled(state, &self.config.server_id)
     }
 
-    /// The current executor's latest report at the current epoch: its
-    /// position, the checkpoint, and an error (unassign, retry or fail) or
-    /// the target reached (unassign, finish).
+    /// The latest report at the current epoch of the executor holding it:
+    /// the checkpoint, and (from a live executor) an error (unassign, retry
+    /// or fail) or the target reached (unassign, finish). The checkpoint of an
+    /// executor that just went offline still counts: it got that far, and
+    /// its successor starts from there.
     fn apply_progress(&self, state: &GlobalState, tick: &mut Tick, plan: &mut Plan) {
-        let Some(executor) = plan.current.clone() else {
+        let holder = match &plan.current {
+            Some(executor) => Some(executor.clone()),
+            None if plan.running => plan.entry.current_executor().map(str::to_owned),
+            None => None,
+        };
+        let Some(executor) = holder else {
             return;
         };
         let Some(report) = self.progress.get(&(plan.cf.clone(), executor.clone())) else {
@@ -391,22 +472,16 @@ impl OwnerReactor {
         if report.epoch != plan.status.epoch {
             return;
         }
-        let position = TaskPosition {
-            epoch: report.epoch,
-            checkpoint_ts: report.checkpoint_ts,
-            resolved_ts: report.resolved_ts,
-            error: report.error.clone(),
-        };
-        if plan.entry.positions.get(&executor) != Some(&position) {
-            plan.group.push(DataPatch::put(
-                state.keys.task_position(plan.cf, &executor),
-                json(&position),
-            ));
-        }
         if report.checkpoint_ts > plan.status.checkpoint_ts {
             plan.status.checkpoint_ts = report.checkpoint_ts;
-            plan.status.retries = 0;
-            plan.status_changed = true;
+            plan.checkpoint_advanced = true;
+            if plan.status.retries != 0 {
+                plan.status.retries = 0;
+                plan.status_changed = true;
+            }
+        }
+        if plan.current.is_none() {
+            return;
         }
         if let Some(error) = &report.error {
             self.unassign_after_error(state, tick, plan, &executor, error);
@@ -511,6 +586,36 @@ impl OwnerReactor {
         }
     }
 
+    /// The checkpoint-only writes the budget allows this tick, least recently
+    /// written first, each due (not written within `checkpoint_interval`).
+    fn checkpoint_groups(
+        &mut self,
+        state: &GlobalState,
+        now: u64,
+        mut waiting: Vec<(&ChangefeedId, ChangefeedStatus)>,
+    ) -> Vec<PatchGroup> {
+        let interval = self.config.checkpoint_interval.as_millis() as u64;
+        let written = &self.status_written;
+        let last = |cf: &ChangefeedId| written.get(cf).copied();
+        waiting.retain(|(cf, _)| last(cf).is_none_or(|at| now >= at.saturating_add(interval)));
+        let granted = self.budget.take(now, waiting.len());
+        if granted < waiting.len() {
+            // `None` (never written by this leader) sorts first.
+            waiting.select_nth_unstable_by_key(granted, |(cf, _)| last(cf));
+            waiting.truncate(granted);
+        }
+        let mut groups = Vec::with_capacity(waiting.len());
+        for (cf, mut status) in waiting {
+            status.written_by = self.config.server_id.clone();
+            groups.push(vec![
+                DataPatch::guard(state.keys.info(cf)),
+                DataPatch::put(state.keys.status(cf), json(&status)),
+            ]);
+            self.status_written.insert(cf.clone(), now);
+        }
+        groups
+    }
+
     /// Reports of assignments that no longer exist are dropped.
     fn forget_stale_progress(&mut self, state: &GlobalState) {
         self.progress.retain(|(cf, executor), report| {
@@ -519,6 +624,8 @@ impl OwnerReactor {
                     && e.tasks.contains_key(executor)
             })
         });
+        self.status_written
+            .retain(|cf, _| state.changefeeds.contains_key(cf));
     }
 }
 
@@ -542,6 +649,8 @@ impl Reactor for OwnerReactor {
         let mut tick = Tick::new(state, &live, now);
 
         let mut groups = Vec::new();
+        let mut wrote_status = Vec::new();
+        let mut waiting = Vec::new();
         for (cf, entry) in &state.changefeeds {
             if state.unreadable.contains(cf) {
                 // Reported by the worker when it was written; nothing is
@@ -550,9 +659,22 @@ impl Reactor for OwnerReactor {
             }
             match &entry.info {
                 None => groups.push(Self::remove_leftovers(state, cf, entry)),
-                Some(info) => groups.extend(self.schedule(state, &mut tick, cf, entry, info)),
+                Some(info) => {
+                    let scheduled = self.schedule(state, &mut tick, cf, entry, info);
+                    groups.extend(scheduled.group);
+                    if scheduled.wrote_status {
+                        wrote_status.push(cf);
+                    }
+                    if let Some(status) = scheduled.checkpoint {
+                        waiting.push((cf, status));
+                    }
+                }
             }
         }
+        for cf in wrote_status {
+            self.status_written.insert(cf.clone(), now);
+        }
+        groups.extend(self.checkpoint_groups(state, now, waiting));
         for group in groups {
             state.queue(group);
         }

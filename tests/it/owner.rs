@@ -56,6 +56,9 @@ fn owner_settings() -> OwnerSettings {
             max_retries: 3,
             retry_backoff: Duration::from_millis(100),
             server_id: "owner-test".into(),
+            // Every advanced checkpoint is persisted at the next tick here.
+            checkpoint_interval: Duration::ZERO,
+            ..OwnerConfig::default()
         },
         restart_backoff: Duration::from_millis(200),
     }

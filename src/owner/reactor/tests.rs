@@ -1,13 +1,23 @@
 //! `OwnerReactor` ticks on a `StateTester`, with a fixed clock.
 
 use super::*;
-use crate::owner::model::{ChangefeedInfo, Keys};
+use crate::owner::model::{ChangefeedInfo, Keys, TaskPosition};
 use crate::state::StateTester;
 
 const NOW: u64 = 1_800_000_000_000;
 
+thread_local! {
+    /// Each test's clock (tests run on threads of their own).
+    static CLOCK: std::cell::Cell<u64> = const { std::cell::Cell::new(NOW) };
+}
+
 fn now() -> u64 {
-    NOW
+    CLOCK.with(std::cell::Cell::get)
+}
+
+/// Moves this test's clock forward.
+fn advance(by: Duration) {
+    CLOCK.with(|c| c.set(c.get() + by.as_millis() as u64));
 }
 
 struct Harness {
@@ -19,14 +29,22 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with_config(OwnerConfig::default())
+    }
+
+    fn with_config(config: OwnerConfig) -> Self {
         let keys = Keys::new("/p");
         let (tx, rx) = mpsc::unbounded_channel();
         Self {
             tester: StateTester::new("/p/", GlobalState::new(keys.clone())),
-            owner: OwnerReactor::new(rx, OwnerConfig::default()).with_clock(now),
+            owner: OwnerReactor::new(rx, config).with_clock(now),
             inputs: tx,
             keys,
         }
+    }
+
+    fn checkpoint(&self, cf: &ChangefeedId) -> u64 {
+        self.entry(cf).status.as_ref().unwrap().checkpoint_ts
     }
 
     fn executors(&self, list: &[(&str, &[(&str, &str)])]) {
@@ -271,9 +289,21 @@ fn an_offline_executor_s_changefeeds_move_with_a_higher_epoch() {
     let cf = h.create("a", &[]);
     h.tick();
     let (first, epoch) = h.assignment(&cf).unwrap();
+    // Reported, not yet persisted (within the checkpoint interval) when the
+    // executor goes offline: the successor still starts from it.
+    let start = h.checkpoint(&cf);
+    assert!(start < 150);
     h.progress(&first, &cf, epoch, 150, None);
     h.tick();
-    assert!(h.entry(&cf).positions.contains_key(&first));
+    assert!(
+        !h.entry(&cf).positions.contains_key(&first),
+        "positions are not written"
+    );
+    assert_eq!(
+        h.checkpoint(&cf),
+        start,
+        "not persisted within the interval"
+    );
     h.offline(&first);
     h.tick();
     let (second, new_epoch) = h.assignment(&cf).unwrap();
@@ -306,6 +336,7 @@ fn the_checkpoint_never_goes_back_and_stale_epochs_are_ignored() {
     let other = if e == "e1" { "e2" } else { "e1" };
     for (checkpoint, expected) in [(200, 200), (180, 200), (200, 200), (250, 250)] {
         h.progress(&e, &cf, epoch, checkpoint, None);
+        advance(OwnerConfig::default().checkpoint_interval);
         h.tick();
         assert_eq!(
             h.entry(&cf).status.as_ref().unwrap().checkpoint_ts,
@@ -315,6 +346,7 @@ fn the_checkpoint_never_goes_back_and_stale_epochs_are_ignored() {
     // A zombie (another executor, or an old epoch) cannot move it.
     h.progress(other, &cf, epoch, 900, None);
     h.progress(&e, &cf, epoch - 1, 900, None);
+    advance(OwnerConfig::default().checkpoint_interval);
     h.tick();
     assert_eq!(h.entry(&cf).status.as_ref().unwrap().checkpoint_ts, 250);
     assert!(!h.entry(&cf).positions.contains_key(other));
@@ -501,4 +533,94 @@ fn a_restarted_owner_keeps_the_assignments_it_finds() {
     assert_eq!(h.tester.revision(), revision, "nothing moved");
     let after: Vec<_> = cfs.iter().map(|cf| h.assignment(cf)).collect();
     assert_eq!(before, after);
+}
+
+#[test]
+fn a_checkpoint_is_persisted_at_most_once_per_interval() {
+    let interval = Duration::from_secs(10);
+    let mut h = Harness::with_config(OwnerConfig {
+        checkpoint_interval: interval,
+        ..OwnerConfig::default()
+    });
+    h.executors(&[("e1", &[])]);
+    let cf = h.create("a", &[]);
+    h.tick(); // assigned: the status is written now
+    let (e, epoch) = h.assignment(&cf).unwrap();
+    let start = h.checkpoint(&cf);
+    let tick = Duration::from_millis(100);
+    let ticks = (interval.as_millis() / tick.as_millis()) as u64;
+    for n in 1..ticks {
+        h.progress(&e, &cf, epoch, start + n, None);
+        advance(tick);
+        h.tick();
+        assert_eq!(
+            h.checkpoint(&cf),
+            start,
+            "tick {n}: written within the interval"
+        );
+    }
+    h.progress(&e, &cf, epoch, start + ticks, None);
+    advance(tick);
+    h.tick();
+    assert_eq!(h.checkpoint(&cf), start + ticks, "due after the interval");
+    // Any other status change carries the latest checkpoint at once.
+    h.progress(&e, &cf, epoch, start + ticks + 5, Some("sink down"));
+    advance(tick);
+    h.tick();
+    let status = h.entry(&cf).status.clone().unwrap();
+    assert_eq!(
+        (status.checkpoint_ts, status.retries),
+        (start + ticks + 5, 1)
+    );
+}
+
+#[test]
+fn the_checkpoint_write_budget_holds_and_reaches_every_changefeed() {
+    const FEEDS: u64 = 100;
+    const RATE: u32 = 10;
+    let mut h = Harness::with_config(OwnerConfig {
+        checkpoint_interval: Duration::ZERO,
+        max_checkpoint_writes: RATE,
+        ..OwnerConfig::default()
+    });
+    h.executors(&[("e1", &[]), ("e2", &[])]);
+    let feeds: Vec<_> = (0..FEEDS)
+        .map(|i| h.create(&format!("f{i:03}"), &[]))
+        .collect();
+    h.tick();
+    let assigned: Vec<_> = feeds.iter().map(|cf| h.assignment(cf).unwrap()).collect();
+    let start: Vec<u64> = feeds.iter().map(|cf| h.checkpoint(cf)).collect();
+    // A flood: every changefeed advances at every tick (100 ms) for 20 s.
+    let tick = Duration::from_millis(100);
+    let mut written = 0;
+    for n in 1..=200u64 {
+        for ((cf, (e, epoch)), start) in feeds.iter().zip(&assigned).zip(&start) {
+            h.progress(e, cf, *epoch, start + n, None);
+        }
+        let before: Vec<u64> = feeds.iter().map(|cf| h.checkpoint(cf)).collect();
+        advance(tick);
+        h.tick();
+        let now_written = feeds
+            .iter()
+            .zip(&before)
+            .filter(|(cf, b)| h.checkpoint(cf) != **b)
+            .count();
+        written += now_written;
+        // One second's worth at most at once, then the rate.
+        assert!(
+            now_written <= RATE as usize,
+            "tick {n}: {now_written} writes"
+        );
+    }
+    // 20 s at 10/s, plus the first second's burst.
+    assert!(written <= 21 * RATE as usize, "{written} writes in 20 s");
+    assert!(
+        written >= 19 * RATE as usize,
+        "{written} writes in 20 s: budget unused"
+    );
+    // Least recently written first: every changefeed got its turn (200
+    // writes over 100 changefeeds: each at least once).
+    for (cf, start) in feeds.iter().zip(&start) {
+        assert!(h.checkpoint(cf) > *start, "{cf:?} never persisted");
+    }
 }
