@@ -3,6 +3,7 @@
 pub mod actors;
 pub mod client;
 pub mod config;
+pub mod data_dir;
 pub mod election;
 pub mod error_code;
 pub mod etcd_errors;

@@ -416,6 +416,7 @@ fn start_election(
             advertise_addr: info.advertise_addr.clone(),
             session_ttl: config.server.session_ttl,
             request_timeout: config.etcd.request_timeout,
+            identity: None,
         },
         leadership,
     )
