@@ -14,6 +14,16 @@
 //! where the last one stopped. It does nothing before it has seen the first
 //! list of live executors: without it, every assignment would look dead.
 //!
+//! Ticks are incremental: a tick visits the changefeeds an etcd update
+//! touched, those with new progress, those of an executor that went offline
+//! (from the state's per-executor index), those waiting for an executor when
+//! one comes online, and those whose retry backoff ended; every
+//! `full_pass_interval` (and on the first tick, and after the registry feed was
+//! re-subscribed) it visits all of them, as a safety net. An idle cluster's
+//! tick costs nothing per changefeed. The least loaded matching executor comes
+//! from an ordered (load, id) index built once per tick that assigns, so a
+//! mass move costs O(moves x log executors) plus one pass over the executors.
+//!
 //! Progress lives in the leader's memory; etcd holds what a new leader needs.
 //! A changefeed's checkpoint (a lower bound: after a failover executors report
 //! their real positions again, and the checkpoint never goes backward) is
@@ -26,7 +36,7 @@
 //! (an error reaches the status and the info instead); old ones are deleted
 //! with their task.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -79,6 +89,9 @@ pub struct OwnerConfig {
     pub checkpoint_interval: Duration,
     /// Checkpoint-only status writes per second, for all changefeeds together.
     pub max_checkpoint_writes: u32,
+    /// A tick visits every changefeed at least this often (else only those
+    /// something happened to).
+    pub full_pass_interval: Duration,
 }
 
 impl Default for OwnerConfig {
@@ -89,6 +102,7 @@ impl Default for OwnerConfig {
             server_id: String::new(),
             checkpoint_interval: Duration::from_secs(2),
             max_checkpoint_writes: 500,
+            full_pass_interval: Duration::from_secs(10),
         }
     }
 }
@@ -134,8 +148,28 @@ pub struct OwnerReactor {
     /// changefeed missing here was not written since this leader started.
     status_written: HashMap<ChangefeedId, u64>,
     budget: CheckpointBudget,
+    /// Changefeeds the next tick visits besides those the state touched.
+    dirty: BTreeSet<ChangefeedId>,
+    /// Changefeeds that found no executor: visited when one comes online.
+    waiting: BTreeSet<ChangefeedId>,
+    /// When changefeeds backing off after an error may be assigned again.
+    wakeups: BTreeSet<(u64, ChangefeedId)>,
+    /// When the last full pass ran; `None`: the next tick is one.
+    full_pass_at: Option<u64>,
+    /// The live executors changed: the mirror under `__meta__` is compared.
+    mirror_stale: bool,
+    last_tick: TickStats,
     config: OwnerConfig,
     now_ms: fn() -> u64,
+}
+
+/// What the last tick did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TickStats {
+    /// It visited every changefeed.
+    pub full: bool,
+    /// Changefeeds it visited.
+    pub visited: usize,
 }
 
 fn unix_now_ms() -> u64 {
@@ -170,6 +204,12 @@ impl OwnerReactor {
             progress: BTreeMap::new(),
             status_written: HashMap::new(),
             budget: CheckpointBudget::new(config.max_checkpoint_writes),
+            dirty: BTreeSet::new(),
+            waiting: BTreeSet::new(),
+            wakeups: BTreeSet::new(),
+            full_pass_at: None,
+            mirror_stale: true,
+            last_tick: TickStats::default(),
             config,
             now_ms: unix_now_ms,
         }
@@ -181,23 +221,35 @@ impl OwnerReactor {
         self
     }
 
-    fn drain_inputs(&mut self) {
+    /// What the last tick did.
+    pub fn last_tick(&self) -> TickStats {
+        self.last_tick
+    }
+
+    fn drain_inputs(&mut self, state: &GlobalState) {
         while let Ok(input) = self.inputs.try_recv() {
             match input {
                 OwnerInput::Executors(list) => {
                     self.live = Some(list.into_iter().map(|e| (e.id.clone(), e)).collect());
+                    self.full_pass_at = None;
+                    self.mirror_stale = true;
                 }
                 OwnerInput::Online(e) => {
                     if let Some(live) = &mut self.live {
                         live.insert(e.id.clone(), e);
+                        self.dirty.append(&mut self.waiting);
+                        self.mirror_stale = true;
                     }
                 }
                 OwnerInput::Offline(id) => {
                     if let Some(live) = &mut self.live {
                         live.remove(&id);
+                        self.dirty.extend(state.running_on(&id).cloned());
+                        self.mirror_stale = true;
                     }
                 }
                 OwnerInput::Progress { executor, report } => {
+                    self.dirty.insert(report.changefeed.clone());
                     let key = (report.changefeed.clone(), executor);
                     // Keep the furthest report; an older one arriving late
                     // must not win.
@@ -240,21 +292,65 @@ const MAX_STALE_TASKS_PER_TICK: usize = 32;
 /// What every changefeed's decision in one tick shares.
 struct Tick<'a> {
     live: &'a BTreeMap<String, LiveExecutor>,
-    /// Current valid assignments per live executor, for balancing; kept
-    /// current as the tick unassigns and assigns.
-    load: BTreeMap<String, usize>,
+    /// Built when the tick first needs it (an assignment or an unassignment).
+    load: Option<Load>,
     now: u64,
 }
 
 impl<'a> Tick<'a> {
-    fn new(state: &GlobalState, live: &'a BTreeMap<String, LiveExecutor>, now: u64) -> Self {
-        let mut load: BTreeMap<String, usize> = live.keys().map(|id| (id.clone(), 0)).collect();
-        for entry in state.changefeeds.values() {
-            if let Some(n) = entry.current_executor().and_then(|e| load.get_mut(e)) {
-                *n += 1;
-            }
+    fn new(live: &'a BTreeMap<String, LiveExecutor>, now: u64) -> Self {
+        Self {
+            live,
+            load: None,
+            now,
         }
-        Self { live, load, now }
+    }
+
+    fn load(&mut self, state: &GlobalState) -> &mut Load {
+        let live = self.live;
+        self.load.get_or_insert_with(|| Load::new(state, live))
+    }
+}
+
+/// Current assignments per live executor, ordered by (load, id); kept current
+/// as the tick unassigns and assigns.
+struct Load {
+    count: HashMap<String, usize>,
+    order: BTreeSet<(usize, String)>,
+}
+
+impl Load {
+    fn new(state: &GlobalState, live: &BTreeMap<String, LiveExecutor>) -> Self {
+        let count: HashMap<String, usize> = live
+            .keys()
+            .map(|id| (id.clone(), state.load_of(id)))
+            .collect();
+        let order = count.iter().map(|(id, n)| (*n, id.clone())).collect();
+        Self { count, order }
+    }
+
+    fn add(&mut self, executor: &str, delta: isize) {
+        let Some(n) = self.count.get_mut(executor) else {
+            return;
+        };
+        self.order.remove(&(*n, executor.to_owned()));
+        *n = n.saturating_add_signed(delta);
+        self.order.insert((*n, executor.to_owned()));
+    }
+
+    /// The least loaded live executor (ties by id) whose labels match.
+    fn least_loaded(
+        &self,
+        live: &BTreeMap<String, LiveExecutor>,
+        selector: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        self.order
+            .iter()
+            .find(|(_, id)| {
+                let labels = &live[id.as_str()].labels;
+                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .map(|(_, id)| id.clone())
     }
 }
 
@@ -375,15 +471,26 @@ impl<'a> Plan<'a> {
         }
         Scheduled {
             group: (self.group.len() > 1).then_some(self.group),
+            wait: Wait::Nothing,
             wrote_status: self.status_changed,
             checkpoint,
         }
     }
 }
 
+/// What a changefeed still waits for after a tick.
+enum Wait {
+    Nothing,
+    /// An executor that matches (none is live, or none matches).
+    Executor,
+    /// The end of its backoff after an error (ms).
+    Until(u64),
+}
+
 /// One changefeed's outcome of a tick.
 struct Scheduled {
     group: Option<PatchGroup>,
+    wait: Wait,
     /// The status is written by `group`.
     wrote_status: bool,
     /// The status with an advanced checkpoint, waiting for the budget.
@@ -443,13 +550,23 @@ impl OwnerReactor {
         let mut plan = Plan::new(state, tick.live, cf, entry, info);
         plan.delete_stale_tasks(state);
         self.apply_progress(state, tick, &mut plan);
+        let mut wait = Wait::Nothing;
         if plan.needs_executor() {
             let reason = self.assign(state, tick, &mut plan);
+            if reason.is_some() {
+                wait = if tick.now < plan.status.retry_after_ms {
+                    Wait::Until(plan.status.retry_after_ms)
+                } else {
+                    Wait::Executor
+                };
+            }
             plan.set_pending_reason(reason);
         } else {
             plan.clear_pending_reason();
         }
-        plan.into_scheduled(state, &self.config.server_id)
+        let mut scheduled = plan.into_scheduled(state, &self.config.server_id);
+        scheduled.wait = wait;
+        scheduled
     }
 
     /// The latest report at the current epoch of the executor holding it:
@@ -487,7 +604,7 @@ impl OwnerReactor {
             self.unassign_after_error(state, tick, plan, &executor, error);
         } else if plan.info.target_ts > 0 && plan.status.checkpoint_ts >= plan.info.target_ts {
             plan.delete_task(state, &executor);
-            *tick.load.get_mut(&executor).expect("live") -= 1;
+            tick.load(state).add(&executor, -1);
             plan.assigned = None;
             let mut finished = plan.info.clone();
             finished.state = FeedState::Finished;
@@ -507,7 +624,7 @@ impl OwnerReactor {
         error: &str,
     ) {
         plan.delete_task(state, executor);
-        *tick.load.get_mut(executor).expect("live") -= 1;
+        tick.load(state).add(executor, -1);
         plan.assigned = None;
         plan.status.retries = plan.status.retries.saturating_add(1);
         plan.status_changed = true;
@@ -541,18 +658,7 @@ impl OwnerReactor {
             ));
         }
         let live = tick.live;
-        let candidate = tick
-            .load
-            .iter()
-            .filter(|(id, _)| {
-                let labels = &live[id.as_str()].labels;
-                plan.info
-                    .selector
-                    .iter()
-                    .all(|(k, v)| labels.get(k) == Some(v))
-            })
-            .min_by(|a, b| a.1.cmp(b.1).then_with(|| a.0.cmp(b.0)))
-            .map(|(id, _)| id.clone());
+        let candidate = tick.load(state).least_loaded(live, &plan.info.selector);
         // A hand-written status can hold the last epoch: the
         // changefeed cannot be assigned again (reusing an epoch
         // would accept a stale executor's reports) until an
@@ -574,7 +680,7 @@ impl OwnerReactor {
                     state.keys.task_status(plan.cf, &executor),
                     json(&task),
                 ));
-                *tick.load.get_mut(&executor).expect("candidate is live") += 1;
+                tick.load(state).add(&executor, 1);
                 plan.status_changed = true;
                 None
             }
@@ -632,26 +738,59 @@ impl OwnerReactor {
 impl Reactor for OwnerReactor {
     type State = GlobalState;
 
-    /// One tick: the inputs, the executor mirror, then for every readable
-    /// changefeed one group (its leftovers removed when it was deleted, else
-    /// [`Self::schedule`]), then progress of assignments gone is forgotten.
+    /// One tick: the inputs, the executor mirror if the live set changed,
+    /// then for every changefeed to visit (all of them on a full pass) one
+    /// group: its leftovers removed when it was deleted, else
+    /// [`Self::schedule`]; then the checkpoints the budget allows.
     fn tick(&mut self, state: &mut GlobalState) -> Result<(), reactor::Error> {
         // Ticks come only at a consistent snapshot of etcd: from now on the
         // board may answer heartbeats.
         state.board().set_ready();
-        self.drain_inputs();
+        self.drain_inputs(state);
         // Taken for the tick (not cloned), put back at its end.
         let Some(live) = self.live.take() else {
             return Ok(());
         };
-        Self::mirror_executors(state, &live);
         let now = (self.now_ms)();
-        let mut tick = Tick::new(state, &live, now);
-
+        let interval = self.config.full_pass_interval.as_millis() as u64;
+        let full = self
+            .full_pass_at
+            .is_none_or(|at| now >= at.saturating_add(interval));
+        if full || self.mirror_stale {
+            Self::mirror_executors(state, &live);
+            self.mirror_stale = false;
+        }
+        let touched = state.take_touched();
+        let visit: BTreeSet<ChangefeedId> = if full {
+            self.full_pass_at = Some(now);
+            self.dirty.clear();
+            self.waiting.clear();
+            self.wakeups.clear();
+            state.changefeeds.keys().cloned().collect()
+        } else {
+            let mut visit = touched;
+            visit.append(&mut self.dirty);
+            while let Some(first) = self.wakeups.first() {
+                if first.0 > now {
+                    break;
+                }
+                let (_, cf) = self.wakeups.pop_first().expect("not empty");
+                visit.insert(cf);
+            }
+            visit
+        };
+        let mut tick = Tick::new(&live, now);
         let mut groups = Vec::new();
         let mut wrote_status = Vec::new();
         let mut waiting = Vec::new();
-        for (cf, entry) in &state.changefeeds {
+        let mut visited = 0;
+        for cf in &visit {
+            let Some(entry) = state.changefeeds.get(cf) else {
+                // Gone (every key deleted): nothing left to do.
+                self.waiting.remove(cf);
+                continue;
+            };
+            visited += 1;
             if state.unreadable.contains(cf) {
                 // Reported by the worker when it was written; nothing is
                 // decided on it until someone fixes or deletes it.
@@ -668,6 +807,18 @@ impl Reactor for OwnerReactor {
                     if let Some(status) = scheduled.checkpoint {
                         waiting.push((cf, status));
                     }
+                    match scheduled.wait {
+                        Wait::Nothing => {
+                            self.waiting.remove(cf);
+                        }
+                        Wait::Executor => {
+                            self.waiting.insert(cf.clone());
+                        }
+                        Wait::Until(at) => {
+                            self.waiting.remove(cf);
+                            self.wakeups.insert((at, cf.clone()));
+                        }
+                    }
                 }
             }
         }
@@ -678,8 +829,10 @@ impl Reactor for OwnerReactor {
         for group in groups {
             state.queue(group);
         }
-
-        self.forget_stale_progress(state);
+        if full {
+            self.forget_stale_progress(state);
+        }
+        self.last_tick = TickStats { full, visited };
         self.live = Some(live);
         Ok(())
     }

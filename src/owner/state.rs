@@ -5,7 +5,7 @@
 //! the key keeps its last good value here and no other changefeed is
 //! affected.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::state::{self as state, PatchGroup, ReactorState};
@@ -64,6 +64,12 @@ pub struct GlobalState {
     /// Each executor's work, kept current for the heartbeat path.
     board: Arc<WorkBoard>,
     patches: Vec<PatchGroup>,
+    /// Changefeeds changed since the last [`Self::take_touched`].
+    touched: BTreeSet<ChangefeedId>,
+    /// The changefeeds whose current assignment (the task at the status's
+    /// epoch) each executor holds, and the reverse.
+    running_on: HashMap<String, BTreeSet<ChangefeedId>>,
+    current_of: HashMap<ChangefeedId, String>,
 }
 
 impl GlobalState {
@@ -81,6 +87,51 @@ impl GlobalState {
             unreadable: BTreeSet::new(),
             board,
             patches: Vec::new(),
+            touched: BTreeSet::new(),
+            running_on: HashMap::new(),
+            current_of: HashMap::new(),
+        }
+    }
+
+    /// The changefeeds changed since the last call (by any key of theirs).
+    pub fn take_touched(&mut self) -> BTreeSet<ChangefeedId> {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// The changefeeds whose current assignment `executor` holds.
+    pub fn running_on(&self, executor: &str) -> impl Iterator<Item = &ChangefeedId> {
+        self.running_on.get(executor).into_iter().flatten()
+    }
+
+    /// How many current assignments `executor` holds.
+    pub fn load_of(&self, executor: &str) -> usize {
+        self.running_on.get(executor).map_or(0, BTreeSet::len)
+    }
+
+    /// Keeps [`Self::running_on`] true for `cf` after a change of it.
+    fn reindex(&mut self, cf: &ChangefeedId) {
+        let now = self
+            .changefeeds
+            .get(cf)
+            .and_then(ChangefeedEntry::current_executor);
+        if self.current_of.get(cf).map(String::as_str) == now {
+            return;
+        }
+        let now = now.map(str::to_owned);
+        if let Some(old) = self.current_of.remove(cf) {
+            if let Some(set) = self.running_on.get_mut(&old) {
+                set.remove(cf);
+                if set.is_empty() {
+                    self.running_on.remove(&old);
+                }
+            }
+        }
+        if let Some(executor) = now {
+            self.running_on
+                .entry(executor.clone())
+                .or_default()
+                .insert(cf.clone());
+            self.current_of.insert(cf.clone(), executor);
         }
     }
 
@@ -188,6 +239,9 @@ impl ReactorState for GlobalState {
         } else {
             self.board.refresh(changefeed, Some(entry), touched);
         }
+        let changefeed = changefeed.clone();
+        self.reindex(&changefeed);
+        self.touched.insert(changefeed);
         result
     }
 

@@ -414,6 +414,18 @@ fn an_error_waits_for_its_backoff_before_reassignment() {
     let status = h.entry(&cf).status.clone().unwrap();
     assert_eq!(status.retry_after_ms, NOW + 2_000);
     assert!(status.pending_reason.unwrap().contains("backing off"));
+    // Nothing else happens to it; its wake-up brings it back before the
+    // next full pass.
+    advance(Duration::from_millis(1_000));
+    h.tick();
+    assert_eq!(h.assignment(&cf), None);
+    advance(Duration::from_millis(1_000));
+    h.tick();
+    assert!(!h.owner.last_tick().full);
+    assert!(
+        h.assignment(&cf).is_some(),
+        "reassigned when the backoff ended"
+    );
 }
 
 #[test]
@@ -623,4 +635,111 @@ fn the_checkpoint_write_budget_holds_and_reaches_every_changefeed() {
     for (cf, start) in feeds.iter().zip(&start) {
         assert!(h.checkpoint(cf) > *start, "{cf:?} never persisted");
     }
+}
+
+#[test]
+fn an_incremental_tick_visits_only_what_something_happened_to() {
+    const FEEDS: usize = 1000;
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[]), ("e2", &[]), ("e3", &[]), ("e4", &[])]);
+    let feeds: Vec<_> = (0..FEEDS)
+        .map(|i| h.create(&format!("f{i:04}"), &[]))
+        .collect();
+    h.tick();
+    assert_eq!(
+        h.owner.last_tick(),
+        TickStats {
+            full: true,
+            visited: FEEDS
+        }
+    );
+    // The commit touched every changefeed once; then the cluster is idle.
+    h.tick();
+    assert_eq!(
+        h.owner.last_tick(),
+        TickStats {
+            full: false,
+            visited: FEEDS
+        }
+    );
+    h.tick();
+    assert_eq!(
+        h.owner.last_tick(),
+        TickStats {
+            full: false,
+            visited: 0
+        }
+    );
+
+    // Progress of three: three visited.
+    for cf in &feeds[..3] {
+        let (e, epoch) = h.assignment(cf).unwrap();
+        h.progress(&e, cf, epoch, 500, None);
+    }
+    h.tick();
+    assert_eq!(h.owner.last_tick().visited, 3);
+
+    // An executor goes offline: exactly its changefeeds are visited, and
+    // exactly they move.
+    let on_e2: Vec<_> = feeds
+        .iter()
+        .filter(|cf| h.assignment(cf).unwrap().0 == "e2")
+        .cloned()
+        .collect();
+    assert_eq!(on_e2.len(), FEEDS / 4);
+    let before: Vec<_> = feeds.iter().map(|cf| h.assignment(cf).unwrap()).collect();
+    h.offline("e2");
+    h.tick();
+    assert_eq!(
+        h.owner.last_tick(),
+        TickStats {
+            full: false,
+            visited: on_e2.len()
+        }
+    );
+    for (cf, (was, epoch)) in feeds.iter().zip(&before) {
+        let (now, new_epoch) = h.assignment(cf).unwrap();
+        if was == "e2" {
+            assert_ne!(now, "e2");
+            assert_eq!(new_epoch, epoch + 1);
+        } else {
+            assert_eq!((&now, new_epoch), (was, *epoch), "{cf:?} moved");
+        }
+    }
+    // Balanced over the three left: 333 or 334 each.
+    let mut load = BTreeMap::<String, usize>::new();
+    for cf in &feeds {
+        *load.entry(h.assignment(cf).unwrap().0).or_default() += 1;
+    }
+    assert!(load.values().all(|n| (333..=334).contains(n)), "{load:?}");
+
+    // The safety net: a full pass once the interval has passed.
+    h.tick();
+    advance(OwnerConfig::default().full_pass_interval);
+    h.tick();
+    assert_eq!(
+        h.owner.last_tick(),
+        TickStats {
+            full: true,
+            visited: FEEDS
+        }
+    );
+}
+
+#[test]
+fn a_changefeed_waiting_for_a_matching_executor_gets_the_one_that_comes_online() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[("zone", "a")])]);
+    let cf = h.create("b-only", &[("zone", "b")]);
+    h.tick();
+    assert_eq!(h.assignment(&cf), None);
+    h.tick();
+    h.tick();
+    assert_eq!(h.owner.last_tick().visited, 0, "idle while nothing changes");
+    h.inputs
+        .send(OwnerInput::Online(executor("e2", &[("zone", "b")])))
+        .unwrap();
+    h.tick();
+    assert!(!h.owner.last_tick().full);
+    assert_eq!(h.assignment(&cf).map(|a| a.0), Some("e2".to_owned()));
 }
