@@ -9,6 +9,7 @@ use std::future::Future;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::harness::cluster::{Ha, SERIAL, SESSION_TTL};
 use crate::harness::server::{FlotillaServer, ServerOptions, BIN};
 use flotilla::client::{
     simulate, Agent, AgentConfig, AgentHandle, AgentView, Changefeed, Client, CreateChangefeed,
@@ -438,5 +439,68 @@ async fn agent_stops_its_work_when_its_lease_lapses_and_takes_it_again_from_the_
     assert_eq!(back.lease_lapses, 1);
 
     workload.abort();
+    handle.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_longer_than_a_failover_keeps_the_work_running_through_it() {
+    let _serial = SERIAL.lock().await;
+    harness::init_tracing();
+    let mut ha = Ha::start("agent_failover").await;
+    let leader = ha.leader(Duration::from_secs(10)).await;
+    let follower = (leader + 1) % 3;
+    let admin = ha.client(follower);
+    create(&admin, "orders").await;
+    let mut config = AgentConfig::new("survivor", "127.0.0.1:9104");
+    // Lease 9 s; the cluster's session TTL is 2 s.
+    config.ttl = Some(Duration::from_secs(10));
+    config.min_backoff = Duration::from_millis(50);
+    config.max_backoff = Duration::from_millis(500);
+    let handle = Agent::spawn(Client::new(&ha.url(follower)).unwrap(), config);
+    let held = within("an assignment", Duration::from_secs(30), || {
+        let view = view_of(&handle);
+        (!view.assignments.is_empty()).then_some(view)
+    })
+    .await;
+
+    // Watch every change of the view from before the kill on.
+    let emptied = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut changes = handle.subscribe();
+    let watcher = tokio::spawn({
+        let emptied = emptied.clone();
+        async move {
+            while changes.changed().await.is_ok() {
+                if changes.borrow_and_update().assignments.is_empty() {
+                    emptied.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    let before = view_of(&handle).heartbeats;
+    let killed = Instant::now();
+    ha.kill(leader);
+    ha.leader(SESSION_TTL + Duration::from_secs(10)).await;
+    // The first heartbeat the new leader answers (through the follower).
+    within(
+        "a heartbeat answered after the failover",
+        Duration::from_secs(30),
+        || (view_of(&handle).heartbeats > before + 1).then_some(()),
+    )
+    .await;
+    let paused = killed.elapsed();
+    println!("heartbeats unanswered for about {paused:?} after the leader was killed");
+
+    let view = view_of(&handle);
+    assert_eq!(view.lease_lapses, 0, "the lease outlasted the failover");
+    assert_eq!(
+        view.assignments, held.assignments,
+        "the same work, never stopped"
+    );
+    assert_eq!(view.registrations, 1);
+    assert!(
+        !emptied.load(std::sync::atomic::Ordering::SeqCst),
+        "the assignments never went away"
+    );
+    watcher.abort();
     handle.stop().await.unwrap();
 }
