@@ -22,6 +22,9 @@
 //! assignment (its [`AgentView`] shows none, and it logs once, at warn, how many and
 //! why), keeps its registration, and takes work again only from a new answer. The loop
 //! wakes at the lease end even in a long backoff or while a request is in flight.
+//! While no leader answers (a failover: about the server's `session_ttl`) leases run
+//! down too: the server's default TTL (20 s, an 18 s lease) outlasts one, and a TTL
+//! asked for ([`AgentConfig::ttl`]) should too, or every failover stops all work.
 //!
 //! Every heartbeat carries the latest progress of each assignment (a resend is
 //! harmless: a checkpoint never goes backward), packed under the body limit the
@@ -36,7 +39,8 @@
 //! The embedding program sees the agent through an [`AgentHandle`]: a `watch` of
 //! [`AgentView`] (the executor id and the current assignments, replaced after every
 //! heartbeat), [`AgentHandle::report`] to queue progress for the next heartbeat, and
-//! [`AgentHandle::stop`], which deregisters. [`simulate`] is a fake workload on top.
+//! [`AgentHandle::stop`], which stops the assignments, then deregisters. [`simulate`]
+//! is a fake workload on top.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -124,8 +128,9 @@ fn next_attempt(
 pub struct AgentView {
     /// The executor id while registered.
     pub executor_id: Option<String>,
-    /// What this executor must run, as of the last answered heartbeat. A changefeed
-    /// that leaves this list must be stopped (paused, deleted or moved).
+    /// What this executor must run, as of the last answered heartbeat; empty once
+    /// the lease lapses. A changefeed that leaves this list must be stopped
+    /// (paused, deleted, moved, or no longer leased).
     pub assignments: Vec<Assignment>,
     /// Progress the server refused at the last heartbeat.
     pub rejected: Vec<Rejected>,
@@ -206,8 +211,9 @@ impl AgentHandle {
         self.task.is_finished()
     }
 
-    /// Deregisters (when registered) and waits for the task. An error: the task had
-    /// already ended with one, or the deregistration failed.
+    /// Stops the assignments (the view shows none), deregisters (when registered) and
+    /// waits for the task. An error: the task had already ended with one, or the
+    /// deregistration failed.
     pub async fn stop(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -430,6 +436,14 @@ impl Runner {
                 }
             };
         }
+        // The work stops before the server hears of it: once deregistered, the
+        // executor's changefeeds move to another at once.
+        self.view.send_if_modified(|v| {
+            let changed = !v.assignments.is_empty();
+            v.assignments.clear();
+            v.lease_until = None;
+            changed
+        });
         let Some(session) = session else {
             return Ok(());
         };
@@ -446,11 +460,7 @@ impl Runner {
             Err(e) if matches!(e.status(), Some(404 | 410)) => Ok(()),
             Err(e) => Err(e),
         };
-        self.view.send_modify(|v| {
-            v.executor_id = None;
-            v.assignments.clear();
-            v.lease_until = None;
-        });
+        self.view.send_modify(|v| v.executor_id = None);
         result
     }
 
