@@ -140,10 +140,10 @@ impl RegistryConfig {
             warnings.push(Warning {
                 key: "registry.default_ttl",
                 message: format!(
-                    "{} leaves executors a lease of {} (less the agent's margin), not more \
-                     than a leader failover (server.session_ttl {} + {FAILOVER_HEARTBEATS} \
-                     heartbeat intervals = {}): every failover will stop all work; raise it to \
-                     at least {}",
+                    "{} leaves executors a lease of {} (the TTL less the agent's default \
+                     margin), no longer than a leader failover (server.session_ttl {} + \
+                     {FAILOVER_HEARTBEATS} heartbeat intervals = {}): every failover will stop \
+                     all work; raise it to at least {}",
                     human(self.default_ttl),
                     human(lease),
                     human(session_ttl),
