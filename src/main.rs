@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use flotilla::config::{self, Config, LogFormat, Override};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -133,6 +133,9 @@ fn main() -> ExitCode {
     match &file {
         Some(path) => info!(file = %path.display(), "configuration loaded"),
         None => info!("no config file; using built-in defaults"),
+    }
+    for warning in config.warnings() {
+        warn!(key = warning.key, "{}", warning.message);
     }
 
     match actix_web::rt::System::new().block_on(serve(config)) {

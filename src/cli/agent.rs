@@ -14,7 +14,11 @@ use super::{parse_pair, ConnectArgs, Failure};
 pub const AFTER_HELP: &str = "\
 The agent registers, heartbeats on the server's interval (with jitter), registers again
 when the server has forgotten it (404/410), and backs off with jitter while the server
-cannot be reached. On SIGINT or SIGTERM it deregisters and exits.
+cannot be reached. It holds its assignments only while its lease is valid: the send time
+of its last acknowledged heartbeat + the TTL granted - the lease margin; when that passes
+without an answer it stops them all (logged at warn) and resumes from the next answer.
+The server expires it no earlier than a TTL after it received that heartbeat, so the
+agent has stopped before its work can move. On SIGINT or SIGTERM it deregisters and exits.
 
 Exit codes:
   0  stopped by a signal and deregistered
@@ -39,6 +43,11 @@ pub struct AgentArgs {
     /// TTL to ask for, such as 10s [default: the server's]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     ttl: Option<Duration>,
+    /// How long before its TTL runs out, counted from the send time of its last
+    /// acknowledged heartbeat, the agent stops every assignment [default: 10% of the
+    /// TTL, at least 500ms; at most half the TTL]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    lease_margin: Option<Duration>,
     /// Run a fake workload: each assigned changefeed's checkpoint advances with the
     /// wall clock and is reported in heartbeats
     #[arg(long)]
@@ -73,6 +82,7 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
     let config = AgentConfig {
         labels: args.labels.into_iter().collect(),
         ttl: args.ttl,
+        lease_margin: args.lease_margin,
         ..AgentConfig::new(args.name, args.address)
     };
     info!(

@@ -5,12 +5,26 @@
 //! - registered: the server's `heartbeat_interval_ms`, shortened by up to 20 % at
 //!   random so a fleet started together does not beat in lockstep;
 //! - after a failure (no answer, a timeout, a 5xx/503): a doubling backoff with jitter
-//!   (`Retry-After` respected), keeping the current assignments: the server may just be
-//!   restarting, and stopping work for that would be worse than running it a little
-//!   longer; if the executor expired meanwhile, the next heartbeat says 410;
+//!   (`Retry-After` respected), keeping the current assignments while the lease holds
+//!   (below), with one last try a heartbeat interval before it lapses;
 //! - after 404 (unknown), 410 (tombstone) or 401 (token no longer valid): the
 //!   assignments are dropped (the server moves them elsewhere) and the agent registers
 //!   again at once.
+//!
+//! The lease: the agent holds its assignments only until the *send* time of its last
+//! acknowledged (200) heartbeat plus the TTL that answer granted (`ttl_ms`), less a
+//! safety margin ([`AgentConfig::lease_margin`], by default [`lease_margin`]). The
+//! server expires an executor no earlier than TTL after the last heartbeat it
+//! *received*, which is later than it was sent, so the executor always stops first and
+//! no two executors run one changefeed at once, however long a partition lasts. The one
+//! assumption: both clocks run at nearly the same rate (they need not agree on the
+//! time); the margin covers the difference. When the lease lapses the agent stops every
+//! assignment (its [`AgentView`] shows none, and it logs once, at warn, how many and
+//! why), keeps its registration, and takes work again only from a new answer. The loop
+//! wakes at the lease end even in a long backoff or while a request is in flight.
+//! While no leader answers (a failover: about the server's `session_ttl`) leases run
+//! down too: the server's default TTL (20 s, an 18 s lease) outlasts one, and a TTL
+//! asked for ([`AgentConfig::ttl`]) should too, or every failover stops all work.
 //!
 //! Every heartbeat carries the latest progress of each assignment (a resend is
 //! harmless: a checkpoint never goes backward), packed under the body limit the
@@ -25,7 +39,8 @@
 //! The embedding program sees the agent through an [`AgentHandle`]: a `watch` of
 //! [`AgentView`] (the executor id and the current assignments, replaced after every
 //! heartbeat), [`AgentHandle::report`] to queue progress for the next heartbeat, and
-//! [`AgentHandle::stop`], which deregisters. [`simulate`] is a fake workload on top.
+//! [`AgentHandle::stop`], which stops the assignments, then deregisters. [`simulate`]
+//! is a fake workload on top.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -37,7 +52,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{
-    Assignment, Client, Error, HeartbeatRequest, Progress, RegisterRequest, Rejected, Result,
+    Assignment, Client, Error, HeartbeatRequest, HeartbeatResponse, Progress, RegisterRequest,
+    Rejected, Result,
 };
 
 /// Who the agent registers as, and how it retries.
@@ -51,6 +67,11 @@ pub struct AgentConfig {
     /// First delay after a failure; it doubles up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long before the server could expire this executor it stops its work: the
+    /// lease ends at a heartbeat's send time + the granted TTL - this margin. `None`:
+    /// [`lease_margin`]'s default (10 % of the TTL, at least 500 ms). Never more than
+    /// half the TTL.
+    pub lease_margin: Option<Duration>,
 }
 
 impl AgentConfig {
@@ -62,7 +83,42 @@ impl AgentConfig {
             ttl: None,
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
+            lease_margin: None,
         }
+    }
+}
+
+/// The smallest default lease margin: room for a stalled process and clock-rate drift
+/// even at a short TTL.
+pub const MIN_LEASE_MARGIN: Duration = Duration::from_millis(500);
+
+/// The safety margin taken off a granted `ttl`: `configured`, or by default
+/// max(10 % of the TTL, [`MIN_LEASE_MARGIN`]); never more than half the TTL, so a
+/// short TTL still leaves a lease.
+pub fn lease_margin(ttl: Duration, configured: Option<Duration>) -> Duration {
+    configured
+        .unwrap_or_else(|| (ttl / 10).max(MIN_LEASE_MARGIN))
+        .min(ttl / 2)
+}
+
+/// When the assignments of a heartbeat sent at `sent` and granted `ttl` must stop.
+fn lease_end(sent: Instant, ttl: Duration, configured: Option<Duration>) -> Instant {
+    sent + (ttl - lease_margin(ttl, configured))
+}
+
+/// When to try again after a failure: `backoff` from `now`, but once, a heartbeat
+/// `interval` before the lease ends, when the backoff would sleep past that (a long
+/// backoff must not turn a short outage into a lapse).
+fn next_attempt(
+    now: Instant,
+    backoff: Duration,
+    lease: Option<Instant>,
+    interval: Duration,
+) -> Instant {
+    let planned = now + backoff;
+    match lease.and_then(|end| end.checked_sub(interval)) {
+        Some(last_chance) if now < last_chance && last_chance < planned => last_chance,
+        _ => planned,
     }
 }
 
@@ -72,8 +128,9 @@ impl AgentConfig {
 pub struct AgentView {
     /// The executor id while registered.
     pub executor_id: Option<String>,
-    /// What this executor must run, as of the last answered heartbeat. A changefeed
-    /// that leaves this list must be stopped (paused, deleted or moved).
+    /// What this executor must run, as of the last answered heartbeat; empty once
+    /// the lease lapses. A changefeed that leaves this list must be stopped
+    /// (paused, deleted, moved, or no longer leased).
     pub assignments: Vec<Assignment>,
     /// Progress the server refused at the last heartbeat.
     pub rejected: Vec<Rejected>,
@@ -81,6 +138,12 @@ pub struct AgentView {
     pub registrations: u64,
     /// Heartbeats answered so far.
     pub heartbeats: u64,
+    /// When the current assignments must stop unless a later heartbeat is
+    /// acknowledged; `None`: no lease (unregistered, or lapsed).
+    pub lease_until: Option<Instant>,
+    /// Times the lease lapsed (no heartbeat acknowledged in time) and every
+    /// assignment was stopped for it.
+    pub lease_lapses: u64,
 }
 
 /// Starts agents.
@@ -148,8 +211,9 @@ impl AgentHandle {
         self.task.is_finished()
     }
 
-    /// Deregisters (when registered) and waits for the task. An error: the task had
-    /// already ended with one, or the deregistration failed.
+    /// Stops the assignments (the view shows none), deregisters (when registered) and
+    /// waits for the task. An error: the task had already ended with one, or the
+    /// deregistration failed.
     pub async fn stop(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -281,25 +345,53 @@ impl Runner {
     async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Result<()> {
         let mut session: Option<Session> = None;
         let mut failures: u32 = 0;
-        let mut delay = Duration::ZERO;
+        let mut next = Instant::now();
+        // The end of the lease on the current assignments; `None`: no lease.
+        let mut lease: Option<Instant> = None;
+        // The server's heartbeat interval (the registration's, then each answer's).
+        let mut interval = Duration::from_secs(1);
         loop {
             tokio::select! {
                 // A dropped handle stops the agent too.
                 _ = &mut stop => break,
-                _ = tokio::time::sleep(delay) => {}
+                () = tokio::time::sleep_until(next) => {}
+                () = until(lease) => {
+                    lapse(&self.view, &mut lease);
+                    continue;
+                }
             }
             let outcome = match &session {
-                None => self.register().await.map(|s| {
+                None => self.register().await.map(|(s, beat)| {
                     session = Some(s);
+                    interval = beat;
                     // Beat at once: the first heartbeat makes the executor `running`.
                     Duration::ZERO
                 }),
-                Some(s) => self.heartbeat(s).await,
+                Some(s) => {
+                    let (request, sent) = self.prepare();
+                    let answer = {
+                        let call = self.client.heartbeat(&s.id, &s.token, &request);
+                        let mut call = std::pin::pin!(call);
+                        // The lease may end while the request waits for its timeout.
+                        loop {
+                            tokio::select! {
+                                answer = &mut call => break answer,
+                                () = until(lease) => lapse(&self.view, &mut lease),
+                            }
+                        }
+                    };
+                    answer.map(|answer| {
+                        interval = Duration::from_millis(answer.heartbeat_interval_ms.max(1));
+                        self.take(answer, sent, &mut lease);
+                        interval.mul_f64(rand::rng().random_range(0.8..=1.0))
+                    })
+                }
             };
-            delay = match outcome {
-                Ok(next) => {
+            let now = Instant::now();
+            next = match outcome {
+                Ok(delay) => {
                     failures = 0;
-                    next
+                    now + delay
                 }
                 Err(e) if session.is_none() && e.is_client_error() => {
                     warn!(error = %e, "registration refused; the agent stops");
@@ -309,13 +401,15 @@ impl Runner {
                     let id = session.take().map(|s| s.id).unwrap_or_default();
                     warn!(id, error = %e, "executor no longer registered; registering again");
                     self.outbox.clear();
+                    lease = None;
                     self.view.send_modify(|v| {
                         v.executor_id = None;
                         v.assignments.clear();
                         v.rejected.clear();
+                        v.lease_until = None;
                     });
                     failures = 0;
-                    Duration::ZERO
+                    now
                 }
                 Err(e) if e.status() == Some(413) => {
                     // A server with a smaller limit than it announced (or than
@@ -326,16 +420,30 @@ impl Runner {
                         budget = self.budget,
                         "heartbeat too large; sending less progress"
                     );
-                    self.backoff(failures, &e)
+                    next_attempt(now, self.backoff(failures, &e), lease, interval)
                 }
                 Err(e) => {
                     failures += 1;
-                    let delay = self.backoff(failures, &e);
-                    warn!(error = %e, failures, retry_in = ?delay, "server request failed");
-                    delay
+                    let at = next_attempt(now, self.backoff(failures, &e), lease, interval);
+                    warn!(
+                        error = %e,
+                        failures,
+                        retry_in = ?at.saturating_duration_since(now),
+                        lease_left = ?lease.map(|end| end.saturating_duration_since(now)),
+                        "server request failed"
+                    );
+                    at
                 }
             };
         }
+        // The work stops before the server hears of it: once deregistered, the
+        // executor's changefeeds move to another at once.
+        self.view.send_if_modified(|v| {
+            let changed = !v.assignments.is_empty();
+            v.assignments.clear();
+            v.lease_until = None;
+            changed
+        });
         let Some(session) = session else {
             return Ok(());
         };
@@ -352,14 +460,13 @@ impl Runner {
             Err(e) if matches!(e.status(), Some(404 | 410)) => Ok(()),
             Err(e) => Err(e),
         };
-        self.view.send_modify(|v| {
-            v.executor_id = None;
-            v.assignments.clear();
-        });
+        self.view.send_modify(|v| v.executor_id = None);
         result
     }
 
-    async fn register(&mut self) -> Result<Session> {
+    /// Registers; the session and the server's heartbeat interval. No assignment
+    /// comes with a registration, so it grants no lease.
+    async fn register(&mut self) -> Result<(Session, Duration)> {
         let registration = self
             .client
             .register(&RegisterRequest {
@@ -375,14 +482,19 @@ impl Runner {
             v.executor_id = Some(id.clone());
             v.registrations += 1;
         });
-        Ok(Session {
+        let session = Session {
             id,
             token: registration.token,
-        })
+        };
+        Ok((
+            session,
+            Duration::from_millis(registration.heartbeat_interval_ms.max(1)),
+        ))
     }
 
-    /// One heartbeat; the delay until the next.
-    async fn heartbeat(&mut self, session: &Session) -> Result<Duration> {
+    /// The next heartbeat's body, and its send time (taken before the request: the
+    /// lease counts from it).
+    fn prepare(&mut self) -> (HeartbeatRequest, Instant) {
         while let Ok(report) = self.reports.try_recv() {
             self.outbox.report(report);
         }
@@ -390,10 +502,12 @@ impl Runner {
             ttl_ms: self.config.ttl.map(|ttl| ttl.as_millis() as u64),
             progress: self.outbox.pack(self.budget),
         };
-        let answer = self
-            .client
-            .heartbeat(&session.id, &session.token, &request)
-            .await?;
+        (request, Instant::now())
+    }
+
+    /// Takes an acknowledged heartbeat sent at `sent`: its assignments, under a new
+    /// lease. An answer that arrives after the lease it grants has ended grants nothing.
+    fn take(&mut self, answer: HeartbeatResponse, sent: Instant, lease: &mut Option<Instant>) {
         // Progress of work this executor no longer has at that epoch is stale.
         let current: HashMap<(&str, &str), u64> = answer
             .assignments
@@ -409,15 +523,29 @@ impl Runner {
                 "progress rejected"
             );
         }
+        let ttl = Duration::from_millis(answer.ttl_ms);
+        let end = lease_end(sent, ttl, self.config.lease_margin);
+        let now = Instant::now();
+        if end <= now {
+            warn!(
+                ttl = ?ttl,
+                answered_after = ?now - sent,
+                "heartbeat answered after the lease it grants had ended; no work taken"
+            );
+            lapse(&self.view, lease);
+            self.view.send_modify(|v| v.heartbeats += 1);
+            return;
+        }
+        *lease = Some(end);
         self.view.send_if_modified(|v| {
+            // A new lease alone is no change a subscriber must wake for.
             let changed = v.assignments != answer.assignments || v.rejected != answer.rejected;
             v.assignments = answer.assignments;
             v.rejected = answer.rejected;
             v.heartbeats += 1;
+            v.lease_until = Some(end);
             changed
         });
-        let interval = Duration::from_millis(answer.heartbeat_interval_ms.max(1));
-        Ok(interval.mul_f64(rand::rng().random_range(0.8..=1.0)))
     }
 
     fn backoff(&self, failures: u32, error: &Error) -> Duration {
@@ -428,6 +556,34 @@ impl Runner {
         let jitter = rand::rng().random_range(0.5..=1.0);
         backoff(&self.config, failures, retry_after, jitter)
     }
+}
+
+/// Waits for the end of `lease`; never, without one.
+async fn until(lease: Option<Instant>) {
+    match lease {
+        Some(end) => tokio::time::sleep_until(end).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The lease has ended: stops every assignment (once per lease).
+fn lapse(view: &watch::Sender<AgentView>, lease: &mut Option<Instant>) {
+    if lease.take().is_none() {
+        return;
+    }
+    let mut stopped = 0;
+    view.send_modify(|v| {
+        stopped = v.assignments.len();
+        v.assignments.clear();
+        v.rejected.clear();
+        v.lease_until = None;
+        v.lease_lapses += 1;
+    });
+    warn!(
+        stopped,
+        "lease lapsed: no heartbeat acknowledged within the TTL less the margin; stopped \
+         every assignment (the server may give them to another executor) until it answers again"
+    );
 }
 
 /// The delay after `failures` failures in a row: `min_backoff` doubling up to
@@ -572,6 +728,56 @@ mod tests {
         assert_eq!(budget_for(Some(1 << 20)), (1 << 20) - BODY_OVERHEAD);
         assert_eq!(budget_for(Some(10)), MIN_BUDGET);
         assert!(budget_for(Some(u64::MAX)) > 1 << 30);
+    }
+
+    #[test]
+    fn the_lease_ends_at_the_send_time_plus_the_ttl_less_the_margin() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // Default: 10 % of the TTL, at least 500 ms, at most half the TTL.
+        assert_eq!(lease_margin(s(20), None), s(2));
+        assert_eq!(lease_margin(s(3), None), ms(500));
+        assert_eq!(lease_margin(ms(600), None), ms(300));
+        assert_eq!(lease_margin(Duration::ZERO, None), Duration::ZERO);
+        // A configured margin, capped the same way.
+        assert_eq!(lease_margin(s(20), Some(s(5))), s(5));
+        assert_eq!(lease_margin(s(4), Some(s(5))), s(2));
+        let sent = Instant::now();
+        assert_eq!(lease_end(sent, s(20), None), sent + s(18));
+        assert_eq!(lease_end(sent, s(20), Some(ms(100))), sent + ms(19_900));
+        assert_eq!(
+            lease_end(sent, Duration::ZERO, None),
+            sent,
+            "no TTL, no lease"
+        );
+    }
+
+    #[test]
+    fn a_long_backoff_still_tries_once_before_the_lease_ends() {
+        let s = Duration::from_secs;
+        let now = Instant::now();
+        let interval = s(1);
+        // No lease, or one that outlasts the backoff: the backoff as planned.
+        assert_eq!(next_attempt(now, s(8), None, interval), now + s(8));
+        assert_eq!(
+            next_attempt(now, s(8), Some(now + s(30)), interval),
+            now + s(8)
+        );
+        // The backoff would sleep past the lease: one try an interval before it ends.
+        assert_eq!(
+            next_attempt(now, s(8), Some(now + s(5)), interval),
+            now + s(4)
+        );
+        // That try failed (or it is too late for one): the backoff again; the loop
+        // wakes at the lease end by itself to stop the work.
+        assert_eq!(
+            next_attempt(now + s(4), s(8), Some(now + s(5)), interval),
+            now + s(12)
+        );
+        assert_eq!(
+            next_attempt(now, s(8), Some(now + s(1)), interval),
+            now + s(8)
+        );
     }
 
     #[test]

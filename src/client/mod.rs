@@ -26,7 +26,10 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use agent::{simulate, Agent, AgentConfig, AgentHandle, AgentView, ProgressReporter};
+pub use agent::{
+    lease_margin, simulate, Agent, AgentConfig, AgentHandle, AgentView, ProgressReporter,
+    MIN_LEASE_MARGIN,
+};
 pub use types::*;
 
 /// Where a client connects when told nothing else.

@@ -180,6 +180,29 @@ impl Config {
     }
 }
 
+/// A valid setting an operator should know is risky; [`Config::warnings`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// `section.key`.
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+impl Config {
+    /// Valid settings that are likely a mistake (such as an executor TTL too short to
+    /// outlast a leader failover), for the caller to log once logging is set up:
+    /// [`Config::load`] runs before it.
+    pub fn warnings(&self) -> Vec<Warning> {
+        self.registry.warnings(self.server.session_ttl)
+    }
+}
+
 /// Builds the [`Error::Invalid`] for `key` with a message; the origin is filled in from
 /// the layer the key came from. Handed to each section's `validate`.
 type Invalid<'a> = &'a dyn Fn(&str, String) -> Error;

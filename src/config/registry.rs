@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_non_zero, human_duration, Invalid, Result};
+use super::{check_non_zero, human_duration, Invalid, Result, Warning};
 
 /// `[registry]`: executor liveness.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,6 +120,63 @@ impl RegistryConfig {
     }
 }
 
+/// Heartbeat intervals a lease must outlast beyond a failover: the first heartbeat
+/// through the new leader, a retry, and the new leader's start.
+const FAILOVER_HEARTBEATS: u32 = 3;
+
+impl RegistryConfig {
+    /// Settings that are valid but defeat the executor lease's purpose; logged at warn
+    /// once the log is set up. `session_ttl`: how long a failover can take.
+    pub(super) fn warnings(&self, session_ttl: Duration) -> Vec<Warning> {
+        let mut warnings = Vec::new();
+        // An agent's lease is the TTL less its margin (by default); while no leader
+        // answers, leases run out. One shorter than a failover stops all work at
+        // every failover.
+        let lease = self
+            .default_ttl
+            .saturating_sub(crate::client::lease_margin(self.default_ttl, None));
+        let failover = session_ttl + self.heartbeat_interval * FAILOVER_HEARTBEATS;
+        if lease <= failover {
+            warnings.push(Warning {
+                key: "registry.default_ttl",
+                message: format!(
+                    "{} leaves executors a lease of {} (the TTL less the agent's default \
+                     margin), no longer than a leader failover (server.session_ttl {} + \
+                     {FAILOVER_HEARTBEATS} heartbeat intervals = {}): every failover will stop \
+                     all work; raise it to at least {}",
+                    human(self.default_ttl),
+                    human(lease),
+                    human(session_ttl),
+                    human(failover),
+                    human(min_surviving_ttl(failover)),
+                ),
+            });
+        }
+        if self.failover_grace < self.max_ttl {
+            warnings.push(Warning {
+                key: "registry.failover_grace",
+                message: format!(
+                    "{} is shorter than registry.max_ttl ({}): after a failover the new \
+                     leader may expire an executor with a longer TTL while its lease still \
+                     holds, and two executors may run one changefeed for a while",
+                    human(self.failover_grace),
+                    human(self.max_ttl)
+                ),
+            });
+        }
+        warnings
+    }
+}
+
+/// The shortest TTL whose default lease is longer than `failover`.
+fn min_surviving_ttl(failover: Duration) -> Duration {
+    // lease = ttl - max(ttl / 10, 500 ms) > failover: ttl = failover * 10 / 9, rounded
+    // up to a whole second, is enough for any failover above 4.5 s; below, + 500 ms.
+    let by_share = (failover * 10 / 9).as_secs() + 1;
+    let by_floor = (failover + crate::client::MIN_LEASE_MARGIN).as_secs() + 1;
+    Duration::from_secs(by_share.max(by_floor))
+}
+
 fn human(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
@@ -153,12 +210,52 @@ mod tests {
 
     #[test]
     fn heartbeat_not_shorter_than_ttl_is_rejected() {
-        let msg = load_env(&[("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "5s")])
+        let msg = load_env(&[("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "20s")])
             .unwrap_err()
             .to_string();
         assert!(
-            msg.starts_with("registry.heartbeat_interval: 5s must be shorter"),
+            msg.starts_with("registry.heartbeat_interval: 20s must be shorter"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_defaults_survive_a_failover_without_warnings() {
+        let config = load_env(&[]).unwrap();
+        assert_eq!(config.warnings(), Vec::new());
+        // The lease (20 s - 2 s) outlasts the session TTL (10 s) + 3 heartbeats.
+        assert_eq!(
+            config.registry.default_ttl,
+            std::time::Duration::from_secs(20)
+        );
+    }
+
+    #[test]
+    fn a_ttl_too_short_for_a_failover_warns_but_loads() {
+        let config = load_env(&[("FLOTILLA_REGISTRY_DEFAULT_TTL", "5s")]).unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].key, "registry.default_ttl");
+        assert!(
+            warnings[0]
+                .message
+                .contains("every failover will stop all work; raise it to at least 15s"),
+            "{}",
+            warnings[0].message
+        );
+        // A shorter session TTL makes the same TTL safe.
+        let config = load_env(&[
+            ("FLOTILLA_REGISTRY_DEFAULT_TTL", "5s"),
+            ("FLOTILLA_SERVER_SESSION_TTL", "1s"),
+        ])
+        .unwrap();
+        assert_eq!(config.warnings(), Vec::new());
+    }
+
+    #[test]
+    fn a_grace_shorter_than_the_longest_ttl_warns() {
+        let config = load_env(&[("FLOTILLA_REGISTRY_FAILOVER_GRACE", "30s")]).unwrap();
+        let keys: Vec<_> = config.warnings().iter().map(|w| w.key).collect();
+        assert_eq!(keys, ["registry.failover_grace"]);
     }
 }

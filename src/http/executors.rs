@@ -231,7 +231,14 @@ const MAX_ERROR_LEN: usize = 4096;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct HeartbeatResponse {
+    /// The TTL granted: the server expires this executor no earlier than
+    /// `ttl_ms` after it received this heartbeat. The executor's lease: it
+    /// must stop all work at the time it *sent* this heartbeat + `ttl_ms` -
+    /// a safety margin (the agent's default: 10 % of it, at least 500 ms),
+    /// unless a later heartbeat was acknowledged by then. Count on a
+    /// monotonic clock; only the clocks' rates must agree.
     ttl_ms: u64,
+    /// When to send the next heartbeat.
     heartbeat_interval_ms: u64,
     /// The largest heartbeat body this server reads (413 above): pack the
     /// progress under it.
@@ -249,6 +256,14 @@ pub(super) struct HeartbeatResponse {
 /// run, as committed in etcd; one that leaves the list must be stopped. Progress
 /// for anything but a current assignment at its current epoch comes back in
 /// `rejected`.
+///
+/// The executor lease: an answer holds for its `ttl_ms` counted from when the
+/// executor sent the request, less a safety margin. An executor that gets no
+/// 200 by then (the server cannot be reached, answers 503, or is slow) must
+/// stop every assignment, since the server may have expired it and given
+/// them to another, and take work again only from a later 200. Keep the margin
+/// and `ttl_ms` above a leader failover (about the election's session TTL),
+/// or every failover stops all work.
 #[utoipa::path(
     post,
     path = "/api/v1/executors/{id}/heartbeat",
@@ -266,7 +281,7 @@ pub(super) struct HeartbeatResponse {
         (status = 410, description = "`tombstone_executor`: expired or deregistered; register again", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-        (status = 503, description = "`unavailable` or `no_leader`: keep the current work and retry", body = ErrorBody,
+        (status = 503, description = "`unavailable` or `no_leader`: keep the current work while its lease holds (send time of the last 200 + its `ttl_ms` - a margin), and retry", body = ErrorBody,
          headers(("Retry-After" = String))),
     ),
 )]

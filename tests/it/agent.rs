@@ -1,12 +1,15 @@
 //! `flotilla::client::Agent` and `flotilla agent --simulate` against a real server over
 //! a real etcd: registration, heartbeats, assignments, progress that moves the
-//! changefeed's checkpoint, re-registration, and a clean stop that deregisters.
+//! changefeed's checkpoint, re-registration, the executor lease (work kept through a
+//! short outage, stopped when the lease lapses, taken again from the next answer), and
+//! a clean stop that deregisters.
 
 use crate::harness;
 use std::future::Future;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::harness::cluster::{Ha, SERIAL, SESSION_TTL};
 use crate::harness::server::{FlotillaServer, ServerOptions, BIN};
 use flotilla::client::{
     simulate, Agent, AgentConfig, AgentHandle, AgentView, Changefeed, Client, CreateChangefeed,
@@ -310,8 +313,20 @@ async fn agent_subcommand_simulates_progress_and_deregisters_on_sigterm() {
     assert_eq!(client.get_executor(&id).await.unwrap().status, "tombstone");
 }
 
+/// Polls `probe` every 20 ms until it returns `Some`, for at most `limit`.
+async fn within<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_keeps_its_work_while_the_server_is_down_and_goes_on_after() {
+async fn agent_keeps_its_work_through_an_outage_shorter_than_its_lease_and_goes_on_after() {
     harness::init_tracing();
     let mut server = FlotillaServer::start(ServerOptions::default());
     let client = Client::new(&server.url()).unwrap();
@@ -319,6 +334,8 @@ async fn agent_keeps_its_work_while_the_server_is_down_and_goes_on_after() {
     let mut config = AgentConfig::new("steady", "127.0.0.1:9102");
     config.min_backoff = Duration::from_millis(50);
     config.max_backoff = Duration::from_millis(200);
+    // A lease (30 s - 3 s) far longer than the outage.
+    config.ttl = Some(Duration::from_secs(30));
     let handle = Agent::spawn(client.clone(), config);
     let workload = tokio::spawn(simulate(
         handle.subscribe(),
@@ -342,9 +359,9 @@ async fn agent_keeps_its_work_while_the_server_is_down_and_goes_on_after() {
     );
     assert_eq!(still_down.executor_id.as_deref(), Some(id.as_str()));
     assert_eq!(
-        still_down.assignments.len(),
-        1,
-        "an unreachable server is no reason to stop work"
+        (still_down.assignments.len(), still_down.lease_lapses),
+        (1, 0),
+        "an outage shorter than the lease is no reason to stop work"
     );
 
     // The restarted server reloads the executor (with a grace TTL): same id, no new
@@ -355,5 +372,135 @@ async fn agent_keeps_its_work_while_the_server_is_down_and_goes_on_after() {
     assert_eq!(view_of(&handle).registrations, 1);
 
     workload.abort();
+    handle.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_stops_its_work_when_its_lease_lapses_and_takes_it_again_from_the_server() {
+    harness::init_tracing();
+    let mut server = FlotillaServer::start(ServerOptions::default());
+    let client = Client::new(&server.url()).unwrap();
+    create(&client, "orders").await;
+    let ttl = Duration::from_secs(3);
+    let mut config = AgentConfig::new("leased", "127.0.0.1:9103");
+    config.ttl = Some(ttl);
+    // A backoff longer than the TTL: the lease end must wake the agent anyway.
+    config.min_backoff = Duration::from_secs(5);
+    config.max_backoff = Duration::from_secs(10);
+    let handle = Agent::spawn(client.clone(), config);
+    let workload = tokio::spawn(simulate(
+        handle.subscribe(),
+        handle.reporter(),
+        Duration::from_millis(50),
+    ));
+    let id = eventually("registered", &server, || async {
+        view_of(&handle).executor_id
+    })
+    .await;
+    advances_on(&server, &client, "orders", &id, START_TS).await;
+    let held = view_of(&handle);
+    assert_eq!(held.assignments.len(), 1);
+    assert!(held.lease_until.is_some(), "a lease while working");
+
+    server.kill();
+    // The lease ends TTL - margin after the last acknowledged heartbeat was sent
+    // (before the kill): by TTL + one interval (200 ms) at the latest; the deadline
+    // adds slack for a loaded machine only.
+    let interval = Duration::from_millis(200);
+    let stopped = within(
+        "the assignments stop when the lease lapses",
+        ttl + interval + Duration::from_secs(5),
+        || {
+            let view = view_of(&handle);
+            view.assignments.is_empty().then_some(view)
+        },
+    )
+    .await;
+    assert_eq!(stopped.lease_lapses, 1, "reported as a lapse: {stopped:?}");
+    assert_eq!(stopped.lease_until, None);
+    assert_eq!(
+        stopped.executor_id.as_deref(),
+        Some(id.as_str()),
+        "still registered"
+    );
+
+    // The server comes back: its next answer, and only that, gives the work back
+    // (under the same id, or a new one if the backoff outlasted the reloaded
+    // executor's grace: either way the server's word).
+    server.restart();
+    let back = within("the assignment comes back", Duration::from_secs(40), || {
+        let view = view_of(&handle);
+        (!view.assignments.is_empty()).then_some(view)
+    })
+    .await;
+    assert!(back.lease_until.is_some());
+    assert!(back.heartbeats > stopped.heartbeats);
+    assert!(back.executor_id.is_some());
+    assert_eq!(back.lease_lapses, 1);
+
+    workload.abort();
+    handle.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_longer_than_a_failover_keeps_the_work_running_through_it() {
+    let _serial = SERIAL.lock().await;
+    harness::init_tracing();
+    let mut ha = Ha::start("agent_failover").await;
+    let leader = ha.leader(Duration::from_secs(10)).await;
+    let follower = (leader + 1) % 3;
+    let admin = ha.client(follower);
+    create(&admin, "orders").await;
+    let mut config = AgentConfig::new("survivor", "127.0.0.1:9104");
+    // Lease 9 s; the cluster's session TTL is 2 s.
+    config.ttl = Some(Duration::from_secs(10));
+    config.min_backoff = Duration::from_millis(50);
+    config.max_backoff = Duration::from_millis(500);
+    let handle = Agent::spawn(Client::new(&ha.url(follower)).unwrap(), config);
+    let held = within("an assignment", Duration::from_secs(30), || {
+        let view = view_of(&handle);
+        (!view.assignments.is_empty()).then_some(view)
+    })
+    .await;
+
+    // Watch every change of the view from before the kill on.
+    let emptied = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut changes = handle.subscribe();
+    let watcher = tokio::spawn({
+        let emptied = emptied.clone();
+        async move {
+            while changes.changed().await.is_ok() {
+                if changes.borrow_and_update().assignments.is_empty() {
+                    emptied.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    let before = view_of(&handle).heartbeats;
+    let killed = Instant::now();
+    ha.kill(leader);
+    ha.leader(SESSION_TTL + Duration::from_secs(10)).await;
+    // The first heartbeat the new leader answers (through the follower).
+    within(
+        "a heartbeat answered after the failover",
+        Duration::from_secs(30),
+        || (view_of(&handle).heartbeats > before + 1).then_some(()),
+    )
+    .await;
+    let paused = killed.elapsed();
+    println!("heartbeats unanswered for about {paused:?} after the leader was killed");
+
+    let view = view_of(&handle);
+    assert_eq!(view.lease_lapses, 0, "the lease outlasted the failover");
+    assert_eq!(
+        view.assignments, held.assignments,
+        "the same work, never stopped"
+    );
+    assert_eq!(view.registrations, 1);
+    assert!(
+        !emptied.load(std::sync::atomic::Ordering::SeqCst),
+        "the assignments never went away"
+    );
+    watcher.abort();
     handle.stop().await.unwrap();
 }

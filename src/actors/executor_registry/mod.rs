@@ -62,7 +62,8 @@ pub struct RegistryConfig {
     /// How often overdue executors are looked for.
     pub keepalive_interval: Duration,
     /// After a start (or a failover), how long every executor loaded from SQL
-    /// may stay silent before it can expire.
+    /// may stay silent before it can expire. At least `max_ttl` keeps the lease
+    /// rule through a failover (the new leader does not know the TTLs granted).
     pub failover_grace: Duration,
     /// Fraction of overdue executors above which expiry is throttled.
     pub mass_expiry_fraction: f64,
@@ -84,11 +85,17 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
             heartbeat_interval: Duration::from_secs(1),
-            default_ttl: Duration::from_secs(5),
+            // Long enough that an executor's lease (TTL less its margin: 18 s with
+            // the agent's default) outlasts a leader failover (about
+            // `server.session_ttl`, 10 s) plus a few heartbeats: a failover stops no
+            // work. The price: a dead executor's work moves after 20 s.
+            default_ttl: Duration::from_secs(20),
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(60),
             keepalive_interval: Duration::from_millis(500),
-            failover_grace: Duration::from_secs(15),
+            // At least `max_ttl`: a new leader knows no executor's TTL, and must not
+            // expire one whose lease, granted by the old leader, still holds.
+            failover_grace: Duration::from_secs(60),
             mass_expiry_fraction: 0.55,
             mass_expiry_rate: 1.0,
             tombstone_retention: Duration::from_secs(600),
