@@ -111,6 +111,7 @@ impl Layers {
             etcd: self.section("etcd")?,
             store: self.section("store")?,
             registry: self.section("registry")?,
+            owner: self.section("owner")?,
             log: self.section("log")?,
         };
         if let Some(section) = self.table.keys().next() {

@@ -17,6 +17,7 @@ mod http;
 mod human_duration;
 mod layers;
 mod log;
+mod owner;
 mod registry;
 mod server;
 mod store;
@@ -26,6 +27,7 @@ mod tests;
 pub use etcd::EtcdConfig;
 pub use http::HttpConfig;
 pub use log::{LogConfig, LogFormat};
+pub use owner::OwnerConfig;
 pub use registry::RegistryConfig;
 pub use server::ServerConfig;
 pub use store::StoreConfig;
@@ -40,7 +42,9 @@ pub const DEFAULT_FILE: &str = "config.toml";
 pub const ENV_PREFIX: &str = "FLOTILLA_";
 
 /// Section names, in the order they appear in `config.toml`.
-pub const SECTIONS: [&str; 6] = ["server", "http", "etcd", "store", "registry", "log"];
+pub const SECTIONS: [&str; 7] = [
+    "server", "http", "etcd", "store", "registry", "owner", "log",
+];
 
 /// Errors found while loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +117,7 @@ pub struct Config {
     pub etcd: EtcdConfig,
     pub store: StoreConfig,
     pub registry: RegistryConfig,
+    pub owner: OwnerConfig,
     pub log: LogConfig,
 }
 
@@ -176,6 +181,7 @@ impl Config {
         self.etcd.validate(&self.server.cluster_id, &invalid)?;
         self.store.validate(&self.server.data_dir, &invalid)?;
         self.registry.validate(&invalid)?;
+        self.owner.validate(&invalid)?;
         self.log.validate(&invalid)
     }
 }
