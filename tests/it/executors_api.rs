@@ -44,6 +44,16 @@ async fn state_with_limits(
     config: RegistryConfig,
     register_limit: RegisterLimiter,
 ) -> (web::Data<AppState>, Addr<ExecutorRegistry>) {
+    let (state, registry) = registry_state(store, config, register_limit).await;
+    (web::Data::new(state), registry)
+}
+
+/// A server running a loaded registry on `store`, without owner or etcd.
+async fn registry_state(
+    store: Store,
+    config: RegistryConfig,
+    register_limit: RegisterLimiter,
+) -> (AppState, Addr<ExecutorRegistry>) {
     let handle = ExecutorRegistry::new(config, store).start_with_table();
     let registry = handle.addr.clone();
     for _ in 0..500 {
@@ -59,27 +69,22 @@ async fn state_with_limits(
     )
     .await
     .expect("connecting is lazy");
-    let state = web::Data::new(AppState {
-        info: ServerInfo {
-            id: "test".into(),
-            version: "0",
-            cluster_id: "c".into(),
-            advertise_addr: "127.0.0.1:0".into(),
-            etcd_endpoints: vec![],
-        },
-        etcd: EtcdProbe::new(client, Duration::from_millis(100)),
-        roles: RoleSlot::fixed(Roles {
+    let info = ServerInfo {
+        id: "test".into(),
+        version: "0",
+        cluster_id: "c".into(),
+        advertise_addr: "127.0.0.1:0".into(),
+        etcd_endpoints: vec![],
+    };
+    let state = AppState::new(info, EtcdProbe::new(client, Duration::from_millis(100)))
+        .with_roles(RoleSlot::fixed(Roles {
             registry: handle,
             owner: None,
-        }),
-        election: None,
-        changefeeds: None,
-        admin_token: Some(ADMIN.into()),
-        max_body_bytes: MAX_BODY,
-        max_heartbeat_bytes: MAX_HEARTBEAT,
-        register_limit,
-        peer_tls: None,
-    });
+        }))
+        .with_admin_token(Some(ADMIN.into()))
+        .with_max_body_bytes(MAX_BODY)
+        .with_max_heartbeat_bytes(MAX_HEARTBEAT)
+        .with_register_limit(register_limit);
     (state, registry)
 }
 
@@ -603,21 +608,9 @@ async fn read_frame(reader: &mut BufReader<tokio::net::TcpStream>) -> (String, V
 async fn the_watch_feed_is_readable_by_a_real_http_client() {
     harness::init_tracing();
     let dir = TempDir::new().unwrap();
-    let (state, _) = state_with(sqlite(&dir).await).await;
+    let (state, _) = registry_state(sqlite(&dir).await, config(), RegisterLimiter::default()).await;
     let listener = http::listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let state = AppState {
-        info: state.info.clone(),
-        etcd: state.etcd.clone(),
-        roles: state.roles.clone(),
-        election: None,
-        changefeeds: None,
-        admin_token: state.admin_token.clone(),
-        max_body_bytes: MAX_BODY,
-        max_heartbeat_bytes: MAX_HEARTBEAT,
-        register_limit: Default::default(),
-        peer_tls: None,
-    };
     let server = http::serve(listener, &flotilla::config::HttpConfig::default(), state).unwrap();
     let handle = server.handle();
     actix_rt::spawn(server);
