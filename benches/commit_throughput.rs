@@ -34,11 +34,15 @@
 //! (`cargo bench --bench commit_throughput -- --test`) it runs one 512-key
 //! round as a smoke test.
 
-// The integration tests' etcd launcher, shared as it is (`etcd` imports
-// `super::ports`); most of its API is for the tests.
+// The integration tests' etcd launcher, shared as it is, with the harness
+// modules it uses (`super::ports`, `super::http`); most of their API is for
+// the tests.
 #[allow(dead_code)]
 #[path = "../tests/it/harness/etcd.rs"]
 mod etcd;
+#[allow(dead_code)]
+#[path = "../tests/it/harness/http.rs"]
+mod http;
 #[allow(dead_code)]
 #[path = "../tests/it/harness/ports.rs"]
 mod ports;
