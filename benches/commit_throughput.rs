@@ -3,9 +3,12 @@
 //!
 //! Method: a plain `main` (no criterion: the worker needs an actix System and
 //! one run commits thousands of keys); wall time with `Instant`, CPU time from
-//! `/proc/<pid>/task/*/schedstat`. It spawns `/usr/bin/etcd` (or
-//! `$FLOTILLA_TEST_ETCD`) on free loopback ports with a temp data dir, then,
-//! for each round, on a fresh prefix each time:
+//! `/proc/<pid>/task/*/schedstat`. It starts a one-member etcd with the
+//! integration tests' launcher (`tests/it/harness/etcd.rs`: `/usr/bin/etcd` or
+//! `$FLOTILLA_TEST_ETCD`, free loopback ports, a temp data dir, etcd's default
+//! 2 GiB quota: enough for the default runs, which write ~700,000 keys of
+//! ~200 B and compact nothing), then, for each round, on a fresh prefix each
+//! time:
 //! 1. `raw`: one etcd client commits N keys (~200-byte values) sequentially in
 //!    txns of 128 puts, each txn with 128 `mod_revision == 0` compares and a
 //!    128-get failure branch: the shape of the worker's txns.
@@ -27,177 +30,40 @@
 //! keys, 7 rounds); `FLOTILLA_BENCH_KEYS` and `FLOTILLA_BENCH_ROUNDS`
 //! override, `FLOTILLA_BENCH_MODES=worker/all,raw` runs only those modes (to
 //! profile one side), `RUST_LOG` sets the log filter (default `warn`). Under
-//! `cargo test` (no `--bench` argument) it runs one 512-key round as a smoke
-//! test.
+//! `cargo test` (no `--bench` argument) or with `--test`
+//! (`cargo bench --bench commit_throughput -- --test`) it runs one 512-key
+//! round as a smoke test.
+
+// The integration tests' etcd launcher, shared as it is, with the harness
+// modules it uses (`super::ports`, `super::http`); most of their API is for
+// the tests.
+#[allow(dead_code)]
+#[path = "../tests/it/harness/etcd.rs"]
+mod etcd;
+#[allow(dead_code)]
+#[path = "../tests/it/harness/http.rs"]
+mod http;
+#[allow(dead_code)]
+#[path = "../tests/it/harness/ports.rs"]
+mod ports;
 
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::ffi::OsString;
-use std::fs::File;
-use std::io::{self, Read, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
 use flotilla::actors::{self, WorkerConfig};
 use flotilla::metrics;
 use flotilla::state::{
     self as state, plan_commit, reactor, DataPatch, PatchGroup, RawState, Reactor, ReactorState,
     TxnLimits,
 };
-use tempfile::TempDir;
 
 const VALUE_BYTES: usize = 200;
 const KEYS_PER_TXN: usize = 128;
 const WORKER_BATCH: usize = 2_000;
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A single-member etcd in a temp dir, SIGKILLed on drop (and by the kernel
-/// if this process dies first).
-struct Etcd {
-    process: Child,
-    endpoint: String,
-    log: std::path::PathBuf,
-    // Removed after `drop` has killed the process writing into it.
-    _dir: TempDir,
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        // A lost race for a free port makes etcd exit; try again on new ports.
-        for _ in 0..5 {
-            let dir = tempfile::Builder::new()
-                .prefix("flotilla-bench-etcd-")
-                .tempdir()
-                .expect("create a temp dir for etcd");
-            let (client_port, peer_port) = free_ports();
-            let client = format!("http://127.0.0.1:{client_port}");
-            let peer = format!("http://127.0.0.1:{peer_port}");
-            let log = dir.path().join("etcd.log");
-            let out = File::create(&log).expect("create the etcd log");
-            let bin =
-                std::env::var_os("FLOTILLA_TEST_ETCD").unwrap_or(OsString::from("/usr/bin/etcd"));
-            let mut cmd = Command::new(&bin);
-            cmd.args(["--name", "bench", "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args(["--listen-client-urls", &client])
-                .args(["--advertise-client-urls", &client])
-                .args(["--listen-peer-urls", &peer])
-                .args(["--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster", &format!("bench={peer}")])
-                // 8 GiB: every run writes fresh keys and nothing is compacted.
-                .args(["--quota-backend-bytes", "8589934592"])
-                .args(["--logger", "zap", "--log-outputs", "stderr"])
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().expect("clone the log handle"))
-                .stderr(out);
-            for (key, _) in std::env::vars_os() {
-                if key.to_string_lossy().starts_with("ETCD_") {
-                    cmd.env_remove(&key);
-                }
-            }
-            die_with_parent(&mut cmd);
-            let process = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.to_string_lossy()));
-            let mut etcd = Etcd {
-                process,
-                endpoint: client,
-                log,
-                _dir: dir,
-            };
-            if etcd.wait_healthy(client_port) {
-                return etcd;
-            }
-            // Drop kills it; a port race leaves "address already in use".
-            if !etcd.log_text().contains("address already in use") {
-                panic!("etcd did not become healthy:\n{}", etcd.log_text());
-            }
-        }
-        panic!("etcd lost the race for free ports 5 times");
-    }
-
-    /// Polls `/health` until it reports a leader; false if etcd exited.
-    fn wait_healthy(&mut self, port: u16) -> bool {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if matches!(self.process.try_wait(), Ok(Some(_))) {
-                return false;
-            }
-            if http_health(port) {
-                return true;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd not healthy after {READY_TIMEOUT:?}:\n{}",
-                self.log_text()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
-/// Asks the kernel to SIGKILL etcd when this process dies, so an interrupted
-/// benchmark leaves no server behind. `main` spawns it, and PDEATHSIG fires
-/// when the forking *thread* exits: the main thread lives as long as we do.
-fn die_with_parent(cmd: &mut Command) {
-    let parent = libc::pid_t::try_from(std::process::id()).expect("pid fits pid_t");
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe syscalls (prctl, getppid); it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-}
-
-fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let b = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let port = |l: &TcpListener| l.local_addr().expect("a bound address").port();
-    (port(&a), port(&b))
-}
-
-fn http_health(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let timeout = Some(Duration::from_secs(3));
-    if stream.set_read_timeout(timeout).is_err()
-        || stream
-            .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .is_err()
-    {
-        return false;
-    }
-    let mut response = String::new();
-    stream.read_to_string(&mut response).is_ok() && response.contains(r#""health":"true""#)
-}
 
 /// CPU time consumed so far by every live thread of `pid` (from
 /// `/proc/<pid>/task/*/schedstat`, in nanoseconds).
@@ -519,8 +385,11 @@ fn plan_cost(n: usize, batch: usize) -> (Duration, Duration, usize) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; `cargo test` runs a small smoke round.
-    let full = std::env::args().any(|a| a == "--bench");
+    // `cargo bench` passes `--bench`; `cargo test` (no `--bench`) and
+    // `cargo bench -- --test` (as criterion's benches read it) run a small
+    // smoke round.
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test");
     let n = env_usize("FLOTILLA_BENCH_KEYS", if full { 20_000 } else { 512 });
     let rounds = env_usize("FLOTILLA_BENCH_ROUNDS", if full { 7 } else { 1 });
     // The worker's warnings (slow txns, dropped groups, resyncs) show by default.
@@ -542,9 +411,8 @@ fn main() {
         );
     }
 
-    let etcd = Etcd::start();
-    let endpoint = etcd.endpoint.clone();
-    let etcd_pid = etcd.process.id();
+    let etcd = etcd::EtcdCluster::single();
+    let etcd_pid = etcd.pid(0).expect("etcd runs");
     let all_modes = ["raw", "worker/all", "raw+watch", "raw", "worker/2000"];
     // For profiling one side alone: FLOTILLA_BENCH_MODES=worker/all.
     let selected = std::env::var("FLOTILLA_BENCH_MODES").unwrap_or_default();
@@ -552,15 +420,11 @@ fn main() {
         .into_iter()
         .filter(|m| selected.is_empty() || selected.split(',').any(|s| s == *m))
         .collect();
-    let run_modes = modes.clone();
-    let runs = actix_rt::System::new().block_on(async move {
-        let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
-        let client = Client::connect([endpoint.as_str()], Some(options))
-            .await
-            .expect("connect to etcd");
+    let runs = actix_rt::System::new().block_on(async {
+        let client = etcd.client().await;
         let mut runs: Vec<(&str, Run)> = Vec::new();
         for round in 0..rounds {
-            for (slot, &mode) in run_modes.iter().enumerate() {
+            for (slot, &mode) in modes.iter().enumerate() {
                 let prefix = format!("/bench/{round}/{slot}/");
                 let cpu_before = (cpu_time(std::process::id()), cpu_time(etcd_pid));
                 let mut run = match mode {

@@ -19,24 +19,18 @@ fn state(runtime: &tokio::runtime::Runtime) -> web::Data<AppState> {
     let client = runtime
         .block_on(etcd_client::Client::connect(["http://127.0.0.1:1"], None))
         .expect("connecting is lazy");
-    web::Data::new(AppState {
-        info: ServerInfo {
-            id: "bench".into(),
-            version: "0.0.0",
-            cluster_id: "bench".into(),
-            advertise_addr: "127.0.0.1:0".into(),
-            etcd_endpoints: vec![],
-        },
-        etcd: EtcdProbe::new(client, Duration::from_secs(1)),
-        roles: Default::default(),
-        election: None,
-        changefeeds: None,
-        admin_token: None,
-        max_body_bytes: 1024,
-        max_heartbeat_bytes: 1024,
-        register_limit: Default::default(),
-        peer_tls: None,
-    })
+    let info = ServerInfo {
+        id: "bench".into(),
+        version: "0.0.0",
+        cluster_id: "bench".into(),
+        advertise_addr: "127.0.0.1:0".into(),
+        etcd_endpoints: vec![],
+    };
+    web::Data::new(
+        AppState::new(info, EtcdProbe::new(client, Duration::from_secs(1)))
+            .with_max_body_bytes(1024)
+            .with_max_heartbeat_bytes(1024),
+    )
 }
 
 fn bench(c: &mut Criterion) {

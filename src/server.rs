@@ -26,7 +26,6 @@ use crate::actors::WorkerConfig;
 use crate::config::{self, Config};
 use crate::election::{self, ElectionConfig, ElectionHandle, Leadership};
 use crate::etcd_server::{self, EmbeddedEtcd, EmbeddedEtcdOptions};
-use crate::http::limits::RegisterLimiter;
 use crate::http::{self, AppState, EtcdProbe, ServerInfo};
 use crate::owner::feeds::Changefeeds;
 use crate::owner::model::Keys;
@@ -159,18 +158,13 @@ where
         &info,
         leader_roles.clone().recipient(),
     );
-    let state = AppState {
-        info,
-        etcd: probe,
-        roles,
-        election: Some(election.view()),
-        changefeeds: Some(changefeeds),
-        admin_token,
-        max_body_bytes: config.http.max_body_bytes,
-        max_heartbeat_bytes: config.http.max_heartbeat_bytes,
-        register_limit: RegisterLimiter::new(config.http.register_rate, config.http.register_burst),
-        peer_tls,
-    };
+    let state = AppState::new(info, probe)
+        .with_roles(roles)
+        .with_election(election.view())
+        .with_changefeeds(changefeeds)
+        .with_admin_token(admin_token)
+        .with_http_limits(&config.http)
+        .with_peer_tls(peer_tls);
     let server = http::serve(listener, &config.http, state).map_err(Error::Http)?;
     info!(server_id, listen = %bound, "HTTP server listening");
 

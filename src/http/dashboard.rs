@@ -105,24 +105,19 @@ mod tests {
             .await
             .expect("connecting is lazy");
         let (_tx, election) = tokio::sync::watch::channel(ElectionView::default());
-        web::Data::new(AppState {
-            info: ServerInfo {
-                id: "follower-1".into(),
-                version: "0.0.0",
-                cluster_id: "c1".into(),
-                advertise_addr: "127.0.0.1:8300".into(),
-                etcd_endpoints: vec![],
-            },
-            etcd: EtcdProbe::new(client, Duration::from_millis(200)),
-            roles: Default::default(),
-            election: Some(election),
-            changefeeds: None,
-            admin_token: None,
-            max_body_bytes: 1024,
-            max_heartbeat_bytes: 1024,
-            register_limit: Default::default(),
-            peer_tls: None,
-        })
+        let info = ServerInfo {
+            id: "follower-1".into(),
+            version: "0.0.0",
+            cluster_id: "c1".into(),
+            advertise_addr: "127.0.0.1:8300".into(),
+            etcd_endpoints: vec![],
+        };
+        web::Data::new(
+            AppState::new(info, EtcdProbe::new(client, Duration::from_millis(200)))
+                .with_election(election)
+                .with_max_body_bytes(1024)
+                .with_max_heartbeat_bytes(1024),
+        )
     }
 
     async fn get(

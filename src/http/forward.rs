@@ -230,10 +230,11 @@ mod tests {
     #[actix_web::test]
     async fn a_follower_answers_status_and_docs_itself_and_forwards_the_rest() {
         let (_election, view) = tokio::sync::watch::channel(ElectionView::default());
-        let state = web::Data::new(AppState {
-            election: Some(view),
-            ..test_support::unreachable_etcd_state().await
-        });
+        let state = web::Data::new(
+            test_support::unreachable_etcd_state()
+                .await
+                .with_election(view),
+        );
         let app = atest::init_service(App::new().configure(configure(state))).await;
         let call = |method: actix_web::http::Method, uri: &str| {
             atest::TestRequest::default()

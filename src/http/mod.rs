@@ -4,7 +4,8 @@
 //! registered, so the server and the tests build the same app. To add routes, write a
 //! module under `src/http/` with a `configure(cfg: &mut web::ServiceConfig)` function and
 //! call it from [`configure`]. To give handlers access to something new (an actor's
-//! `Addr`, the store), add a field to [`AppState`]; handlers take `web::Data<AppState>`.
+//! `Addr`, the store), add a field to [`AppState`] with its default in [`AppState::new`]
+//! and a `with_` method to set it; handlers take `web::Data<AppState>`.
 //! Handlers return [`Result<T, Error>`](Error) so every error has the same JSON shape.
 //! Every route is documented in the OpenAPI document ([`openapi`]): annotate the handler
 //! with `#[utoipa::path]` and list it in [`openapi::ApiDoc`] (a unit test fails otherwise).
@@ -20,10 +21,17 @@ pub mod openapi;
 mod route_metrics;
 mod status;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use tokio::sync::watch;
+
+use crate::actors::leader::RoleSlot;
+use crate::config::HttpConfig;
+use crate::election::ElectionView;
+use crate::owner::feeds::Changefeeds;
 
 pub use error::{Error, ErrorBody, Result};
 pub use listen::{listen, serve};
@@ -70,17 +78,20 @@ impl EtcdProbe {
 }
 
 /// Everything handlers share. Add fields here as later subsystems need them.
+///
+/// Built with [`AppState::new`] and its `with_` methods, the one place that
+/// lists every field: `AppState::new(info, etcd).with_roles(roles)`.
 pub struct AppState {
     pub info: ServerInfo,
     pub etcd: EtcdProbe,
     /// The leader-only actors (executor registry, changefeed owner) while
     /// this server runs them; empty otherwise.
-    pub roles: crate::actors::leader::RoleSlot,
+    pub roles: RoleSlot,
     /// The election this server takes part in; `None`: no election, the
     /// roles are fixed and nothing is forwarded.
-    pub election: Option<tokio::sync::watch::Receiver<crate::election::ElectionView>>,
+    pub election: Option<watch::Receiver<ElectionView>>,
     /// Changefeed administration in etcd; `None` where this server has no etcd.
-    pub changefeeds: Option<crate::owner::feeds::Changefeeds>,
+    pub changefeeds: Option<Changefeeds>,
     /// The operators' token (`server.admin_token_file`); `None`: no admin.
     pub admin_token: Option<String>,
     /// Largest request body accepted (`http.max_body_bytes`).
@@ -91,10 +102,100 @@ pub struct AppState {
     pub register_limit: limits::RegisterLimiter,
     /// How to reach the other servers when forwarding: `None` over plain
     /// HTTP, or HTTPS trusting `http.tls_ca_file`.
-    pub peer_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl AppState {
+    /// A server that runs no roles, takes part in no election, administers
+    /// no changefeeds, has no admin token and forwards over plain HTTP, with
+    /// the `[http]` defaults ([`HttpConfig::default`]) for the body limits
+    /// and the registration rate.
+    pub fn new(info: ServerInfo, etcd: EtcdProbe) -> Self {
+        let http = HttpConfig::default();
+        Self {
+            info,
+            etcd,
+            roles: RoleSlot::default(),
+            election: None,
+            changefeeds: None,
+            admin_token: None,
+            max_body_bytes: http.max_body_bytes,
+            max_heartbeat_bytes: http.max_heartbeat_bytes,
+            register_limit: limits::RegisterLimiter::new(http.register_rate, http.register_burst),
+            peer_tls: None,
+        }
+    }
+
+    /// Publishes the leader-only actors through `roles`.
+    pub fn with_roles(self, roles: RoleSlot) -> Self {
+        Self { roles, ..self }
+    }
+
+    /// Takes part in the election `view` watches: leader-only requests are
+    /// forwarded while `roles` is empty.
+    pub fn with_election(self, view: watch::Receiver<ElectionView>) -> Self {
+        Self {
+            election: Some(view),
+            ..self
+        }
+    }
+
+    /// Serves the changefeed administration from `changefeeds`.
+    pub fn with_changefeeds(self, changefeeds: Changefeeds) -> Self {
+        Self {
+            changefeeds: Some(changefeeds),
+            ..self
+        }
+    }
+
+    /// The operators' token; `None`: no admin.
+    pub fn with_admin_token(self, admin_token: Option<String>) -> Self {
+        Self {
+            admin_token,
+            ..self
+        }
+    }
+
+    /// The body limits and the registration rate of `http`.
+    pub fn with_http_limits(self, http: &HttpConfig) -> Self {
+        Self {
+            max_body_bytes: http.max_body_bytes,
+            max_heartbeat_bytes: http.max_heartbeat_bytes,
+            register_limit: limits::RegisterLimiter::new(http.register_rate, http.register_burst),
+            ..self
+        }
+    }
+
+    /// Largest request body accepted, but for heartbeats.
+    pub fn with_max_body_bytes(self, max_body_bytes: usize) -> Self {
+        Self {
+            max_body_bytes,
+            ..self
+        }
+    }
+
+    /// Largest heartbeat body accepted.
+    pub fn with_max_heartbeat_bytes(self, max_heartbeat_bytes: usize) -> Self {
+        Self {
+            max_heartbeat_bytes,
+            ..self
+        }
+    }
+
+    /// Registrations per client address.
+    pub fn with_register_limit(self, register_limit: limits::RegisterLimiter) -> Self {
+        Self {
+            register_limit,
+            ..self
+        }
+    }
+
+    /// How to reach the other servers when forwarding: `None` over plain
+    /// HTTP, or HTTPS with this client configuration.
+    pub fn with_peer_tls(self, peer_tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        Self { peer_tls, ..self }
+    }
+
     /// Whether `token` is the admin token (compared in constant time).
     pub fn is_admin_token(&self, token: &str) -> bool {
         self.admin_token.as_deref().is_some_and(|admin| {
@@ -207,24 +308,16 @@ pub(crate) mod test_support {
         let client = etcd_client::Client::connect([endpoint.as_str()], Some(options))
             .await
             .expect("connecting is lazy");
-        AppState {
-            info: ServerInfo {
-                id: "test-1".into(),
-                version: "0.0.0",
-                cluster_id: "c1".into(),
-                advertise_addr: "127.0.0.1:8300".into(),
-                etcd_endpoints: vec![endpoint],
-            },
-            etcd: EtcdProbe::new(client, Duration::from_millis(300)),
-            roles: Default::default(),
-            election: None,
-            changefeeds: None,
-            admin_token: None,
-            max_body_bytes: 65536,
-            max_heartbeat_bytes: 65536,
-            register_limit: Default::default(),
-            peer_tls: None,
-        }
+        let info = ServerInfo {
+            id: "test-1".into(),
+            version: "0.0.0",
+            cluster_id: "c1".into(),
+            advertise_addr: "127.0.0.1:8300".into(),
+            etcd_endpoints: vec![endpoint],
+        };
+        AppState::new(info, EtcdProbe::new(client, Duration::from_millis(300)))
+            .with_max_body_bytes(65536)
+            .with_max_heartbeat_bytes(65536)
     }
 }
 

@@ -211,11 +211,12 @@ mod tests {
 
     /// State whose etcd is a closed port: every probe fails fast.
     async fn unreachable_etcd_state() -> web::Data<AppState> {
-        web::Data::new(AppState {
-            max_body_bytes: 32,
-            max_heartbeat_bytes: 32,
-            ..super::super::test_support::unreachable_etcd_state().await
-        })
+        web::Data::new(
+            super::super::test_support::unreachable_etcd_state()
+                .await
+                .with_max_body_bytes(32)
+                .with_max_heartbeat_bytes(32),
+        )
     }
 
     async fn echo(

@@ -34,24 +34,20 @@ async fn fixture_with(admin_token: Option<&str>, timeout: Duration) -> Fixture {
     let etcd = EtcdCluster::single();
     let client = etcd.client().await;
     let keys = Keys::new(PREFIX);
-    let state = web::Data::new(AppState {
-        info: ServerInfo {
-            id: "test".into(),
-            version: "0",
-            cluster_id: "test".into(),
-            advertise_addr: "127.0.0.1:0".into(),
-            etcd_endpoints: etcd.endpoints(),
-        },
-        etcd: EtcdProbe::new(client.clone(), timeout),
-        roles: Default::default(),
-        election: None,
-        changefeeds: Some(Changefeeds::new(client.clone(), keys.clone(), timeout)),
-        admin_token: admin_token.map(str::to_owned),
-        max_body_bytes: MAX_BODY,
-        max_heartbeat_bytes: MAX_BODY,
-        register_limit: Default::default(),
-        peer_tls: None,
-    });
+    let info = ServerInfo {
+        id: "test".into(),
+        version: "0",
+        cluster_id: "test".into(),
+        advertise_addr: "127.0.0.1:0".into(),
+        etcd_endpoints: etcd.endpoints(),
+    };
+    let state = web::Data::new(
+        AppState::new(info, EtcdProbe::new(client.clone(), timeout))
+            .with_changefeeds(Changefeeds::new(client.clone(), keys.clone(), timeout))
+            .with_admin_token(admin_token.map(str::to_owned))
+            .with_max_body_bytes(MAX_BODY)
+            .with_max_heartbeat_bytes(MAX_BODY),
+    );
     Fixture {
         etcd,
         client,
@@ -1047,24 +1043,18 @@ async fn without_etcd_the_routes_are_503_unavailable() {
     )
     .await
     .expect("connecting is lazy");
-    let state = web::Data::new(AppState {
-        info: ServerInfo {
-            id: "test".into(),
-            version: "0",
-            cluster_id: "c".into(),
-            advertise_addr: "127.0.0.1:0".into(),
-            etcd_endpoints: vec![],
-        },
-        etcd: EtcdProbe::new(client, Duration::from_millis(100)),
-        roles: Default::default(),
-        election: None,
-        changefeeds: None,
-        admin_token: None,
-        max_body_bytes: MAX_BODY,
-        max_heartbeat_bytes: MAX_BODY,
-        register_limit: Default::default(),
-        peer_tls: None,
-    });
+    let info = ServerInfo {
+        id: "test".into(),
+        version: "0",
+        cluster_id: "c".into(),
+        advertise_addr: "127.0.0.1:0".into(),
+        etcd_endpoints: vec![],
+    };
+    let state = web::Data::new(
+        AppState::new(info, EtcdProbe::new(client, Duration::from_millis(100)))
+            .with_max_body_bytes(MAX_BODY)
+            .with_max_heartbeat_bytes(MAX_BODY),
+    );
     let app = test::init_service(App::new().configure(http::configure(state))).await;
     let (status, body) = call!(app, list_req(""));
     assert_error(status, &body, 503, "unavailable");

@@ -1,8 +1,10 @@
 //! `/api/v1/executors` over HTTP: the JSON contract, every error code, a
-//! fuzzing pass, a store outage, and the SSE feed read by a real client.
+//! fuzzing pass, a store outage, the SSE feed read by a real client, and
+//! readiness while the owner that answers heartbeats loads.
 
 use crate::harness;
 use crate::harness::app::{app, assert_error, call};
+use crate::harness::EtcdCluster;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +13,12 @@ use actix_web::http::StatusCode;
 use actix_web::{test, web};
 use flotilla::actors::executor_registry::{ExecutorRegistry, GetRegistryStats, RegistryConfig};
 use flotilla::actors::leader::{RoleSlot, Roles};
+use flotilla::actors::owner::{Owner, OwnerSettings, StopOwner};
+use flotilla::actors::WorkerConfig;
 use flotilla::http::limits::RegisterLimiter;
 use flotilla::http::{self, AppState, EtcdProbe, ServerInfo};
+use flotilla::owner::model::Keys;
+use flotilla::owner::reactor::OwnerConfig;
 use flotilla::store::{Store, StoreOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -44,6 +50,16 @@ async fn state_with_limits(
     config: RegistryConfig,
     register_limit: RegisterLimiter,
 ) -> (web::Data<AppState>, Addr<ExecutorRegistry>) {
+    let (state, registry) = registry_state(store, config, register_limit).await;
+    (web::Data::new(state), registry)
+}
+
+/// A server running a loaded registry on `store`, without owner or etcd.
+async fn registry_state(
+    store: Store,
+    config: RegistryConfig,
+    register_limit: RegisterLimiter,
+) -> (AppState, Addr<ExecutorRegistry>) {
     let handle = ExecutorRegistry::new(config, store).start_with_table();
     let registry = handle.addr.clone();
     for _ in 0..500 {
@@ -59,27 +75,22 @@ async fn state_with_limits(
     )
     .await
     .expect("connecting is lazy");
-    let state = web::Data::new(AppState {
-        info: ServerInfo {
-            id: "test".into(),
-            version: "0",
-            cluster_id: "c".into(),
-            advertise_addr: "127.0.0.1:0".into(),
-            etcd_endpoints: vec![],
-        },
-        etcd: EtcdProbe::new(client, Duration::from_millis(100)),
-        roles: RoleSlot::fixed(Roles {
+    let info = ServerInfo {
+        id: "test".into(),
+        version: "0",
+        cluster_id: "c".into(),
+        advertise_addr: "127.0.0.1:0".into(),
+        etcd_endpoints: vec![],
+    };
+    let state = AppState::new(info, EtcdProbe::new(client, Duration::from_millis(100)))
+        .with_roles(RoleSlot::fixed(Roles {
             registry: handle,
             owner: None,
-        }),
-        election: None,
-        changefeeds: None,
-        admin_token: Some(ADMIN.into()),
-        max_body_bytes: MAX_BODY,
-        max_heartbeat_bytes: MAX_HEARTBEAT,
-        register_limit,
-        peer_tls: None,
-    });
+        }))
+        .with_admin_token(Some(ADMIN.into()))
+        .with_max_body_bytes(MAX_BODY)
+        .with_max_heartbeat_bytes(MAX_HEARTBEAT)
+        .with_register_limit(register_limit);
     (state, registry)
 }
 
@@ -603,21 +614,9 @@ async fn read_frame(reader: &mut BufReader<tokio::net::TcpStream>) -> (String, V
 async fn the_watch_feed_is_readable_by_a_real_http_client() {
     harness::init_tracing();
     let dir = TempDir::new().unwrap();
-    let (state, _) = state_with(sqlite(&dir).await).await;
+    let (state, _) = registry_state(sqlite(&dir).await, config(), RegisterLimiter::default()).await;
     let listener = http::listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let state = AppState {
-        info: state.info.clone(),
-        etcd: state.etcd.clone(),
-        roles: state.roles.clone(),
-        election: None,
-        changefeeds: None,
-        admin_token: state.admin_token.clone(),
-        max_body_bytes: MAX_BODY,
-        max_heartbeat_bytes: MAX_HEARTBEAT,
-        register_limit: Default::default(),
-        peer_tls: None,
-    };
     let server = http::serve(listener, &flotilla::config::HttpConfig::default(), state).unwrap();
     let handle = server.handle();
     actix_rt::spawn(server);
@@ -822,4 +821,69 @@ async fn a_full_registry_refuses_with_503_and_stores_nothing() {
         2,
         "nothing stored"
     );
+}
+
+/// Heartbeats are answered 503 until the owner has loaded its snapshot, so
+/// a leader is not ready before that either, however ready the registry is.
+#[actix_rt::test]
+async fn readyz_is_503_until_the_owner_has_loaded_its_snapshot() {
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let client = etcd.client().await;
+    let dir = TempDir::new().unwrap();
+    let (registry_only, registry) =
+        registry_state(sqlite(&dir).await, config(), RegisterLimiter::default()).await;
+    let prefix = "/flotilla/readyz";
+    let owner = Owner::new(
+        registry,
+        client.clone(),
+        Keys::new(prefix),
+        OwnerSettings {
+            worker: WorkerConfig {
+                tick_interval: Duration::from_millis(50),
+                ..WorkerConfig::new(format!("{prefix}/"))
+            },
+            owner: OwnerConfig {
+                server_id: "readyz-test".into(),
+                ..OwnerConfig::default()
+            },
+            restart_backoff: Duration::from_millis(200),
+        },
+    );
+    let roles = Roles {
+        owner: Some(owner.desk()),
+        ..registry_only.roles.get().expect("a fixed registry")
+    };
+    let state = web::Data::new(
+        AppState::new(
+            registry_only.info.clone(),
+            EtcdProbe::new(client, Duration::from_secs(5)),
+        )
+        .with_roles(RoleSlot::fixed(roles)),
+    );
+    let app = app!(state);
+    let readyz = || test::TestRequest::get().uri("/readyz");
+
+    // The registry is loaded and etcd answers: only the owner is missing.
+    let (status, body) = call!(app, readyz());
+    assert_error(status, &body, 503, "unavailable");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("owner"), "{body}");
+
+    let owner = owner.start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = call!(app, readyz());
+        if status == StatusCode::OK {
+            assert_eq!(body, json!({"status": "ok"}));
+            break;
+        }
+        assert_error(status, &body, 503, "unavailable");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready 10 s after the owner started: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    owner.send(StopOwner).await.unwrap();
 }
