@@ -24,6 +24,7 @@ use crate::actors::leader::{LeaderRoles, RoleSettings, RoleSlot, StepDown};
 use crate::actors::owner::OwnerSettings;
 use crate::actors::WorkerConfig;
 use crate::config::{self, Config};
+use crate::data_dir::DataDir;
 use crate::election::{self, ElectionConfig, ElectionHandle, Leadership};
 use crate::etcd_server::{self, EmbeddedEtcd, EmbeddedEtcdOptions};
 use crate::http::{self, AppState, EtcdProbe, ServerInfo};
@@ -37,6 +38,9 @@ use crate::tls;
 /// failed; the cause is kept as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `server.data_dir` could not be taken (in use by another process, or unusable).
+    #[error(transparent)]
+    DataDir(crate::data_dir::Error),
     /// The embedded etcd did not start.
     #[error(transparent)]
     StartEtcd(etcd_server::Error),
@@ -103,6 +107,8 @@ where
         "starting flotilla"
     );
 
+    // First: two live processes never share one identity (nor one embedded etcd).
+    let data_dir = Arc::new(DataDir::lock(&config.server.data_dir).map_err(Error::DataDir)?);
     let embedded = match embedded_etcd_options(&config) {
         Some(options) => match start_embedded_etcd(options, &mut shutdown).await? {
             Some(etcd) => Some(etcd),
@@ -156,6 +162,7 @@ where
         &config,
         &keys,
         &info,
+        data_dir,
         leader_roles.clone().recipient(),
     );
     let state = AppState::new(info, probe)
@@ -327,10 +334,10 @@ fn start_leader_roles(
                     request_timeout: config.etcd.request_timeout,
                     ..WorkerConfig::new(format!("{}/", config.etcd.prefix.trim_end_matches('/')))
                 },
-                owner: OwnerConfig {
+                owner: config.owner.apply(OwnerConfig {
                     server_id,
                     ..OwnerConfig::default()
-                },
+                }),
                 restart_backoff: Duration::from_secs(1),
             },
         },
@@ -400,6 +407,7 @@ fn start_election(
     config: &Config,
     keys: &Keys,
     info: &ServerInfo,
+    identity: Arc<DataDir>,
     leadership: Recipient<Leadership>,
 ) -> ElectionHandle {
     election::start(
@@ -410,7 +418,7 @@ fn start_election(
             advertise_addr: info.advertise_addr.clone(),
             session_ttl: config.server.session_ttl,
             request_timeout: config.etcd.request_timeout,
-            identity: None,
+            identity: Some(identity),
         },
         leadership,
     )

@@ -221,3 +221,61 @@ fn connections_beyond_the_limit_wait_until_one_closes() {
         .expect("served after a slot freed");
     assert!(buf.starts_with(b"HTTP/1.1 200"));
 }
+
+/// A server killed with SIGKILL and started again on its data dir is the same
+/// server: it revokes the lease of its previous run before campaigning, so the
+/// old election key is gone at once instead of after `server.session_ttl`
+/// (30 s here). A second live server on that data dir is refused, naming the
+/// process that holds it.
+#[test]
+fn a_restarted_server_revokes_its_previous_lease_and_its_data_dir_takes_one_process() {
+    let mut server = FlotillaServer::start(ServerOptions {
+        env: vec![("FLOTILLA_SERVER_SESSION_TTL".into(), "30s".into())],
+        ..ServerOptions::default()
+    });
+    let election_keys = |server: &mut FlotillaServer| {
+        let etcd = server.etcd();
+        actix_rt::System::new().block_on(async {
+            let mut client = etcd.client().await;
+            let all = client
+                .get("", Some(etcd_client::GetOptions::new().with_all_keys()))
+                .await
+                .unwrap();
+            all.kvs()
+                .iter()
+                .filter_map(|kv| kv.key_str().ok().map(str::to_owned))
+                .filter(|key| key.contains("/__meta__/owner/"))
+                .collect::<Vec<_>>()
+        })
+    };
+    let first = election_keys(&mut server);
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // A second process on the same data dir (another port) stops at once.
+    let second = std::process::Command::new(crate::harness::server::BIN)
+        .args(["serve", "--config", "/dev/null", "--data-dir"])
+        .arg(server.data_dir())
+        .args(["--listen", "127.0.0.1:0", "--cluster-id", "client-test"])
+        .env("FLOTILLA_ETCD_ENDPOINTS", server.etcd_url())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is in use by another flotilla process (pid "),
+        "{stderr}"
+    );
+
+    server.kill();
+    server.restart();
+    let after = election_keys(&mut server);
+    assert_eq!(after.len(), 1, "the old key went with its lease: {after:?}");
+    assert_ne!(after, first);
+    assert!(
+        server
+            .log()
+            .contains("revoked the lease of this server's previous run"),
+        "{}",
+        server.log()
+    );
+}
