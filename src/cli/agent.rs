@@ -1,6 +1,8 @@
 //! `flotilla agent`: a thin wrapper over `flotilla::client::Agent`. It logs every
 //! change of its assignments; with `--simulate` it also runs the fake workload that
-//! advances their checkpoints. SIGINT or SIGTERM deregisters and exits.
+//! advances their checkpoints, and `--count N` runs N such executors in this one
+//! process (for load tests: it logs their totals every second instead of every
+//! change). SIGINT or SIGTERM deregisters and exits.
 
 use std::time::Duration;
 
@@ -55,6 +57,10 @@ pub struct AgentArgs {
     /// How often the simulation advances checkpoints
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
     simulate_step: Duration,
+    /// With --simulate: run this many executors (named <name>0, <name>1, ...) in this
+    /// process, logging their totals every second
+    #[arg(long, default_value_t = 1, requires = "simulate", value_parser = clap::value_parser!(u32).range(1..))]
+    count: u32,
     /// Log filter (RUST_LOG syntax), on stderr
     #[arg(
         long,
@@ -83,8 +89,19 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
         labels: args.labels.into_iter().collect(),
         ttl: args.ttl,
         lease_margin: args.lease_margin,
-        ..AgentConfig::new(args.name, args.address)
+        ..AgentConfig::new(args.name.clone(), args.address.clone())
     };
+    if args.count > 1 {
+        return run_fleet(
+            client,
+            config,
+            args.count,
+            args.simulate_step,
+            &mut interrupt,
+            &mut terminate,
+        )
+        .await;
+    }
     info!(
         server = client.server(),
         simulate = args.simulate,
@@ -130,6 +147,58 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
         }
     })?;
     info!("agent stopped");
+    Ok(())
+}
+
+/// `--simulate --count N`: N simulated executors, their totals logged every second.
+async fn run_fleet(
+    client: flotilla::client::Client,
+    config: AgentConfig,
+    count: u32,
+    step: Duration,
+    interrupt: &mut tokio::signal::unix::Signal,
+    terminate: &mut tokio::signal::unix::Signal,
+) -> Result<(), Failure> {
+    info!(server = client.server(), count, "simulated fleet starting");
+    let mut handles = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let config = AgentConfig {
+            name: format!("{}{i}", config.name),
+            ..config.clone()
+        };
+        let handle = Agent::spawn(client.clone(), config);
+        let (view, reporter) = (handle.subscribe(), handle.reporter());
+        tokio::spawn(client::simulate(view, reporter, step));
+        handles.push(handle);
+    }
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    let signal = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break "SIGINT",
+            _ = terminate.recv() => break "SIGTERM",
+            _ = every.tick() => {
+                let (mut registered, mut assignments, mut lapses, mut heartbeats) = (0, 0, 0, 0);
+                for handle in &handles {
+                    let view = handle.subscribe();
+                    let view = view.borrow();
+                    registered += usize::from(view.executor_id.is_some());
+                    assignments += view.assignments.len();
+                    lapses += view.lease_lapses;
+                    heartbeats += view.heartbeats;
+                }
+                info!(agents = count, registered, assignments, heartbeats, lease_lapses = lapses, "fleet");
+            }
+        }
+    };
+    info!(signal, "stopping: deregistering every executor");
+    let results = futures::future::join_all(handles.into_iter().map(|h| h.stop())).await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if failed > 0 {
+        return Err(Failure::Unavailable(format!(
+            "{failed} of {count} deregistrations got no usable answer"
+        )));
+    }
+    info!("simulated fleet stopped");
     Ok(())
 }
 

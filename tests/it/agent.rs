@@ -5,6 +5,7 @@
 //! a clean stop that deregisters.
 
 use crate::harness;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -311,6 +312,63 @@ async fn agent_subcommand_simulates_progress_and_deregisters_on_sigterm() {
     assert_eq!(status.code(), Some(0), "{agent_log}");
     assert!(agent_log.contains("deregistered"), "{agent_log}");
     assert_eq!(client.get_executor(&id).await.unwrap().status, "tombstone");
+}
+
+/// `--count`: several simulated executors in one process, all running and all
+/// deregistered on SIGTERM.
+#[tokio::test]
+async fn agent_count_runs_a_simulated_fleet_in_one_process() {
+    harness::init_tracing();
+    let server = FlotillaServer::start(ServerOptions::default());
+    let client = Client::new(&server.url()).unwrap();
+    for id in ["a", "b", "c", "d", "e", "f"] {
+        create(&client, id).await;
+    }
+    let log = server.data_dir().join("fleet.log");
+    let mut agent = AgentProcess(
+        Command::new(BIN)
+            .args(["agent", "--simulate", "--count", "3", "--name", "fleet"])
+            .args(["--server", &server.url()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let ids = eventually(
+        "three executors holding two changefeeds each",
+        &server,
+        || async {
+            let list = client.list_changefeeds("default", None).await.ok()?;
+            let mut on = BTreeMap::<String, usize>::new();
+            for feed in &list.items {
+                *on.entry(feed.executor.clone()?).or_default() += 1;
+            }
+            (on.len() == 3 && on.values().all(|n| *n == 2)).then_some(on)
+        },
+    )
+    .await;
+    assert!(ids.keys().all(|id| id.starts_with("fleet")), "{ids:?}");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fleet did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let fleet_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{fleet_log}");
+    assert!(fleet_log.contains("fleet agents=3"), "{fleet_log}");
+    assert!(fleet_log.contains("simulated fleet stopped"), "{fleet_log}");
+    for id in ids.keys() {
+        assert_eq!(client.get_executor(id).await.unwrap().status, "tombstone");
+    }
 }
 
 /// Polls `probe` every 20 ms until it returns `Some`, for at most `limit`.
