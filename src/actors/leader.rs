@@ -1,8 +1,9 @@
 //! `LeaderRoles`: starts the leader-only actors when the election says this
 //! server leads, and stops them when it says it no longer does.
 //!
-//! Leader-only: the executor registry (expiry, registrations, the feed) and
-//! the changefeed owner (its reactor and worker, fenced on the election key).
+//! Leader-only: the executor registry (expiry, registrations, the feed), the
+//! changefeed owner (its reactor and worker, fenced on the election key) and
+//! the compactor of etcd's history (one compactor per cluster is enough).
 //! They are published in a [`RoleSlot`] that the HTTP layer reads on every
 //! request: a server whose slot is empty forwards leader-only requests.
 //!
@@ -18,6 +19,7 @@ use actix::prelude::*;
 use etcd_client::Client;
 use tracing::{info, warn};
 
+use super::compactor::{Compactor, CompactorConfig, StopCompactor};
 use super::executor_registry::{ExecutorRegistry, RegistryConfig, RegistryHandle, StopRegistry};
 use super::owner::{Owner, OwnerSettings, StopOwner, WorkDesk};
 use crate::election::{Leadership, LeaseGuard};
@@ -98,21 +100,37 @@ pub struct StepDown;
 struct Running {
     registry: Addr<ExecutorRegistry>,
     owner: Addr<Owner>,
+    /// `None` while compaction is off.
+    compactor: Option<Addr<Compactor>>,
 }
 
 pub struct LeaderRoles {
     settings: RoleSettings,
+    compaction: CompactorConfig,
     slot: RoleSlot,
     running: Option<Running>,
 }
 
 impl LeaderRoles {
+    /// Compacts etcd every [`DEFAULT_COMPACTION_INTERVAL`](super::compactor::DEFAULT_COMPACTION_INTERVAL)
+    /// while leading; see [`Self::with_compaction_interval`].
     pub fn new(settings: RoleSettings, slot: RoleSlot) -> Self {
+        let compaction = CompactorConfig {
+            request_timeout: settings.owner.worker.request_timeout,
+            ..CompactorConfig::default()
+        };
         Self {
             settings,
+            compaction,
             slot,
             running: None,
         }
+    }
+
+    /// `etcd.compaction_interval`: how often the leader compacts etcd; zero: never.
+    pub fn with_compaction_interval(mut self, interval: std::time::Duration) -> Self {
+        self.compaction.interval = interval;
+        self
     }
 
     fn start_roles(&mut self, fence: super::worker::Fence, guard: LeaseGuard) {
@@ -134,15 +152,18 @@ impl LeaderRoles {
         );
         let desk = owner.desk();
         let owner = owner.start();
+        let compactor = (!self.compaction.interval.is_zero())
+            .then(|| Compactor::new(self.settings.client.clone(), self.compaction).start());
         self.running = Some(Running {
             registry: registry.addr.clone(),
             owner,
+            compactor,
         });
         self.slot.set(Some(Roles {
             registry,
             owner: Some(desk),
         }));
-        info!("leader roles started: executor registry and changefeed owner");
+        info!("leader roles started: executor registry, changefeed owner and etcd compactor");
     }
 
     /// Empties the slot now and returns the stop of the actors, in order:
@@ -155,6 +176,9 @@ impl LeaderRoles {
         let running = self.running.take();
         async move {
             if let Some(running) = running {
+                if let Some(compactor) = running.compactor {
+                    let _ = compactor.send(StopCompactor).await;
+                }
                 let _ = running.owner.send(StopOwner).await;
                 let _ = running.registry.send(StopRegistry).await;
                 info!("leader roles stopped");

@@ -1,0 +1,172 @@
+//! The leader's compaction of etcd's history (`Compactor`) against a real etcd: it
+//! compacts, again and again, to a revision one interval old; a worker's watch lives
+//! through it; an interval of zero compacts nothing.
+
+use std::time::Duration;
+
+use crate::harness;
+use crate::harness::reactors::{KvState, Linearizability};
+use crate::harness::EtcdCluster;
+use actix::Actor;
+use etcd_client::{Client, GetOptions};
+use flotilla::actors::compactor::{Compactor, CompactorConfig, StopCompactor};
+use flotilla::actors::{self, WorkerConfig};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn compactor(client: &Client, interval: Duration) -> actix::Addr<Compactor> {
+    Compactor::new(
+        client.clone(),
+        CompactorConfig {
+            interval,
+            request_timeout: Duration::from_secs(2),
+        },
+    )
+    .start()
+}
+
+async fn put(client: &Client, key: &str, value: &str) -> i64 {
+    client
+        .clone()
+        .put(key, value, None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
+}
+
+/// Whether `revision` can no longer be read because the history was compacted.
+async fn is_compacted(client: &Client, revision: i64) -> bool {
+    match client
+        .clone()
+        .get("/k", Some(GetOptions::new().with_revision(revision)))
+        .await
+    {
+        Ok(_) => false,
+        Err(e) if e.to_string().contains("compacted") => true,
+        Err(e) => panic!("read at revision {revision}: {e}"),
+    }
+}
+
+/// Writes a key every 20 ms until dropped, so the revision keeps moving.
+fn writer(client: &Client) -> actix_rt::task::JoinHandle<()> {
+    let client = client.clone();
+    actix_rt::spawn(async move {
+        for i in 0u64.. {
+            put(&client, "/k", &i.to_string()).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+async fn until_compacted(client: &Client, revision: i64) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !is_compacted(client, revision).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "revision {revision} still readable after {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn compaction_runs_every_interval_and_old_revisions_read_compacted() {
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let client = etcd.client().await;
+    let first = put(&client, "/k", "first").await;
+    let writes = writer(&client);
+    let started = tokio::time::Instant::now();
+    let compactor = compactor(&client, Duration::from_millis(300));
+
+    until_compacted(&client, first).await;
+    // Compacted to a revision read one interval earlier: never before the second run.
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "compacted after {:?}, before one interval had passed",
+        started.elapsed()
+    );
+    // It keeps going: a revision written after the first compaction goes too.
+    let later = put(&client, "/k", "later").await;
+    until_compacted(&client, later).await;
+    // The newest writes stay readable: the history kept is about one interval long.
+    let newest = put(&client, "/k", "newest").await;
+    assert!(!is_compacted(&client, newest).await);
+
+    // Process-wide metrics, shared with the other tests here: only lower bounds hold.
+    let metrics = flotilla::metrics::etcd();
+    assert!(metrics.compacted_revision.get() > 0);
+    assert!(
+        metrics
+            .compactions_total
+            .with_label_values(&["compacted"])
+            .get()
+            >= 2
+    );
+    compactor.send(StopCompactor).await.unwrap();
+    writes.abort();
+}
+
+#[actix_rt::test]
+async fn a_worker_keeps_watching_through_compactions() {
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let client = etcd.client().await;
+    const P: &str = "/lin";
+    const TARGET: i64 = 150;
+    let first = put(&client, &format!("{P}/value"), "0").await;
+    let compactor = compactor(&client, Duration::from_millis(100));
+    // The writer spreads its values over a few seconds, many compaction intervals.
+    let writer = {
+        let client = client.clone();
+        actix_rt::spawn(async move {
+            for i in 1..=TARGET {
+                put(&client, &format!("{P}/value"), &i.to_string()).await;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    let config = WorkerConfig {
+        tick_interval: Duration::from_millis(20),
+        request_timeout: Duration::from_secs(2),
+        ..WorkerConfig::new(P)
+    };
+    // It ends once it has seen TARGET, and fails if a value ever went back.
+    let handle = actors::start(
+        client.clone(),
+        Linearizability::new(P, TARGET, false),
+        KvState::default(),
+        config,
+    );
+    tokio::time::timeout(Duration::from_secs(60), handle.wait())
+        .await
+        .expect("the worker saw every value in time")
+        .expect("the worker never failed and never saw a value go back");
+    writer.await.unwrap();
+    // The history the worker started on was compacted while it ran.
+    until_compacted(&client, first).await;
+    compactor.send(StopCompactor).await.unwrap();
+}
+
+#[actix_rt::test]
+async fn interval_zero_compacts_nothing() {
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let client = etcd.client().await;
+    let first = put(&client, "/k", "first").await;
+    let compactor = compactor(&client, Duration::ZERO);
+    // A control compactor cannot run beside it (it would compact the same etcd);
+    // instead, give it many times a short interval to misbehave in.
+    for i in 0..50 {
+        put(&client, "/k", &i.to_string()).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !is_compacted(&client, first).await,
+        "interval 0 compacted the history"
+    );
+    assert!(compactor.connected(), "the compactor still runs, idle");
+    compactor.send(StopCompactor).await.unwrap();
+}
