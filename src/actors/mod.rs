@@ -2,6 +2,7 @@
 //! the messages it receives; [`worker`] wires them together.
 
 pub mod compactor;
+pub mod etcd_alarms;
 pub mod etcd_watcher;
 pub mod executor_registry;
 pub mod leader;

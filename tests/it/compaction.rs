@@ -8,8 +8,11 @@ use crate::harness;
 use crate::harness::reactors::{KvState, Linearizability};
 use crate::harness::EtcdCluster;
 use actix::Actor;
-use etcd_client::{Client, GetOptions};
+use etcd_client::{
+    AlarmAction, AlarmOptions, AlarmType, Client, CompactionOptions, DeleteOptions, GetOptions,
+};
 use flotilla::actors::compactor::{Compactor, CompactorConfig, StopCompactor};
+use flotilla::actors::etcd_alarms::{AlarmMonitor, AlarmMonitorConfig, StopAlarmMonitor};
 use flotilla::actors::{self, WorkerConfig};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -169,4 +172,92 @@ async fn interval_zero_compacts_nothing() {
     );
     assert!(compactor.connected(), "the compactor still runs, idle");
     compactor.send(StopCompactor).await.unwrap();
+}
+
+/// Polls `f` every 20 ms until it holds; panics with `what` after [`DEADLINE`].
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_full_etcd_quota_is_reported_as_nospace_until_defrag_and_disarm() {
+    harness::init_tracing();
+    // 4 MiB: a few dozen 100 KiB values fill it.
+    let etcd = EtcdCluster::start_with_args(1, &["--quota-backend-bytes=4194304"]);
+    let client = etcd.client().await;
+    let monitor = AlarmMonitor::new(
+        client.clone(),
+        AlarmMonitorConfig {
+            interval: Duration::from_millis(100),
+            request_timeout: Duration::from_secs(2),
+        },
+    );
+    let alarms = monitor.alarms();
+    let monitor = monitor.start();
+    let gauge = flotilla::metrics::etcd()
+        .alarm
+        .with_label_values(&["nospace"]);
+    assert!(alarms.problem().is_none(), "no alarm before any was seen");
+
+    // Distinct keys, so compaction alone cannot make room: etcd must refuse a write.
+    let value = vec![b'x'; 100 * 1024];
+    let mut refused = None;
+    for i in 0..1000 {
+        match client
+            .clone()
+            .put(format!("/fill/{i}"), value.clone(), None)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("etcd refused a write once its quota was full");
+    assert!(
+        flotilla::actors::etcd_alarms::is_nospace(&refused),
+        "refused with: {refused}"
+    );
+    until("the monitor reports NOSPACE", || alarms.nospace()).await;
+    assert_eq!(gauge.get(), 1);
+    assert!(alarms.problem().unwrap().contains("NOSPACE"));
+
+    // The remedy the log gives: free space (delete, compact, defrag), then disarm.
+    let mut c = client.clone();
+    let rev = c
+        .delete("/fill/", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    c.compact(rev, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    c.defragment().await.unwrap();
+    // `etcdctl alarm disarm`: deactivate each raised alarm on its member.
+    let raised = c
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
+    for member in raised.alarms() {
+        let mut options = AlarmOptions::new();
+        options.with_member(member.member_id());
+        c.alarm(AlarmAction::Deactivate, member.alarm(), Some(options))
+            .await
+            .unwrap();
+    }
+    until("the monitor reports NOSPACE cleared", || !alarms.nospace()).await;
+    assert_eq!(gauge.get(), 0);
+    put(&client, "/k", "writable again").await;
+    monitor.send(StopAlarmMonitor).await.unwrap();
 }
