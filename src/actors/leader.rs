@@ -7,8 +7,12 @@
 //! They are published in a [`RoleSlot`] that the HTTP layer reads on every
 //! request: a server whose slot is empty forwards leader-only requests.
 //!
+//! The owner and its worker run on an arbiter (thread) of their own; the
+//! registry, the compactor and this actor share the server's.
+//!
 //! On deposition the slot is emptied first (no request reaches the old
-//! actors any more), then the owner is stopped, then the registry. A new
+//! actors any more), then the owner is stopped (and its arbiter once its
+//! worker has ended), then the registry. A new
 //! election starts a fresh registry, which loads the executors from SQL with
 //! a grace period, and a fresh owner, which continues from etcd.
 
@@ -100,6 +104,8 @@ pub struct StepDown;
 struct Running {
     registry: Addr<ExecutorRegistry>,
     owner: Addr<Owner>,
+    /// The owner's and its worker's own thread, stopped after the owner.
+    owner_arbiter: Arbiter,
     /// `None` while compaction is off.
     compactor: Option<Addr<Compactor>>,
 }
@@ -151,12 +157,17 @@ impl LeaderRoles {
             owner_settings,
         );
         let desk = owner.desk();
-        let owner = owner.start();
+        // Its own thread: a long tick must not delay heartbeats, expiry or the
+        // election's keep-alive, which run on this one. The worker's actors start
+        // on the owner's arbiter too (`actors::start` uses the current one).
+        let owner_arbiter = Arbiter::new();
+        let owner = Owner::start_in_arbiter(&owner_arbiter.handle(), move |_| owner);
         let compactor = (!self.compaction.interval.is_zero())
             .then(|| Compactor::new(self.settings.client.clone(), self.compaction).start());
         self.running = Some(Running {
             registry: registry.addr.clone(),
             owner,
+            owner_arbiter,
             compactor,
         });
         self.slot.set(Some(Roles {
@@ -179,7 +190,9 @@ impl LeaderRoles {
                 if let Some(compactor) = running.compactor {
                     let _ = compactor.send(StopCompactor).await;
                 }
+                // Answers once the worker has ended; only then may its thread go.
                 let _ = running.owner.send(StopOwner).await;
+                running.owner_arbiter.stop();
                 let _ = running.registry.send(StopRegistry).await;
                 info!("leader roles stopped");
             }
