@@ -261,3 +261,85 @@ async fn a_full_etcd_quota_is_reported_as_nospace_until_defrag_and_disarm() {
     put(&client, "/k", "writable again").await;
     monitor.send(StopAlarmMonitor).await.unwrap();
 }
+
+/// `LeaderRoles` elected, then deposed: it compacts while it leads (its owner on its
+/// own arbiter meanwhile loads its snapshot), and neither after deposition.
+#[actix_rt::test]
+async fn the_leader_compacts_while_it_leads_and_stops_when_deposed() {
+    use flotilla::actors::executor_registry::RegistryConfig;
+    use flotilla::actors::leader::{LeaderRoles, RoleSettings, RoleSlot};
+    use flotilla::actors::owner::OwnerSettings;
+    use flotilla::actors::Fence;
+    use flotilla::election::{Leadership, LeaseGuard};
+    use flotilla::owner::model::Keys;
+    use flotilla::owner::reactor::OwnerConfig;
+    use flotilla::store::{Store, StoreOptions};
+
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let client = etcd.client().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let url = format!("sqlite://{}/meta.db?mode=rwc", dir.path().display());
+    let store = Store::connect(&url, &StoreOptions::default())
+        .await
+        .unwrap();
+    const PREFIX: &str = "/flotilla/leader";
+    let fence_key = format!("{PREFIX}/__meta__/owner/1");
+    let create_revision = put(&client, &fence_key, "me").await;
+    let slot = RoleSlot::default();
+    let roles = LeaderRoles::new(
+        RoleSettings {
+            registry: RegistryConfig::default(),
+            store,
+            client: client.clone(),
+            keys: Keys::new(PREFIX),
+            owner: OwnerSettings {
+                worker: WorkerConfig {
+                    tick_interval: Duration::from_millis(50),
+                    request_timeout: Duration::from_secs(2),
+                    ..WorkerConfig::new(format!("{PREFIX}/"))
+                },
+                owner: OwnerConfig::default(),
+                restart_backoff: Duration::from_millis(200),
+            },
+        },
+        slot.clone(),
+    )
+    .with_compaction_interval(Duration::from_secs(1))
+    .start();
+    let writes = writer(&client);
+    let first = put(&client, "/k", "first").await;
+    roles
+        .send(Leadership::Elected {
+            fence: Fence {
+                key: fence_key,
+                create_revision,
+            },
+            guard: LeaseGuard::always(),
+        })
+        .await
+        .unwrap();
+    until_compacted(&client, first).await;
+    let desk = slot.get().unwrap().owner.unwrap();
+    until("the owner (on its own arbiter) loads its snapshot", || {
+        desk.is_running()
+    })
+    .await;
+
+    roles
+        .send(Leadership::Deposed {
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    until("the slot empties", || slot.is_empty()).await;
+    until("the owner's board is cleared", || !desk.is_running()).await;
+    let kept = put(&client, "/k", "kept").await;
+    // Two intervals: a compactor still running would have compacted `kept`.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        !is_compacted(&client, kept).await,
+        "a deposed leader compacted"
+    );
+    writes.abort();
+}
