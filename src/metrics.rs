@@ -322,6 +322,50 @@ pub fn is_leader() -> &'static prometheus::IntGauge {
     &IS_LEADER
 }
 
+/// Metrics of etcd's upkeep: the leader's compactions and etcd's alarms.
+pub struct EtcdMetrics {
+    pub compactions_total: prometheus::IntCounterVec,
+    pub compacted_revision: prometheus::IntGauge,
+    pub alarm: prometheus::IntGaugeVec,
+}
+
+static ETCD: LazyLock<EtcdMetrics> = LazyLock::new(|| EtcdMetrics {
+    compactions_total: register(
+        prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "etcd_compactions_total",
+                "Compactions of etcd's history run by the leader, by outcome \
+                 (compacted, already_compacted, failed).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid counter vec"),
+    ),
+    compacted_revision: register(
+        prometheus::IntGauge::new(
+            "etcd_compacted_revision",
+            "The revision this server last compacted etcd's history to (0: not yet).",
+        )
+        .expect("valid gauge"),
+    ),
+    alarm: register(
+        prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "etcd_alarm",
+                "1 while etcd has raised this alarm (nospace: its quota is full and it \
+                 refuses writes; corrupt), else 0.",
+            ),
+            &["alarm"],
+        )
+        .expect("valid gauge vec"),
+    ),
+});
+
+/// The etcd upkeep metrics, registered on first use.
+pub fn etcd() -> &'static EtcdMetrics {
+    &ETCD
+}
+
 /// Registers every metric family now and creates the series of every label value known
 /// in advance (outcome `ok`, each removal and resync reason, each store operation), so
 /// a scrape shows them at 0 before the first event: `rate()` and alerts see a series
@@ -363,5 +407,12 @@ pub fn register_all() {
         election
             .forwarded_requests_total
             .with_label_values(&[outcome]);
+    }
+    let etcd = etcd();
+    for outcome in crate::actors::compactor::Outcome::LABELS {
+        etcd.compactions_total.with_label_values(&[outcome]);
+    }
+    for alarm in ["nospace", "corrupt"] {
+        etcd.alarm.with_label_values(&[alarm]);
     }
 }

@@ -1,13 +1,18 @@
 //! `LeaderRoles`: starts the leader-only actors when the election says this
 //! server leads, and stops them when it says it no longer does.
 //!
-//! Leader-only: the executor registry (expiry, registrations, the feed) and
-//! the changefeed owner (its reactor and worker, fenced on the election key).
+//! Leader-only: the executor registry (expiry, registrations, the feed), the
+//! changefeed owner (its reactor and worker, fenced on the election key) and
+//! the compactor of etcd's history (one compactor per cluster is enough).
 //! They are published in a [`RoleSlot`] that the HTTP layer reads on every
 //! request: a server whose slot is empty forwards leader-only requests.
 //!
+//! The owner and its worker run on an arbiter (thread) of their own; the
+//! registry, the compactor and this actor share the server's.
+//!
 //! On deposition the slot is emptied first (no request reaches the old
-//! actors any more), then the owner is stopped, then the registry. A new
+//! actors any more), then the owner is stopped (and its arbiter once its
+//! worker has ended), then the registry. A new
 //! election starts a fresh registry, which loads the executors from SQL with
 //! a grace period, and a fresh owner, which continues from etcd.
 
@@ -18,6 +23,7 @@ use actix::prelude::*;
 use etcd_client::Client;
 use tracing::{info, warn};
 
+use super::compactor::{Compactor, CompactorConfig, StopCompactor};
 use super::executor_registry::{ExecutorRegistry, RegistryConfig, RegistryHandle, StopRegistry};
 use super::owner::{Owner, OwnerSettings, StopOwner, WorkDesk};
 use crate::election::{Leadership, LeaseGuard};
@@ -98,21 +104,39 @@ pub struct StepDown;
 struct Running {
     registry: Addr<ExecutorRegistry>,
     owner: Addr<Owner>,
+    /// The owner's and its worker's own thread, stopped after the owner.
+    owner_arbiter: Arbiter,
+    /// `None` while compaction is off.
+    compactor: Option<Addr<Compactor>>,
 }
 
 pub struct LeaderRoles {
     settings: RoleSettings,
+    compaction: CompactorConfig,
     slot: RoleSlot,
     running: Option<Running>,
 }
 
 impl LeaderRoles {
+    /// Compacts etcd every [`DEFAULT_COMPACTION_INTERVAL`](super::compactor::DEFAULT_COMPACTION_INTERVAL)
+    /// while leading; see [`Self::with_compaction_interval`].
     pub fn new(settings: RoleSettings, slot: RoleSlot) -> Self {
+        let compaction = CompactorConfig {
+            request_timeout: settings.owner.worker.request_timeout,
+            ..CompactorConfig::default()
+        };
         Self {
             settings,
+            compaction,
             slot,
             running: None,
         }
+    }
+
+    /// `etcd.compaction_interval`: how often the leader compacts etcd; zero: never.
+    pub fn with_compaction_interval(mut self, interval: std::time::Duration) -> Self {
+        self.compaction.interval = interval;
+        self
     }
 
     fn start_roles(&mut self, fence: super::worker::Fence, guard: LeaseGuard) {
@@ -133,16 +157,24 @@ impl LeaderRoles {
             owner_settings,
         );
         let desk = owner.desk();
-        let owner = owner.start();
+        // Its own thread: a long tick must not delay heartbeats, expiry or the
+        // election's keep-alive, which run on this one. The worker's actors start
+        // on the owner's arbiter too (`actors::start` uses the current one).
+        let owner_arbiter = Arbiter::new();
+        let owner = Owner::start_in_arbiter(&owner_arbiter.handle(), move |_| owner);
+        let compactor = (!self.compaction.interval.is_zero())
+            .then(|| Compactor::new(self.settings.client.clone(), self.compaction).start());
         self.running = Some(Running {
             registry: registry.addr.clone(),
             owner,
+            owner_arbiter,
+            compactor,
         });
         self.slot.set(Some(Roles {
             registry,
             owner: Some(desk),
         }));
-        info!("leader roles started: executor registry and changefeed owner");
+        info!("leader roles started: executor registry, changefeed owner and etcd compactor");
     }
 
     /// Empties the slot now and returns the stop of the actors, in order:
@@ -155,7 +187,12 @@ impl LeaderRoles {
         let running = self.running.take();
         async move {
             if let Some(running) = running {
+                if let Some(compactor) = running.compactor {
+                    let _ = compactor.send(StopCompactor).await;
+                }
+                // Answers once the worker has ended; only then may its thread go.
                 let _ = running.owner.send(StopOwner).await;
+                running.owner_arbiter.stop();
                 let _ = running.registry.send(StopRegistry).await;
                 info!("leader roles stopped");
             }

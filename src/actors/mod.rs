@@ -1,6 +1,8 @@
 //! The actix actors of the orchestrator worker. Each file holds one actor and
 //! the messages it receives; [`worker`] wires them together.
 
+pub mod compactor;
+pub mod etcd_alarms;
 pub mod etcd_watcher;
 pub mod executor_registry;
 pub mod leader;

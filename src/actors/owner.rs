@@ -22,7 +22,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use etcd_client::Client;
 use futures::{stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::executor_registry::{ExecutorEvent, ExecutorInfo, ExecutorRegistry, Subscribe};
@@ -50,6 +50,9 @@ pub enum Error {
     #[error("the changefeed owner is not running yet")]
     NotRunning,
 }
+
+/// Longest a [`StopOwner`] waits for the worker's end.
+pub const STOP_WAIT: Duration = Duration::from_secs(10);
 
 type Inputs = Arc<RwLock<Option<mpsc::UnboundedSender<OwnerInput>>>>;
 
@@ -98,7 +101,9 @@ impl WorkDesk {
     }
 }
 
-/// Stops the owner and its worker.
+/// Stops the owner and its worker; answers once the worker has ended (its
+/// in-flight commit finished) or [`STOP_WAIT`] has passed, so the caller may
+/// then stop the owner's arbiter.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct StopOwner;
@@ -119,6 +124,8 @@ pub struct Owner {
     inputs: Option<mpsc::UnboundedSender<OwnerInput>>,
     desk: WorkDesk,
     stopper: Option<Recipient<StopWorker>>,
+    /// [`StopOwner`]s waiting for the running worker's end.
+    stop_waiters: Vec<oneshot::Sender<()>>,
     /// Current subscription; events of older ones are ignored.
     subscription: u64,
     stopping: bool,
@@ -143,6 +150,7 @@ impl Owner {
                 inputs: Arc::default(),
             },
             stopper: None,
+            stop_waiters: Vec::new(),
             subscription: 0,
             stopping: false,
         }
@@ -180,6 +188,9 @@ impl Owner {
             // No answer is better than one from a state nobody updates.
             act.desk.board.clear();
             if act.stopping {
+                for waiter in act.stop_waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
                 return;
             }
             match result {
@@ -291,13 +302,29 @@ impl StreamHandler<Feed> for Owner {
 }
 
 impl Handler<StopOwner> for Owner {
-    type Result = ();
+    // A `ResponseActFuture`, not an `AtomicResponse`: while it waits, the
+    // worker's end must still reach the actor (the future spawned in
+    // `start_worker`), which answers the waiters.
+    type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, _: StopOwner, ctx: &mut Self::Context) {
+    fn handle(&mut self, _: StopOwner, _: &mut Self::Context) -> Self::Result {
         self.stopping = true;
-        if let Some(stopper) = self.stopper.take() {
+        let ended = self.stopper.take().map(|stopper| {
+            let (tx, rx) = oneshot::channel();
+            self.stop_waiters.push(tx);
             stopper.do_send(StopWorker);
-        }
-        ctx.stop();
+            rx
+        });
+        Box::pin(
+            async move {
+                if let Some(ended) = ended {
+                    if tokio::time::timeout(STOP_WAIT, ended).await.is_err() {
+                        warn!(wait = ?STOP_WAIT, "the owner's worker did not stop in time");
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(|(), _, ctx| ctx.stop()),
+        )
     }
 }

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{check_non_zero, human_duration, Invalid, Result};
 
+/// The shortest `etcd.compaction_interval` other than 0.
+pub const MIN_COMPACTION_INTERVAL: Duration = Duration::from_secs(1);
+
 /// `[etcd]`: where job state lives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -25,6 +28,10 @@ pub struct EtcdConfig {
     /// How often the reactor ticks when nothing happens.
     #[serde(with = "human_duration")]
     pub tick_interval: Duration,
+    /// How often the leader compacts etcd's history, to the revision it saw one
+    /// interval earlier; `0` turns it off (for operators who compact etcd themselves).
+    #[serde(with = "human_duration")]
+    pub compaction_interval: Duration,
     /// Most operations in one txn (etcd's `--max-txn-ops`).
     pub max_txn_ops: usize,
     /// Most bytes of keys and values in one txn (below etcd's `--max-request-bytes`).
@@ -55,6 +62,7 @@ impl Default for EtcdConfig {
             dial_timeout: Duration::from_secs(5),
             request_timeout: worker.request_timeout,
             tick_interval: worker.tick_interval,
+            compaction_interval: crate::actors::compactor::DEFAULT_COMPACTION_INTERVAL,
             max_txn_ops: worker.max_txn_ops,
             max_txn_bytes: worker.max_txn_bytes,
             embedded_client_port: 2379,
@@ -132,6 +140,19 @@ impl EtcdConfig {
                 ("etcd.tick_interval", self.tick_interval),
             ],
         )?;
+        // Zero is allowed (off); a compaction more often than every second would cut
+        // off watchers that are merely a little behind.
+        if !self.compaction_interval.is_zero() && self.compaction_interval < MIN_COMPACTION_INTERVAL
+        {
+            return Err(invalid(
+                "etcd.compaction_interval",
+                format!(
+                    "{} is too short: use at least {} (or 0 to turn compaction off)",
+                    humantime::format_duration(self.compaction_interval),
+                    humantime::format_duration(MIN_COMPACTION_INTERVAL),
+                ),
+            ));
+        }
         if self.max_txn_ops == 0 {
             return Err(invalid("etcd.max_txn_ops", "must be > 0".into()));
         }
@@ -159,5 +180,35 @@ impl EtcdConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::Config;
+
+    #[test]
+    fn compaction_interval_defaults_to_five_minutes() {
+        let config = Config::from_toml_str("").unwrap();
+        assert_eq!(config.etcd.compaction_interval, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn compaction_interval_zero_turns_compaction_off() {
+        let config = Config::from_toml_str("[etcd]\ncompaction_interval = \"0\"\n").unwrap();
+        assert!(config.etcd.compaction_interval.is_zero());
+    }
+
+    #[test]
+    fn compaction_interval_below_a_second_names_key_and_value() {
+        let msg = Config::from_toml_str("[etcd]\ncompaction_interval = \"200ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("etcd.compaction_interval: 200ms is too short"),
+            "{msg}"
+        );
     }
 }

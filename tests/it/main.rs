@@ -12,6 +12,7 @@ mod chaos;
 mod cli;
 mod client;
 mod cluster_e2e;
+mod compaction;
 mod dashboard;
 mod etcd_harness;
 mod etcd_worker;

@@ -77,6 +77,8 @@ pub struct EtcdCluster {
     /// `--initial-cluster`, identical for every member.
     initial_cluster: String,
     token: String,
+    /// More flags for every member (see [`EtcdCluster::start_with_args`]).
+    extra_args: Vec<String>,
     /// Holds data dirs and logs; declared last so it is removed after `Drop` has
     /// killed the processes still writing into it.
     dir: TempDir,
@@ -96,10 +98,17 @@ impl EtcdCluster {
     /// A static cluster of `members` etcd servers, every one healthy on return.
     /// Panics (with the logs) if it cannot be started.
     pub fn start(members: usize) -> EtcdCluster {
+        EtcdCluster::start_with_args(members, &[])
+    }
+
+    /// Like [`EtcdCluster::start`], every member also given `extra_args` (kept
+    /// across restarts), e.g. `["--quota-backend-bytes=1048576"]`.
+    pub fn start_with_args(members: usize, extra_args: &[&str]) -> EtcdCluster {
         assert!(members > 0, "an etcd cluster needs at least one member");
         let mut last_race = String::new();
         for _ in 0..START_ATTEMPTS {
             let mut cluster = EtcdCluster::create(members);
+            cluster.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
             for i in 0..members {
                 cluster.spawn(i);
             }
@@ -331,6 +340,7 @@ impl EtcdCluster {
             members,
             initial_cluster,
             token: unique_token(),
+            extra_args: Vec::new(),
             dir,
         }
     }
@@ -370,6 +380,7 @@ impl EtcdCluster {
             // survivors to take over within a second.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--snapshot-count", "10000"])
+            .args(&self.extra_args)
             .args(["--logger", "zap", "--log-outputs"])
             .arg(&member.log_path)
             .stdin(Stdio::null())
