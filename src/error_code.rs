@@ -63,6 +63,8 @@ error_codes! {
     RegistryFull => "registry_full",
     /// etcd did not answer in time.
     EtcdUnavailable => "etcd_unavailable",
+    /// etcd raised an alarm (NOSPACE: its database is full).
+    EtcdAlarm => "etcd_alarm",
     /// A subsystem the request needs is not running.
     Unavailable => "unavailable",
     /// No leader to serve or forward to.

@@ -19,6 +19,7 @@ use actix::{Actor, Addr, Recipient};
 use futures::{Stream, StreamExt};
 use tracing::{info, warn};
 
+use crate::actors::etcd_alarms::{AlarmMonitor, AlarmMonitorConfig, StopAlarmMonitor};
 use crate::actors::executor_registry::RegistryConfig;
 use crate::actors::leader::{LeaderRoles, RoleSettings, RoleSlot, StepDown};
 use crate::actors::owner::OwnerSettings;
@@ -129,6 +130,16 @@ where
     // watch is a long-lived stream, and the worker bounds each request itself.
     // The election shares it (its requests are bounded by the election).
     let owner_client = connect_etcd(&endpoints, etcd_options).await?;
+    // Every server watches etcd's alarms (they concern the whole cluster).
+    let alarm_monitor = AlarmMonitor::new(
+        owner_client.clone(),
+        AlarmMonitorConfig {
+            request_timeout: config.etcd.request_timeout,
+            ..AlarmMonitorConfig::default()
+        },
+    );
+    let etcd_alarms = alarm_monitor.alarms();
+    let alarm_monitor = alarm_monitor.start();
     let keys = Keys::new(config.etcd.prefix.clone());
     let server_id = server_id();
     let roles = RoleSlot::default();
@@ -171,12 +182,14 @@ where
         .with_changefeeds(changefeeds)
         .with_admin_token(admin_token)
         .with_http_limits(&config.http)
-        .with_peer_tls(peer_tls);
+        .with_peer_tls(peer_tls)
+        .with_etcd_alarms(etcd_alarms);
     let server = http::serve(listener, &config.http, state).map_err(Error::Http)?;
     info!(server_id, listen = %bound, "HTTP server listening");
 
     serve_until_shutdown(server, &config, &mut shutdown).await?;
     stop_leadership(leader_roles, election).await;
+    let _ = alarm_monitor.send(StopAlarmMonitor).await;
     if let Some(etcd) = embedded {
         stop_embedded_etcd(etcd).await?;
     }
@@ -343,6 +356,7 @@ fn start_leader_roles(
         },
         roles,
     )
+    .with_compaction_interval(config.etcd.compaction_interval)
     .start()
 }
 

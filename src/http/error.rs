@@ -35,6 +35,9 @@ pub enum Error {
     /// etcd did not answer in time.
     #[error("etcd is unavailable: {0}")]
     EtcdUnavailable(String),
+    /// etcd raised an alarm: it refuses writes.
+    #[error("{0}")]
+    EtcdAlarm(&'static str),
     /// Too many registrations from this client address; retry after the
     /// given number of seconds.
     #[error("too many registrations from this address; retry in {retry_after_secs} s")]
@@ -72,6 +75,7 @@ impl Error {
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
             Error::EtcdUnavailable(_) => ErrorCode::EtcdUnavailable,
+            Error::EtcdAlarm(_) => ErrorCode::EtcdAlarm,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::NoLeader(_) => ErrorCode::NoLeader,
             Error::TooManyRequests { .. } => ErrorCode::TooManyRequests,
@@ -126,9 +130,10 @@ impl ResponseError for Error {
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Error::EtcdUnavailable(_) | Error::Unavailable(_) | Error::NoLeader(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::EtcdUnavailable(_)
+            | Error::EtcdAlarm(_)
+            | Error::Unavailable(_)
+            | Error::NoLeader(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Registry(e) => {
                 use crate::actors::executor_registry::Error as R;
                 match e {
@@ -228,6 +233,7 @@ mod tests {
             (Error::UnsupportedMediaType, "unsupported_media_type", 415),
             (Error::NotFound("x".into()), "not_found", 404),
             (Error::EtcdUnavailable("x".into()), "etcd_unavailable", 503),
+            (Error::EtcdAlarm("x"), "etcd_alarm", 503),
             (Error::Internal("x".into()), "internal", 500),
             (
                 Error::TooManyRequests {

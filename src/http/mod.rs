@@ -28,6 +28,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use tokio::sync::watch;
 
+use crate::actors::etcd_alarms::EtcdAlarms;
 use crate::actors::leader::RoleSlot;
 use crate::config::HttpConfig;
 use crate::election::ElectionView;
@@ -103,6 +104,8 @@ pub struct AppState {
     /// How to reach the other servers when forwarding: `None` over plain
     /// HTTP, or HTTPS trusting `http.tls_ca_file`.
     pub peer_tls: Option<Arc<rustls::ClientConfig>>,
+    /// etcd's alarms as this server last polled them; `None`: not watched.
+    pub etcd_alarms: Option<EtcdAlarms>,
 }
 
 impl AppState {
@@ -123,6 +126,7 @@ impl AppState {
             max_heartbeat_bytes: http.max_heartbeat_bytes,
             register_limit: limits::RegisterLimiter::new(http.register_rate, http.register_burst),
             peer_tls: None,
+            etcd_alarms: None,
         }
     }
 
@@ -194,6 +198,14 @@ impl AppState {
     /// HTTP, or HTTPS with this client configuration.
     pub fn with_peer_tls(self, peer_tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         Self { peer_tls, ..self }
+    }
+
+    /// etcd's alarms, polled elsewhere: `/readyz` is 503 while one is raised.
+    pub fn with_etcd_alarms(self, alarms: EtcdAlarms) -> Self {
+        Self {
+            etcd_alarms: Some(alarms),
+            ..self
+        }
     }
 
     /// Whether `token` is the admin token (compared in constant time).

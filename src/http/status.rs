@@ -54,6 +54,9 @@ pub(super) async fn healthz() -> HttpResponse {
 )]
 pub(super) async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
     state.etcd.check().await.map_err(Error::EtcdUnavailable)?;
+    if let Some(problem) = state.etcd_alarms.as_ref().and_then(|a| a.problem()) {
+        return Err(Error::EtcdAlarm(problem));
+    }
     if let Some(view) = &state.election {
         // A follower is ready when it has a leader to forward to.
         if state.roles.is_empty() && view.borrow().leader.is_none() {

@@ -854,12 +854,14 @@ async fn readyz_is_503_until_the_owner_has_loaded_its_snapshot() {
         owner: Some(owner.desk()),
         ..registry_only.roles.get().expect("a fixed registry")
     };
+    let alarms = flotilla::actors::etcd_alarms::EtcdAlarms::default();
     let state = web::Data::new(
         AppState::new(
             registry_only.info.clone(),
             EtcdProbe::new(client, Duration::from_secs(5)),
         )
-        .with_roles(RoleSlot::fixed(roles)),
+        .with_roles(RoleSlot::fixed(roles))
+        .with_etcd_alarms(alarms.clone()),
     );
     let app = app!(state);
     let readyz = || test::TestRequest::get().uri("/readyz");
@@ -885,5 +887,19 @@ async fn readyz_is_503_until_the_owner_has_loaded_its_snapshot() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // etcd refusing writes for lack of space (as the alarm monitor or a write
+    // path sees it): not ready, saying what to do.
+    let full = etcd_client::Error::GRpcStatus(tonic::Status::resource_exhausted(
+        "etcdserver: mvcc: database space exceeded",
+    ));
+    assert!(alarms.note_error(&full));
+    let (status, body) = call!(app, readyz());
+    assert_error(status, &body, 503, "etcd_alarm");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("NOSPACE") && message.contains("defrag"),
+        "{body}"
+    );
     owner.send(StopOwner).await.unwrap();
 }
