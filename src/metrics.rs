@@ -366,6 +366,42 @@ pub fn etcd() -> &'static EtcdMetrics {
     &ETCD
 }
 
+/// The changefeed owner's scheduling.
+pub struct OwnerMetrics {
+    pub tick_visited_changefeeds: prometheus::Histogram,
+    pub full_passes_total: prometheus::IntCounter,
+    pub checkpoint_writes_total: prometheus::IntCounter,
+    pub checkpoint_persist_lag_seconds: prometheus::Gauge,
+}
+
+static OWNER: LazyLock<OwnerMetrics> = LazyLock::new(|| OwnerMetrics {
+    tick_visited_changefeeds: histogram(
+        "owner_tick_visited_changefeeds",
+        "Changefeeds one owner tick visited (all of them on a full pass).",
+        prometheus::exponential_buckets(1.0, 4.0, 10).expect("valid buckets"),
+    ),
+    full_passes_total: counter(
+        "owner_full_passes_total",
+        "Owner ticks that visited every changefeed.",
+    ),
+    checkpoint_writes_total: counter(
+        "owner_checkpoint_writes_total",
+        "Checkpoint-only status writes the owner queued (within its budget).",
+    ),
+    checkpoint_persist_lag_seconds: register(
+        prometheus::Gauge::new(
+            "owner_checkpoint_persist_lag_seconds",
+            "Age of the oldest persisted checkpoint still waiting for the write budget, \
+             as of the last tick (0: none waits).",
+        )
+        .expect("valid gauge"),
+    ),
+});
+
+pub fn owner() -> &'static OwnerMetrics {
+    &OWNER
+}
+
 /// Registers every metric family now and creates the series of every label value known
 /// in advance (outcome `ok`, each removal and resync reason, each store operation), so
 /// a scrape shows them at 0 before the first event: `rate()` and alerts see a series
@@ -401,6 +437,7 @@ pub fn register_all() {
         store.errors_total.with_label_values(&[operation]);
     }
     http();
+    owner();
     is_leader();
     let election = election();
     for outcome in ["ok", "no_leader"] {

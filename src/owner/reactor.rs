@@ -156,6 +156,8 @@ pub struct OwnerReactor {
     wakeups: BTreeSet<(u64, ChangefeedId)>,
     /// When the last full pass ran; `None`: the next tick is one.
     full_pass_at: Option<u64>,
+    /// This leader's first tick (ms).
+    started_at: u64,
     /// The live executors changed: the mirror under `__meta__` is compared.
     mirror_stale: bool,
     last_tick: TickStats,
@@ -208,6 +210,7 @@ impl OwnerReactor {
             waiting: BTreeSet::new(),
             wakeups: BTreeSet::new(),
             full_pass_at: None,
+            started_at: 0,
             mirror_stale: true,
             last_tick: TickStats::default(),
             config,
@@ -705,11 +708,24 @@ impl OwnerReactor {
         let last = |cf: &ChangefeedId| written.get(cf).copied();
         waiting.retain(|(cf, _)| last(cf).is_none_or(|at| now >= at.saturating_add(interval)));
         let granted = self.budget.take(now, waiting.len());
+        let mut lag_ms = 0;
         if granted < waiting.len() {
             // `None` (never written by this leader) sorts first.
             waiting.select_nth_unstable_by_key(granted, |(cf, _)| last(cf));
+            // The oldest of those left waiting (never written: since this
+            // leader's first tick).
+            let oldest = waiting[granted..]
+                .iter()
+                .map(|(cf, _)| last(cf).unwrap_or(self.started_at))
+                .min();
+            lag_ms = oldest.map_or(0, |at| now.saturating_sub(at));
             waiting.truncate(granted);
         }
+        let metrics = crate::metrics::owner();
+        metrics
+            .checkpoint_persist_lag_seconds
+            .set(lag_ms as f64 / 1000.0);
+        metrics.checkpoint_writes_total.inc_by(waiting.len() as u64);
         let mut groups = Vec::with_capacity(waiting.len());
         for (cf, mut status) in waiting {
             status.written_by = self.config.server_id.clone();
@@ -752,6 +768,9 @@ impl Reactor for OwnerReactor {
             return Ok(());
         };
         let now = (self.now_ms)();
+        if self.started_at == 0 {
+            self.started_at = now;
+        }
         let interval = self.config.full_pass_interval.as_millis() as u64;
         let full = self
             .full_pass_at
@@ -833,6 +852,11 @@ impl Reactor for OwnerReactor {
             self.forget_stale_progress(state);
         }
         self.last_tick = TickStats { full, visited };
+        let metrics = crate::metrics::owner();
+        metrics.tick_visited_changefeeds.observe(visited as f64);
+        if full {
+            metrics.full_passes_total.inc();
+        }
         self.live = Some(live);
         Ok(())
     }
