@@ -46,6 +46,8 @@ use super::model::{
 };
 use super::state::{ChangefeedEntry, GlobalState};
 use crate::state::{reactor, DataPatch, PatchGroup, Reactor};
+use budget::CheckpointBudget;
+use plan::{delete_task, Plan, Scheduled, Tick, Wait, MAX_STALE_TASKS_PER_TICK};
 
 /// An executor the registry says is alive: the same record the owner
 /// mirrors under `__meta__/executor/`.
@@ -104,35 +106,6 @@ impl Default for OwnerConfig {
             max_checkpoint_writes: 500,
             full_pass_interval: Duration::from_secs(10),
         }
-    }
-}
-
-/// The checkpoint write budget: a token bucket of `rate` writes per second
-/// holding at most one second's worth.
-#[derive(Debug)]
-struct CheckpointBudget {
-    rate: f64,
-    tokens: f64,
-    refilled_at: Option<u64>,
-}
-
-impl CheckpointBudget {
-    fn new(rate: u32) -> Self {
-        Self {
-            rate: f64::from(rate),
-            tokens: 0.0,
-            refilled_at: None,
-        }
-    }
-
-    /// Up to `wanted` writes allowed at `now` (ms); they are spent.
-    fn take(&mut self, now: u64, wanted: usize) -> usize {
-        let elapsed = self.refilled_at.map_or(1000, |at| now.saturating_sub(at));
-        self.refilled_at = Some(now);
-        self.tokens = (self.tokens + self.rate * elapsed as f64 / 1000.0).min(self.rate);
-        let granted = (self.tokens.floor() as usize).min(wanted);
-        self.tokens -= granted as f64;
-        granted
     }
 }
 
@@ -283,236 +256,6 @@ impl OwnerReactor {
         for group in groups {
             state.queue(group);
         }
-    }
-}
-
-/// At most this many executors' stale task keys (two keys each) are deleted
-/// from one changefeed per tick, so that its patch group always fits one txn
-/// (etcd's default `--max-txn-ops` is 128) however many accumulated, for
-/// example written from outside; the rest go in the next ticks.
-const MAX_STALE_TASKS_PER_TICK: usize = 32;
-
-/// What every changefeed's decision in one tick shares.
-struct Tick<'a> {
-    live: &'a BTreeMap<String, LiveExecutor>,
-    /// Built when the tick first needs it (an assignment or an unassignment).
-    load: Option<Load>,
-    now: u64,
-}
-
-impl<'a> Tick<'a> {
-    fn new(live: &'a BTreeMap<String, LiveExecutor>, now: u64) -> Self {
-        Self {
-            live,
-            load: None,
-            now,
-        }
-    }
-
-    fn load(&mut self, state: &GlobalState) -> &mut Load {
-        let live = self.live;
-        self.load.get_or_insert_with(|| Load::new(state, live))
-    }
-}
-
-/// Current assignments per live executor, ordered by (load, id); kept current
-/// as the tick unassigns and assigns.
-struct Load {
-    count: HashMap<String, usize>,
-    order: BTreeSet<(usize, String)>,
-}
-
-impl Load {
-    fn new(state: &GlobalState, live: &BTreeMap<String, LiveExecutor>) -> Self {
-        let count: HashMap<String, usize> = live
-            .keys()
-            .map(|id| (id.clone(), state.load_of(id)))
-            .collect();
-        let order = count.iter().map(|(id, n)| (*n, id.clone())).collect();
-        Self { count, order }
-    }
-
-    fn add(&mut self, executor: &str, delta: isize) {
-        let Some(n) = self.count.get_mut(executor) else {
-            return;
-        };
-        self.order.remove(&(*n, executor.to_owned()));
-        *n = n.saturating_add_signed(delta);
-        self.order.insert((*n, executor.to_owned()));
-    }
-
-    /// The least loaded live executor (ties by id) whose labels match.
-    fn least_loaded(
-        &self,
-        live: &BTreeMap<String, LiveExecutor>,
-        selector: &BTreeMap<String, String>,
-    ) -> Option<String> {
-        self.order
-            .iter()
-            .find(|(_, id)| {
-                let labels = &live[id.as_str()].labels;
-                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-            })
-            .map(|(_, id)| id.clone())
-    }
-}
-
-/// The decision for one changefeed, turned into one patch group.
-struct Plan<'a> {
-    cf: &'a ChangefeedId,
-    entry: &'a ChangefeedEntry,
-    info: &'a ChangefeedInfo,
-    group: PatchGroup,
-    status: ChangefeedStatus,
-    status_changed: bool,
-    /// The checkpoint moved forward this tick (written with any other status
-    /// change, else when the write budget lets it).
-    checkpoint_advanced: bool,
-    /// The info to write: the changefeed failed or finished this tick.
-    new_info: Option<ChangefeedInfo>,
-    /// The changefeed's state is `normal`.
-    running: bool,
-    /// Its current assignment, if it runs and the executor is live.
-    current: Option<String>,
-    /// The assignment it keeps after this tick's progress.
-    assigned: Option<String>,
-}
-
-impl<'a> Plan<'a> {
-    fn new(
-        state: &GlobalState,
-        live: &BTreeMap<String, LiveExecutor>,
-        cf: &'a ChangefeedId,
-        entry: &'a ChangefeedEntry,
-        info: &'a ChangefeedInfo,
-    ) -> Self {
-        let running = info.state == FeedState::Normal;
-        let current = entry
-            .current_executor()
-            .filter(|e| running && live.contains_key(*e))
-            .map(str::to_owned);
-        Self {
-            cf,
-            entry,
-            info,
-            group: vec![DataPatch::guard(state.keys.info(cf))],
-            status: entry.status.clone().unwrap_or_default(),
-            status_changed: entry.status.is_none(),
-            checkpoint_advanced: false,
-            new_info: None,
-            running,
-            assigned: current.clone(),
-            current,
-        }
-    }
-
-    fn delete_task(&mut self, state: &GlobalState, executor: &str) {
-        delete_task(&mut self.group, state, self.cf, self.entry, executor);
-    }
-
-    /// Every task that is not the current live assignment goes.
-    fn delete_stale_tasks(&mut self, state: &GlobalState) {
-        let stale = self
-            .entry
-            .task_holders()
-            .into_iter()
-            .filter(|executor| Some(*executor) != self.current.as_ref());
-        for executor in stale.take(MAX_STALE_TASKS_PER_TICK) {
-            delete_task(&mut self.group, state, self.cf, self.entry, executor);
-        }
-    }
-
-    /// Still `normal` after this tick (not failed or finished by it).
-    fn still_running(&self) -> bool {
-        self.new_info
-            .as_ref()
-            .map_or(self.running, |i| i.state == FeedState::Normal)
-    }
-
-    /// It should run and has no executor.
-    fn needs_executor(&self) -> bool {
-        self.still_running() && self.assigned.is_none() && self.current.is_none()
-    }
-
-    fn set_pending_reason(&mut self, reason: Option<String>) {
-        if self.status.pending_reason != reason {
-            self.status.pending_reason = reason;
-            self.status_changed = true;
-        }
-    }
-
-    /// Running on a live executor, or deliberately not running (paused,
-    /// finished): nothing is pending.
-    fn clear_pending_reason(&mut self) {
-        if (self.assigned.is_some() || !self.still_running())
-            && self.new_info.is_none()
-            && self.status.pending_reason.is_some()
-        {
-            self.status.pending_reason = None;
-            self.status_changed = true;
-        }
-    }
-
-    /// The group: what was decided, then the new info and status (`None`
-    /// when nothing but the guard is in it), and whether the status is in it.
-    /// A status whose only change is an advanced checkpoint is left out and
-    /// comes back as [`Scheduled::checkpoint`].
-    fn into_scheduled(mut self, state: &GlobalState, server_id: &str) -> Scheduled {
-        if let Some(info) = self.new_info {
-            self.group
-                .push(DataPatch::put(state.keys.info(self.cf), json(&info)));
-        }
-        let mut checkpoint = None;
-        if self.status_changed {
-            self.status.written_by = server_id.to_owned();
-            self.group.push(DataPatch::put(
-                state.keys.status(self.cf),
-                json(&self.status),
-            ));
-        } else if self.checkpoint_advanced {
-            checkpoint = Some(self.status);
-        }
-        Scheduled {
-            group: (self.group.len() > 1).then_some(self.group),
-            wait: Wait::Nothing,
-            wrote_status: self.status_changed,
-            checkpoint,
-        }
-    }
-}
-
-/// What a changefeed still waits for after a tick.
-enum Wait {
-    Nothing,
-    /// An executor that matches (none is live, or none matches).
-    Executor,
-    /// The end of its backoff after an error (ms).
-    Until(u64),
-}
-
-/// One changefeed's outcome of a tick.
-struct Scheduled {
-    group: Option<PatchGroup>,
-    wait: Wait,
-    /// The status is written by `group`.
-    wrote_status: bool,
-    /// The status with an advanced checkpoint, waiting for the budget.
-    checkpoint: Option<ChangefeedStatus>,
-}
-
-/// Queues the deletes of `executor`'s task keys of `cf` that exist.
-fn delete_task(
-    group: &mut PatchGroup,
-    state: &GlobalState,
-    cf: &ChangefeedId,
-    entry: &ChangefeedEntry,
-    executor: &str,
-) {
-    if entry.tasks.contains_key(executor) {
-        group.push(DataPatch::delete(state.keys.task_status(cf, executor)));
-    }
-    if entry.positions.contains_key(executor) {
-        group.push(DataPatch::delete(state.keys.task_position(cf, executor)));
     }
 }
 
@@ -862,5 +605,7 @@ impl Reactor for OwnerReactor {
     }
 }
 
+mod budget;
+mod plan;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,239 @@
+//! One changefeed's decision in a tick ([`Plan`], turned into one patch group) and
+//! what all decisions of a tick share ([`Tick`], with the executors' [`Load`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::super::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState};
+use super::super::state::{ChangefeedEntry, GlobalState};
+use super::{json, LiveExecutor};
+use crate::state::{DataPatch, PatchGroup};
+
+/// At most this many executors' stale task keys (two keys each) are deleted
+/// from one changefeed per tick, so that its patch group always fits one txn
+/// (etcd's default `--max-txn-ops` is 128) however many accumulated, for
+/// example written from outside; the rest go in the next ticks.
+pub(super) const MAX_STALE_TASKS_PER_TICK: usize = 32;
+
+/// What every changefeed's decision in one tick shares.
+pub(super) struct Tick<'a> {
+    pub(super) live: &'a BTreeMap<String, LiveExecutor>,
+    /// Built when the tick first needs it (an assignment or an unassignment).
+    pub(super) load: Option<Load>,
+    pub(super) now: u64,
+}
+
+impl<'a> Tick<'a> {
+    pub(super) fn new(live: &'a BTreeMap<String, LiveExecutor>, now: u64) -> Self {
+        Self {
+            live,
+            load: None,
+            now,
+        }
+    }
+
+    pub(super) fn load(&mut self, state: &GlobalState) -> &mut Load {
+        let live = self.live;
+        self.load.get_or_insert_with(|| Load::new(state, live))
+    }
+}
+
+/// Current assignments per live executor, ordered by (load, id); kept current
+/// as the tick unassigns and assigns.
+pub(super) struct Load {
+    pub(super) count: HashMap<String, usize>,
+    pub(super) order: BTreeSet<(usize, String)>,
+}
+
+impl Load {
+    pub(super) fn new(state: &GlobalState, live: &BTreeMap<String, LiveExecutor>) -> Self {
+        let count: HashMap<String, usize> = live
+            .keys()
+            .map(|id| (id.clone(), state.load_of(id)))
+            .collect();
+        let order = count.iter().map(|(id, n)| (*n, id.clone())).collect();
+        Self { count, order }
+    }
+
+    pub(super) fn add(&mut self, executor: &str, delta: isize) {
+        let Some(n) = self.count.get_mut(executor) else {
+            return;
+        };
+        self.order.remove(&(*n, executor.to_owned()));
+        *n = n.saturating_add_signed(delta);
+        self.order.insert((*n, executor.to_owned()));
+    }
+
+    /// The least loaded live executor (ties by id) whose labels match.
+    pub(super) fn least_loaded(
+        &self,
+        live: &BTreeMap<String, LiveExecutor>,
+        selector: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        self.order
+            .iter()
+            .find(|(_, id)| {
+                let labels = &live[id.as_str()].labels;
+                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .map(|(_, id)| id.clone())
+    }
+}
+
+/// The decision for one changefeed, turned into one patch group.
+pub(super) struct Plan<'a> {
+    pub(super) cf: &'a ChangefeedId,
+    pub(super) entry: &'a ChangefeedEntry,
+    pub(super) info: &'a ChangefeedInfo,
+    pub(super) group: PatchGroup,
+    pub(super) status: ChangefeedStatus,
+    pub(super) status_changed: bool,
+    /// The checkpoint moved forward this tick (written with any other status
+    /// change, else when the write budget lets it).
+    pub(super) checkpoint_advanced: bool,
+    /// The info to write: the changefeed failed or finished this tick.
+    pub(super) new_info: Option<ChangefeedInfo>,
+    /// The changefeed's state is `normal`.
+    pub(super) running: bool,
+    /// Its current assignment, if it runs and the executor is live.
+    pub(super) current: Option<String>,
+    /// The assignment it keeps after this tick's progress.
+    pub(super) assigned: Option<String>,
+}
+
+impl<'a> Plan<'a> {
+    pub(super) fn new(
+        state: &GlobalState,
+        live: &BTreeMap<String, LiveExecutor>,
+        cf: &'a ChangefeedId,
+        entry: &'a ChangefeedEntry,
+        info: &'a ChangefeedInfo,
+    ) -> Self {
+        let running = info.state == FeedState::Normal;
+        let current = entry
+            .current_executor()
+            .filter(|e| running && live.contains_key(*e))
+            .map(str::to_owned);
+        Self {
+            cf,
+            entry,
+            info,
+            group: vec![DataPatch::guard(state.keys.info(cf))],
+            status: entry.status.clone().unwrap_or_default(),
+            status_changed: entry.status.is_none(),
+            checkpoint_advanced: false,
+            new_info: None,
+            running,
+            assigned: current.clone(),
+            current,
+        }
+    }
+
+    pub(super) fn delete_task(&mut self, state: &GlobalState, executor: &str) {
+        delete_task(&mut self.group, state, self.cf, self.entry, executor);
+    }
+
+    /// Every task that is not the current live assignment goes.
+    pub(super) fn delete_stale_tasks(&mut self, state: &GlobalState) {
+        let stale = self
+            .entry
+            .task_holders()
+            .into_iter()
+            .filter(|executor| Some(*executor) != self.current.as_ref());
+        for executor in stale.take(MAX_STALE_TASKS_PER_TICK) {
+            delete_task(&mut self.group, state, self.cf, self.entry, executor);
+        }
+    }
+
+    /// Still `normal` after this tick (not failed or finished by it).
+    pub(super) fn still_running(&self) -> bool {
+        self.new_info
+            .as_ref()
+            .map_or(self.running, |i| i.state == FeedState::Normal)
+    }
+
+    /// It should run and has no executor.
+    pub(super) fn needs_executor(&self) -> bool {
+        self.still_running() && self.assigned.is_none() && self.current.is_none()
+    }
+
+    pub(super) fn set_pending_reason(&mut self, reason: Option<String>) {
+        if self.status.pending_reason != reason {
+            self.status.pending_reason = reason;
+            self.status_changed = true;
+        }
+    }
+
+    /// Running on a live executor, or deliberately not running (paused,
+    /// finished): nothing is pending.
+    pub(super) fn clear_pending_reason(&mut self) {
+        if (self.assigned.is_some() || !self.still_running())
+            && self.new_info.is_none()
+            && self.status.pending_reason.is_some()
+        {
+            self.status.pending_reason = None;
+            self.status_changed = true;
+        }
+    }
+
+    /// The group: what was decided, then the new info and status (`None`
+    /// when nothing but the guard is in it), and whether the status is in it.
+    /// A status whose only change is an advanced checkpoint is left out and
+    /// comes back as [`Scheduled::checkpoint`].
+    pub(super) fn into_scheduled(mut self, state: &GlobalState, server_id: &str) -> Scheduled {
+        if let Some(info) = self.new_info {
+            self.group
+                .push(DataPatch::put(state.keys.info(self.cf), json(&info)));
+        }
+        let mut checkpoint = None;
+        if self.status_changed {
+            self.status.written_by = server_id.to_owned();
+            self.group.push(DataPatch::put(
+                state.keys.status(self.cf),
+                json(&self.status),
+            ));
+        } else if self.checkpoint_advanced {
+            checkpoint = Some(self.status);
+        }
+        Scheduled {
+            group: (self.group.len() > 1).then_some(self.group),
+            wait: Wait::Nothing,
+            wrote_status: self.status_changed,
+            checkpoint,
+        }
+    }
+}
+
+/// What a changefeed still waits for after a tick.
+pub(super) enum Wait {
+    Nothing,
+    /// An executor that matches (none is live, or none matches).
+    Executor,
+    /// The end of its backoff after an error (ms).
+    Until(u64),
+}
+
+/// One changefeed's outcome of a tick.
+pub(super) struct Scheduled {
+    pub(super) group: Option<PatchGroup>,
+    pub(super) wait: Wait,
+    /// The status is written by `group`.
+    pub(super) wrote_status: bool,
+    /// The status with an advanced checkpoint, waiting for the budget.
+    pub(super) checkpoint: Option<ChangefeedStatus>,
+}
+
+/// Queues the deletes of `executor`'s task keys of `cf` that exist.
+pub(super) fn delete_task(
+    group: &mut PatchGroup,
+    state: &GlobalState,
+    cf: &ChangefeedId,
+    entry: &ChangefeedEntry,
+    executor: &str,
+) {
+    if entry.tasks.contains_key(executor) {
+        group.push(DataPatch::delete(state.keys.task_status(cf, executor)));
+    }
+    if entry.positions.contains_key(executor) {
+        group.push(DataPatch::delete(state.keys.task_position(cf, executor)));
+    }
+}
