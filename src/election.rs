@@ -3,6 +3,9 @@
 //! through its [`ElectionHandle`]), not an actor: it receives no messages and only
 //! sends [`Leadership`] to `LeaderRoles` (`actors::leader`).
 //!
+//! (One file of about 740 lines on purpose: the campaign is one state machine, and its
+//! states, transitions and the lease arithmetic read best side by side.)
+//!
 //! Each server holds a lease of `session_ttl` and one key under
 //! `<prefix>/__meta__/owner/<lease-hex>` whose value is this server's id and
 //! advertised address. The key with the lowest create_revision leads (etcd's

@@ -1,6 +1,9 @@
 //! `EtcdWatcher`: a consistent read of the prefix in pages, then a watch from
 //! the revision after it, forwarded to the ticker in order.
 //!
+//! (About 700 lines with its tests, on purpose: one state machine whose every state
+//! and transition is visible in one place.)
+//!
 //! The watch loop is an explicit state machine ([`WatchState`] and one
 //! [`WatchLoop::step`]): every state and transition is visible in one place.
 //!

@@ -39,7 +39,7 @@
 //! The embedding program sees the agent through an [`AgentHandle`]: a `watch` of
 //! [`AgentView`] (the executor id and the current assignments, replaced after every
 //! heartbeat), [`AgentHandle::report`] to queue progress for the next heartbeat, and
-//! [`AgentHandle::stop`], which stops the assignments, then deregisters. [`simulate`]
+//! [`AgentHandle::stop`], which stops the assignments, then deregisters. [`simulate`](super::simulate)
 //! is a fake workload on top.
 
 use std::collections::{BTreeMap, HashMap};
@@ -51,6 +51,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::outbox::{budget_for, Outbox, DEFAULT_BUDGET, MIN_BUDGET};
 use super::{
     Assignment, Client, Error, HeartbeatRequest, HeartbeatResponse, Progress, RegisterRequest,
     Rejected, Result,
@@ -257,88 +258,6 @@ struct Runner {
     outbox: Outbox,
     /// Bytes of progress one heartbeat may carry.
     budget: usize,
-}
-
-/// A server that does not announce its heartbeat limit has 64 KiB.
-const DEFAULT_BUDGET: usize = 64 * 1024;
-/// Room left in a heartbeat body for everything but the progress items.
-const BODY_OVERHEAD: usize = 256;
-/// The smallest budget a 413 halves it to.
-const MIN_BUDGET: usize = 512;
-
-/// The bytes of progress a server announcing `max_heartbeat_bytes` takes.
-fn budget_for(max_heartbeat_bytes: Option<u64>) -> usize {
-    max_heartbeat_bytes
-        .map_or(DEFAULT_BUDGET, |b| usize::try_from(b).unwrap_or(usize::MAX))
-        .saturating_sub(BODY_OVERHEAD)
-        .max(MIN_BUDGET)
-}
-
-/// The latest progress of each assignment, and when each was last sent.
-#[derive(Default)]
-struct Outbox {
-    items: HashMap<(String, String), Pending>,
-    /// Heartbeats packed so far.
-    round: u64,
-}
-
-struct Pending {
-    progress: Progress,
-    /// Its encoded size, commas included.
-    bytes: usize,
-    /// The round it was last sent in (0: never).
-    sent: u64,
-    /// Reported again since it was last sent.
-    changed: bool,
-}
-
-impl Outbox {
-    fn report(&mut self, progress: Progress) {
-        let bytes = serde_json::to_vec(&progress).map_or(0, |v| v.len()) + 1;
-        let key = (progress.namespace.clone(), progress.changefeed.clone());
-        let sent = self.items.get(&key).map_or(0, |p| p.sent);
-        self.items.insert(
-            key,
-            Pending {
-                progress,
-                bytes,
-                sent,
-                changed: true,
-            },
-        );
-    }
-
-    /// What the next heartbeat carries: changed progress first, then the
-    /// rest, each the least recently sent first (so progress that changes all
-    /// the time is still sent in turn), as much as fits in `budget` bytes.
-    fn pack(&mut self, budget: usize) -> Vec<Progress> {
-        self.round += 1;
-        let mut order: Vec<(&(String, String), &mut Pending)> = self.items.iter_mut().collect();
-        order.sort_unstable_by_key(|(key, p)| (!p.changed, p.sent, *key));
-        let mut left = budget;
-        let mut packed = Vec::new();
-        for (_, pending) in order {
-            // One that does not fit does not stop smaller ones behind it.
-            if pending.bytes <= left {
-                left -= pending.bytes;
-                pending.sent = self.round;
-                pending.changed = false;
-                packed.push(pending.progress.clone());
-            }
-        }
-        packed
-    }
-
-    /// Keeps only the progress of `current` assignments (changefeed -> epoch).
-    fn retain(&mut self, current: &HashMap<(&str, &str), u64>) {
-        self.items.retain(|(ns, cf), p| {
-            current.get(&(ns.as_str(), cf.as_str())) == Some(&p.progress.epoch)
-        });
-    }
-
-    fn clear(&mut self) {
-        self.items.clear();
-    }
 }
 
 impl Runner {
@@ -608,127 +527,9 @@ fn backoff(
     }
 }
 
-/// A fake workload: every `step`, each assigned changefeed's checkpoint moves to where
-/// it was assigned from plus the wall-clock time since (as a TiDB-style timestamp
-/// delta, milliseconds `<< 18`), and is reported. Runs until the future is dropped.
-/// Takes [`AgentHandle::subscribe`] and [`AgentHandle::reporter`].
-pub async fn simulate(
-    view: watch::Receiver<AgentView>,
-    reporter: ProgressReporter,
-    step: Duration,
-) {
-    // Where each (namespace, changefeed) was assigned from, at which epoch, and when.
-    let mut running: HashMap<(String, String), (u64, u64, Instant)> = HashMap::new();
-    let mut ticker = tokio::time::interval(step);
-    loop {
-        ticker.tick().await;
-        let view = view.borrow().clone();
-        running.retain(|(ns, cf), (epoch, _, _)| {
-            let kept = view
-                .assignments
-                .iter()
-                .any(|a| &a.namespace == ns && &a.changefeed == cf && a.epoch == *epoch);
-            if !kept {
-                info!(namespace = ns, changefeed = cf, "simulation: stopped");
-            }
-            kept
-        });
-        for a in &view.assignments {
-            let key = (a.namespace.clone(), a.changefeed.clone());
-            let (epoch, from, since) = *running.entry(key).or_insert_with(|| {
-                info!(
-                    namespace = a.namespace,
-                    changefeed = a.changefeed,
-                    epoch = a.epoch,
-                    checkpoint_ts = a.checkpoint_ts,
-                    "simulation: started"
-                );
-                (a.epoch, a.checkpoint_ts, Instant::now())
-            });
-            let elapsed_ms = since.elapsed().as_millis() as u64;
-            reporter.report(Progress {
-                namespace: a.namespace.clone(),
-                changefeed: a.changefeed.clone(),
-                epoch,
-                checkpoint_ts: from.saturating_add(elapsed_ms << 18),
-                resolved_ts: None,
-                error: None,
-            });
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn progress(cf: usize, checkpoint_ts: u64) -> Progress {
-        Progress {
-            namespace: "default".into(),
-            changefeed: format!("cf-{cf:03}"),
-            epoch: 1,
-            checkpoint_ts,
-            resolved_ts: None,
-            error: None,
-        }
-    }
-
-    #[test]
-    fn the_outbox_packs_under_the_budget_changed_first_then_least_recently_sent() {
-        let mut outbox = Outbox::default();
-        for cf in 0..100 {
-            outbox.report(progress(cf, 1));
-        }
-        let item = outbox.items.values().next().unwrap().bytes;
-        let budget = 30 * item;
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..4 {
-            let packed = outbox.pack(budget);
-            assert_eq!(packed.len(), 30);
-            let body = serde_json::to_vec(&HeartbeatRequest {
-                ttl_ms: Some(10_000),
-                progress: packed.clone(),
-            })
-            .unwrap();
-            assert!(body.len() <= budget + BODY_OVERHEAD, "{} bytes", body.len());
-            seen.extend(packed.into_iter().map(|p| p.changefeed));
-        }
-        assert_eq!(seen.len(), 100, "every assignment reported in 4 rounds");
-        // A new report goes out at the next heartbeat, whatever was sent when.
-        outbox.report(progress(42, 7));
-        let packed = outbox.pack(budget);
-        assert_eq!(
-            (packed[0].changefeed.as_str(), packed[0].checkpoint_ts),
-            ("cf-042", 7)
-        );
-        // Progress that changes before every heartbeat is still sent in turn.
-        let mut seen = std::collections::BTreeSet::new();
-        for round in 0..4 {
-            for cf in 0..100 {
-                outbox.report(progress(cf, 10 + round));
-            }
-            seen.extend(outbox.pack(budget).into_iter().map(|p| p.changefeed));
-        }
-        assert_eq!(seen.len(), 100, "nothing starves");
-        // Everything fits: everything goes, every time.
-        assert_eq!(outbox.pack(usize::MAX).len(), 100);
-        assert_eq!(outbox.pack(usize::MAX).len(), 100);
-        // An item too big for the budget does not hold back the others.
-        let mut big = progress(999, 1);
-        big.error = Some("x".repeat(budget));
-        outbox.report(big);
-        let packed = outbox.pack(budget);
-        assert!(packed.len() >= 29, "{}", packed.len());
-        assert!(packed.iter().all(|p| p.changefeed != "cf-999"));
-    }
-
-    #[test]
-    fn the_budget_follows_the_server() {
-        assert_eq!(budget_for(None), DEFAULT_BUDGET - BODY_OVERHEAD);
-        assert_eq!(budget_for(Some(1 << 20)), (1 << 20) - BODY_OVERHEAD);
-        assert_eq!(budget_for(Some(10)), MIN_BUDGET);
-        assert!(budget_for(Some(u64::MAX)) > 1 << 30);
-    }
 
     #[test]
     fn the_lease_ends_at_the_send_time_plus_the_ttl_less_the_margin() {

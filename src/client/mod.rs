@@ -10,6 +10,8 @@
 //! variants of their own, so a caller can tell "the server said no" from "no answer".
 
 pub mod agent;
+mod outbox;
+mod simulate;
 pub mod sse;
 mod types;
 
@@ -27,9 +29,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use agent::{
-    lease_margin, simulate, Agent, AgentConfig, AgentHandle, AgentView, ProgressReporter,
-    MIN_LEASE_MARGIN,
+    lease_margin, Agent, AgentConfig, AgentHandle, AgentView, ProgressReporter, MIN_LEASE_MARGIN,
 };
+pub use simulate::simulate;
 pub use types::*;
 
 /// Where a client connects when told nothing else.

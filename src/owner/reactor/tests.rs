@@ -1,4 +1,5 @@
-//! `OwnerReactor` ticks on a `StateTester`, with a fixed clock.
+//! `OwnerReactor` ticks on a `StateTester`, with a clock each test moves. One file of
+//! scenarios (about 750 lines) sharing one `Harness`.
 
 use super::*;
 use crate::owner::model::{ChangefeedInfo, Keys, TaskPosition};
