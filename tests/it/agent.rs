@@ -258,6 +258,25 @@ async fn a_refused_registration_ends_the_agent_with_the_server_error() {
 /// Kills the agent if the test fails half-way.
 struct AgentProcess(Child);
 
+impl AgentProcess {
+    /// SIGTERM, then its exit status (within 10 s).
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not stop on SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -295,19 +314,7 @@ async fn agent_subcommand_simulates_progress_and_deregisters_on_sigterm() {
     let first = advances_on(&server, &client, "orders", &id, START_TS).await;
     advances_on(&server, &client, "orders", &id, first).await;
 
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = agent.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not stop on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = agent.terminate().await;
     let agent_log = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status.code(), Some(0), "{agent_log}");
     assert!(agent_log.contains("deregistered"), "{agent_log}");
@@ -349,19 +356,7 @@ async fn agent_count_runs_a_simulated_fleet_in_one_process() {
     )
     .await;
     assert!(ids.keys().all(|id| id.starts_with("fleet")), "{ids:?}");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(agent.0.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = agent.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the fleet did not stop on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = agent.terminate().await;
     let fleet_log = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status.code(), Some(0), "{fleet_log}");
     assert!(fleet_log.contains("fleet agents=3"), "{fleet_log}");
