@@ -418,9 +418,11 @@ async fn pause_update_resume_flows() {
     assert_eq!(got["sink_uri"], "kafka://k/t");
 
     // Pause, twice: the second is a no-op.
+    let epoch = created["epoch"].as_u64().unwrap();
     let (status, paused) = call!(app, pause_req("flow"));
     assert_eq!(status, StatusCode::OK, "{paused}");
     assert_eq!(paused["state"], "stopped");
+    assert_eq!(paused["epoch"], epoch + 1, "a pause starts a new epoch");
     let revision = f.mod_revision(&f.keys.info(&cf)).await;
     let (status, again) = call!(app, pause_req("flow").set_json(json!({})));
     assert_eq!(status, StatusCode::OK, "{again}");
@@ -440,6 +442,7 @@ async fn pause_update_resume_flows() {
     assert_eq!(updated["config"], json!({"a": 1}));
     assert_eq!(updated["selector"], json!({"zone": "b"}));
     assert_eq!(updated["state"], "stopped");
+    assert_eq!(updated["epoch"], epoch + 2, "an update starts a new epoch");
     let (status, updated) = call!(app, update_req("flow", json!({"config": {"b": 2}})));
     assert_eq!(status, StatusCode::OK, "{updated}");
     assert_eq!(
@@ -472,7 +475,7 @@ async fn pause_update_resume_flows() {
     assert_eq!(status, StatusCode::OK, "{resumed}");
     assert_eq!(resumed["state"], "normal");
     assert_eq!(resumed["checkpoint_ts"], 5000);
-    assert_eq!(resumed["epoch"], 4);
+    assert_eq!(resumed["epoch"], 5, "a resume starts a new epoch");
     let stored: ChangefeedStatus =
         serde_json::from_value(f.get_json(&status_key).await.unwrap()).unwrap();
     assert_eq!(
@@ -482,7 +485,7 @@ async fn pause_update_resume_flows() {
             stored.retries,
             stored.retry_after_ms
         ),
-        (5000, 4, 0, 0)
+        (5000, 5, 0, 0)
     );
     // Resuming a running changefeed: a no-op, unless it asks for a checkpoint.
     let revision = f.mod_revision(&f.keys.info(&cf)).await;
@@ -497,7 +500,8 @@ async fn pause_update_resume_flows() {
     assert_error(status, &body, 409, "changefeed_not_paused");
 
     // Failed (as the owner marks it): not pausable, not updatable; resume
-    // clears the error and the retry count, keeps the checkpoint.
+    // clears the error and the retry count, keeps the checkpoint, and starts
+    // a new epoch.
     f.set_info(&cf, "state", json!("failed")).await;
     f.set_info(&cf, "error", json!("sink unreachable")).await;
     let status = json!({"checkpoint_ts": 5500, "epoch": 6, "retries": 5});
@@ -523,7 +527,7 @@ async fn pause_update_resume_flows() {
     );
     let stored: ChangefeedStatus =
         serde_json::from_value(f.get_json(&status_key).await.unwrap()).unwrap();
-    assert_eq!((stored.retries, stored.epoch), (0, 6));
+    assert_eq!((stored.retries, stored.epoch), (0, 7));
 
     // Finished: neither pause nor resume.
     f.set_info(&cf, "state", json!("finished")).await;

@@ -438,3 +438,76 @@ async fn garbage_written_from_outside_is_skipped_and_poisons_nothing() {
         "the status of an unreadable changefeed is kept"
     );
 }
+
+/// A rewind is never undone: a changefeed runs at epoch e with checkpoint
+/// 900,000; the operator pauses it and resumes it from 5,000 at once, before
+/// the owner has ticked; the executor, which has not noticed, keeps reporting
+/// epoch-e progress. Its reports are rejected, it is told to stop, and the
+/// changefeed runs again at a later epoch from 5,000.
+#[actix_rt::test]
+async fn a_rewind_is_never_undone_by_the_old_epoch_s_progress() {
+    use flotilla::owner::feeds::{Changefeeds, ResumeChangefeed};
+    let c = cluster().await;
+    let a = register(&c, "a").await;
+    create(&c, &["feed".to_string()]).await;
+    let assigned = beat_until_assigned(&c, &[&a], 1, Duration::from_secs(10)).await;
+    let epoch = assigned[&a.executor.id][0].epoch;
+    let cf = ChangefeedId::new("default", "feed");
+    let report = |checkpoint: u64, epoch: u64| ProgressReport {
+        changefeed: cf.clone(),
+        epoch,
+        checkpoint_ts: checkpoint,
+        resolved_ts: checkpoint,
+        error: None,
+    };
+    let feeds = Changefeeds::new(c.client.clone(), c.keys.clone(), Duration::from_secs(5));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while feeds.get("default", "feed").await.unwrap().checkpoint_ts != 900_000 {
+        beat(&c, &a, vec![report(900_000, epoch)]).await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "checkpoint not persisted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    feeds.pause("default", "feed").await.unwrap();
+    let resumed = feeds
+        .resume(
+            "default",
+            "feed",
+            ResumeChangefeed {
+                checkpoint_ts: Some(5_000),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(resumed.epoch > epoch, "{resumed:?}");
+    assert_eq!(resumed.checkpoint_ts, 5_000);
+
+    // The old epoch's reports go on; the new assignment comes with 5,000.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let assignment = loop {
+        let work = beat(&c, &a, vec![report(900_001, epoch)]).await;
+        match work.assignments.first() {
+            Some(assignment) if assignment.epoch > epoch => break assignment.clone(),
+            Some(assignment) => assert_eq!(assignment.epoch, epoch),
+            None => assert_eq!(work.rejected.len(), 1, "{work:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "not assigned again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(assignment.checkpoint_ts, 5_000);
+    for _ in 0..5 {
+        let work = beat(&c, &a, vec![report(900_001, epoch)]).await;
+        assert_eq!(work.rejected.len(), 1, "the old epoch is stale: {work:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let view = feeds.get("default", "feed").await.unwrap();
+    assert_eq!(
+        (view.checkpoint_ts, view.epoch),
+        (5_000, assignment.epoch),
+        "the rewind held"
+    );
+    c.owner.send(StopOwner).await.unwrap();
+}

@@ -85,8 +85,8 @@ impl Changefeeds {
     }
 
     /// Replaces the given fields of a paused changefeed (409
-    /// [`Error::NotPaused`] otherwise). Fields equal to the stored ones write
-    /// nothing.
+    /// [`Error::NotPaused`] otherwise), at a new epoch. Fields equal to the
+    /// stored ones write nothing.
     pub async fn update(
         &self,
         namespace: &str,
@@ -106,7 +106,7 @@ impl Changefeeds {
         if let Some(selector) = &request.selector {
             validate_selector(selector)?;
         }
-        let info_key = self.keys.info(&cf);
+        let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
         let snapshot = self
             .mutate(&cf, false, |snapshot| {
                 let (raw, mut info) = info_of(&cf, snapshot, false)?;
@@ -130,20 +130,28 @@ impl Changefeeds {
                 if info == before {
                     return Ok(Plan::Nothing);
                 }
+                let status = next_epoch(snapshot, &info)?;
                 Ok(Plan::Write {
-                    compares: vec![unchanged(&info_key, Some(raw))],
-                    ops: vec![TxnOp::put(info_key.as_str(), encode(&info), None)],
+                    compares: vec![
+                        unchanged(&info_key, Some(raw)),
+                        unchanged(&status_key, snapshot.status.as_ref()),
+                    ],
+                    ops: vec![
+                        TxnOp::put(info_key.as_str(), encode(&info), None),
+                        TxnOp::put(status_key.as_str(), encode(&status), None),
+                    ],
                 })
             })
             .await?;
         self.view_of(&cf, &snapshot)
     }
 
-    /// `normal` -> `stopped`; already stopped: nothing to do; failed or
-    /// finished: [`Error::WrongState`]. The owner unassigns it.
+    /// `normal` -> `stopped` at a new epoch (the status is written in the
+    /// same txn); already stopped: nothing to do; failed or finished:
+    /// [`Error::WrongState`]. The owner unassigns it.
     pub async fn pause(&self, namespace: &str, id: &str) -> Result<ChangefeedView> {
         let cf = changefeed_id(namespace, id)?;
-        let info_key = self.keys.info(&cf);
+        let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
         let snapshot = self
             .mutate(&cf, false, |snapshot| {
                 let (raw, mut info) = info_of(&cf, snapshot, false)?;
@@ -151,9 +159,16 @@ impl Changefeeds {
                     FeedState::Stopped => Ok(Plan::Nothing),
                     FeedState::Normal => {
                         info.state = FeedState::Stopped;
+                        let status = next_epoch(snapshot, &info)?;
                         Ok(Plan::Write {
-                            compares: vec![unchanged(&info_key, Some(raw))],
-                            ops: vec![TxnOp::put(info_key.as_str(), encode(&info), None)],
+                            compares: vec![
+                                unchanged(&info_key, Some(raw)),
+                                unchanged(&status_key, snapshot.status.as_ref()),
+                            ],
+                            ops: vec![
+                                TxnOp::put(info_key.as_str(), encode(&info), None),
+                                TxnOp::put(status_key.as_str(), encode(&status), None),
+                            ],
                         })
                     }
                     state @ (FeedState::Failed | FeedState::Finished) => Err(Error::WrongState {
@@ -167,8 +182,8 @@ impl Changefeeds {
         self.view_of(&cf, &snapshot)
     }
 
-    /// `stopped` or `failed` -> `normal`, clearing the error and the retry
-    /// count and backoff in the status; with `checkpoint_ts`, the status
+    /// `stopped` or `failed` -> `normal` at a new epoch, clearing the error
+    /// and the retry count and backoff in the status; with `checkpoint_ts`, the status
     /// checkpoint is rewritten too (it must lie in `[start_ts, target_ts)`).
     /// Both keys are written in one txn that compares both revisions.
     /// Already normal: nothing to do without a checkpoint, 409
@@ -230,6 +245,14 @@ impl Changefeeds {
                 }
                 status.retries = 0;
                 status.retry_after_ms = 0;
+                // A new epoch: whatever still runs the old one stops, and its
+                // progress cannot undo a rewind.
+                status.epoch = status.epoch.checked_add(1).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "epoch {} is the last one: re-create the changefeed",
+                        status.epoch
+                    ))
+                })?;
                 info.state = FeedState::Normal;
                 info.error = None;
                 Ok(Plan::Write {
@@ -331,6 +354,28 @@ impl Changefeeds {
         }
         Err(Error::Conflict(cf.clone()))
     }
+}
+
+/// The status with the next epoch: an admin change that resets what the
+/// executor runs (pause, resume, update) starts a new epoch, so the executor
+/// that held the old one is told to stop and its progress (however late it
+/// arrives) is rejected as stale; the owner assigns the changefeed again at a
+/// later epoch. A missing status starts from `info.start_ts`.
+fn next_epoch(snapshot: &Snapshot, info: &ChangefeedInfo) -> Result<ChangefeedStatus> {
+    let mut status = match &snapshot.status {
+        Some(raw) => raw.decode::<ChangefeedStatus>()?,
+        None => ChangefeedStatus {
+            checkpoint_ts: info.start_ts,
+            ..ChangefeedStatus::default()
+        },
+    };
+    status.epoch = status.epoch.checked_add(1).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "epoch {} is the last one: re-create the changefeed",
+            status.epoch
+        ))
+    })?;
+    Ok(status)
 }
 
 /// The changefeed's info, and the raw key to compare against. The status is
