@@ -153,8 +153,18 @@ impl EtcdConfig {
                 ),
             ));
         }
-        if self.max_txn_ops == 0 {
-            return Err(invalid("etcd.max_txn_ops", "must be > 0".into()));
+        // The owner's largest patch group must fit one txn, with the fence.
+        let needed = crate::owner::reactor::MAX_GROUP_KEYS + 1;
+        if self.max_txn_ops < needed {
+            return Err(invalid(
+                "etcd.max_txn_ops",
+                format!(
+                    "{} is below the {needed} operations the owner's largest transaction needs \
+                     (one changefeed's task keys of 32 executors, its info, status and new task, \
+                     and the leader fence); etcd's default is 128",
+                    self.max_txn_ops
+                ),
+            ));
         }
         if self.max_txn_bytes == 0 {
             return Err(invalid("etcd.max_txn_bytes", "must be > 0".into()));

@@ -213,6 +213,7 @@ fn out_of_range_values_are_rejected() {
         ),
         ("[etcd]\ntick_interval = \"0s\"", "etcd.tick_interval"),
         ("[etcd]\nmax_txn_ops = 0", "etcd.max_txn_ops"),
+        ("[etcd]\nmax_txn_ops = 67", "etcd.max_txn_ops"),
         ("[etcd]\nprefix = \"no-slash\"", "etcd.prefix"),
         (
             "[etcd]\nembedded_peer_port = 2379",

@@ -607,5 +607,6 @@ impl Reactor for OwnerReactor {
 
 mod budget;
 mod plan;
+pub use plan::MAX_GROUP_KEYS;
 #[cfg(test)]
 mod tests;

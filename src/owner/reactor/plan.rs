@@ -14,6 +14,13 @@ use crate::state::{DataPatch, PatchGroup};
 /// example written from outside; the rest go in the next ticks.
 pub(super) const MAX_STALE_TASKS_PER_TICK: usize = 32;
 
+/// The most keys one owner patch group touches: the stale task keys of
+/// [`MAX_STALE_TASKS_PER_TICK`] executors, the info (guard, or the failed or
+/// finished info), the status and a new task. Each is one op and one compare in
+/// the txn, and a fenced worker adds the fence's compare: etcd's `--max-txn-ops`
+/// (`etcd.max_txn_ops`) must allow `MAX_GROUP_KEYS + 1`.
+pub const MAX_GROUP_KEYS: usize = 2 * MAX_STALE_TASKS_PER_TICK + 3;
+
 /// What every changefeed's decision in one tick shares.
 pub(super) struct Tick<'a> {
     pub(super) live: &'a BTreeMap<String, LiveExecutor>,
