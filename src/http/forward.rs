@@ -144,6 +144,29 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// Why a request cannot go to `leader` from this server (which does not run the
+/// roles), if it cannot: this server itself was just elected, or `leader` is an
+/// earlier run of this server. `/readyz` asks the same.
+pub(super) fn cannot_forward_to(state: &AppState, leader: &Member) -> Option<Error> {
+    if leader.candidate.server_id == state.info.id {
+        // Elected a moment ago: the roles are starting.
+        return Some(no_leader(
+            "this server was just elected and is starting; retry".into(),
+        ));
+    }
+    if leader.candidate.advertise_addr == state.info.advertise_addr {
+        // A run of this server killed before it could resign: its key holds
+        // the leadership until its lease expires. Forwarding would only
+        // come back here.
+        return Some(no_leader(format!(
+            "the leadership is held by {}, an earlier run of this server at the same \
+             address, until its lease expires; retry",
+            leader.candidate.server_id
+        )));
+    }
+    None
+}
+
 async fn forward(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -159,21 +182,8 @@ async fn forward(
         super::executors::limit_registration(&state, &req)?;
     }
     let leader = leader(&state).await?;
-    if leader.candidate.server_id == state.info.id {
-        // Elected a moment ago: the roles are starting.
-        return Err(no_leader(
-            "this server was just elected and is starting; retry".into(),
-        ));
-    }
-    if leader.candidate.advertise_addr == state.info.advertise_addr {
-        // A run of this server killed before it could resign: its key holds
-        // the leadership until its lease expires. Forwarding would only
-        // come back here.
-        return Err(no_leader(format!(
-            "the leadership is held by {}, an earlier run of this server at the same \
-             address, until its lease expires; retry",
-            leader.candidate.server_id
-        )));
+    if let Some(error) = cannot_forward_to(&state, &leader) {
+        return Err(error);
     }
     let url = format!(
         "{}://{}{}",

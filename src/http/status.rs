@@ -58,9 +58,16 @@ pub(super) async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
         return Err(Error::EtcdAlarm(problem));
     }
     if let Some(view) = &state.election {
-        // A follower is ready when it has a leader to forward to.
-        if state.roles.is_empty() && view.borrow().leader.is_none() {
-            return Err(Error::NoLeader("no leader is elected yet".into()));
+        // A follower is ready when it has a leader to forward to: not itself
+        // while its roles start, nor an earlier run of itself.
+        if state.roles.is_empty() {
+            let leader = view.borrow().leader.clone();
+            let Some(leader) = leader else {
+                return Err(Error::NoLeader("no leader is elected yet".into()));
+            };
+            if let Some(error) = super::forward::cannot_forward_to(&state, &leader) {
+                return Err(error);
+            }
         }
     }
     if let Some(roles) = state.roles.get() {

@@ -903,3 +903,54 @@ async fn readyz_is_503_until_the_owner_has_loaded_its_snapshot() {
     );
     owner.send(StopOwner).await.unwrap();
 }
+
+/// A server whose roles have not started is ready only when a request can go
+/// to the leader: not while the leader is this server itself (just elected,
+/// its registry loading: a registration then would be 503 `not_ready`), nor an
+/// earlier run of it at the same address.
+#[actix_rt::test]
+async fn readyz_is_503_while_this_server_is_the_leader_its_roles_not_started() {
+    use flotilla::election::{Candidate, ElectionView, Member};
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let client = etcd.client().await;
+    let info = ServerInfo {
+        id: "me-00000001".into(),
+        version: "0",
+        cluster_id: "c".into(),
+        advertise_addr: "127.0.0.1:8300".into(),
+        etcd_endpoints: vec![],
+    };
+    let member = |server_id: &str, advertise_addr: &str| Member {
+        candidate: Candidate {
+            server_id: server_id.into(),
+            advertise_addr: advertise_addr.into(),
+        },
+        lease: "1".into(),
+        create_revision: 1,
+    };
+    let (view, election) = tokio::sync::watch::channel(ElectionView::default());
+    let state = web::Data::new(
+        AppState::new(info, EtcdProbe::new(client, Duration::from_secs(5))).with_election(election),
+    );
+    let app = app!(state);
+    let readyz = || test::TestRequest::get().uri("/readyz");
+
+    let (status, body) = call!(app, readyz());
+    assert_error(status, &body, 503, "no_leader");
+    for (leader, says) in [
+        (member("me-00000001", "127.0.0.1:8300"), "just elected"),
+        (
+            member("me-00000000", "127.0.0.1:8300"),
+            "earlier run of this server",
+        ),
+    ] {
+        view.send_modify(|v| v.leader = Some(leader));
+        let (status, body) = call!(app, readyz());
+        assert_error(status, &body, 503, "no_leader");
+        assert!(body["message"].as_str().unwrap().contains(says), "{body}");
+    }
+    view.send_modify(|v| v.leader = Some(member("other-00000002", "127.0.0.1:8301")));
+    let (status, body) = call!(app, readyz());
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
