@@ -1041,19 +1041,8 @@ async fn malformed_values_are_reported_and_do_not_hide_the_others() {
 #[actix_rt::test]
 async fn without_etcd_the_routes_are_503_unavailable() {
     harness::init_tracing();
-    let client = etcd_client::Client::connect(
-        ["http://127.0.0.1:1"],
-        Some(etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(100))),
-    )
-    .await
-    .expect("connecting is lazy");
-    let info = ServerInfo {
-        id: "test".into(),
-        version: "0",
-        cluster_id: "c".into(),
-        advertise_addr: "127.0.0.1:0".into(),
-        etcd_endpoints: vec![],
-    };
+    let client = crate::harness::app::closed_etcd().await;
+    let info = crate::harness::app::server_info();
     let state = web::Data::new(
         AppState::new(info, EtcdProbe::new(client, Duration::from_millis(100)))
             .with_max_body_bytes(MAX_BODY)

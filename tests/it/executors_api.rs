@@ -69,19 +69,8 @@ async fn registry_state(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // etcd is not part of these tests: a lazy client to a closed port.
-    let client = etcd_client::Client::connect(
-        ["http://127.0.0.1:1"],
-        Some(etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(100))),
-    )
-    .await
-    .expect("connecting is lazy");
-    let info = ServerInfo {
-        id: "test".into(),
-        version: "0",
-        cluster_id: "c".into(),
-        advertise_addr: "127.0.0.1:0".into(),
-        etcd_endpoints: vec![],
-    };
+    let client = crate::harness::app::closed_etcd().await;
+    let info = crate::harness::app::server_info();
     let state = AppState::new(info, EtcdProbe::new(client, Duration::from_millis(100)))
         .with_roles(RoleSlot::fixed(Roles {
             registry: handle,

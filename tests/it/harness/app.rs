@@ -53,3 +53,28 @@ pub fn assert_error(
         "{body}"
     );
 }
+
+/// The identity of an in-process test server.
+pub fn server_info() -> flotilla::http::ServerInfo {
+    flotilla::http::ServerInfo {
+        id: "test".into(),
+        version: "0",
+        cluster_id: "c".into(),
+        advertise_addr: "127.0.0.1:0".into(),
+        etcd_endpoints: vec![],
+    }
+}
+
+/// An etcd client to a closed port (connecting is lazy), for tests that keep
+/// etcd out: every request fails within 100 ms.
+pub async fn closed_etcd() -> etcd_client::Client {
+    etcd_client::Client::connect(
+        ["http://127.0.0.1:1"],
+        Some(
+            etcd_client::ConnectOptions::new()
+                .with_connect_timeout(std::time::Duration::from_millis(100)),
+        ),
+    )
+    .await
+    .expect("connecting is lazy")
+}
