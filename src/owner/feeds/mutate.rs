@@ -106,7 +106,7 @@ impl Changefeeds {
         if let Some(selector) = &request.selector {
             validate_selector(selector)?;
         }
-        let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
+        let cf_keys = (self.keys.info(&cf), self.keys.status(&cf));
         let snapshot = self
             .mutate(&cf, false, |snapshot| {
                 let (raw, mut info) = info_of(&cf, snapshot, false)?;
@@ -131,16 +131,7 @@ impl Changefeeds {
                     return Ok(Plan::Nothing);
                 }
                 let status = next_epoch(snapshot, &info)?;
-                Ok(Plan::Write {
-                    compares: vec![
-                        unchanged(&info_key, Some(raw)),
-                        unchanged(&status_key, snapshot.status.as_ref()),
-                    ],
-                    ops: vec![
-                        TxnOp::put(info_key.as_str(), encode(&info), None),
-                        TxnOp::put(status_key.as_str(), encode(&status), None),
-                    ],
-                })
+                Ok(write_both(&cf_keys, raw, snapshot, &info, &status))
             })
             .await?;
         self.view_of(&cf, &snapshot)
@@ -151,7 +142,7 @@ impl Changefeeds {
     /// [`Error::WrongState`]. The owner unassigns it.
     pub async fn pause(&self, namespace: &str, id: &str) -> Result<ChangefeedView> {
         let cf = changefeed_id(namespace, id)?;
-        let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
+        let cf_keys = (self.keys.info(&cf), self.keys.status(&cf));
         let snapshot = self
             .mutate(&cf, false, |snapshot| {
                 let (raw, mut info) = info_of(&cf, snapshot, false)?;
@@ -160,16 +151,7 @@ impl Changefeeds {
                     FeedState::Normal => {
                         info.state = FeedState::Stopped;
                         let status = next_epoch(snapshot, &info)?;
-                        Ok(Plan::Write {
-                            compares: vec![
-                                unchanged(&info_key, Some(raw)),
-                                unchanged(&status_key, snapshot.status.as_ref()),
-                            ],
-                            ops: vec![
-                                TxnOp::put(info_key.as_str(), encode(&info), None),
-                                TxnOp::put(status_key.as_str(), encode(&status), None),
-                            ],
-                        })
+                        Ok(write_both(&cf_keys, raw, snapshot, &info, &status))
                     }
                     state @ (FeedState::Failed | FeedState::Finished) => Err(Error::WrongState {
                         id: cf.clone(),
@@ -195,7 +177,7 @@ impl Changefeeds {
         request: ResumeChangefeed,
     ) -> Result<ChangefeedView> {
         let cf = changefeed_id(namespace, id)?;
-        let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
+        let cf_keys = (self.keys.info(&cf), self.keys.status(&cf));
         let snapshot = self
             .mutate(&cf, false, |snapshot| {
                 let replaced = request.checkpoint_ts.is_some();
@@ -247,24 +229,10 @@ impl Changefeeds {
                 status.retry_after_ms = 0;
                 // A new epoch: whatever still runs the old one stops, and its
                 // progress cannot undo a rewind.
-                status.epoch = status.epoch.checked_add(1).ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "epoch {} is the last one: re-create the changefeed",
-                        status.epoch
-                    ))
-                })?;
+                bump_epoch(&mut status)?;
                 info.state = FeedState::Normal;
                 info.error = None;
-                Ok(Plan::Write {
-                    compares: vec![
-                        unchanged(&info_key, Some(raw)),
-                        unchanged(&status_key, snapshot.status.as_ref()),
-                    ],
-                    ops: vec![
-                        TxnOp::put(info_key.as_str(), encode(&info), None),
-                        TxnOp::put(status_key.as_str(), encode(&status), None),
-                    ],
-                })
+                Ok(write_both(&cf_keys, raw, snapshot, &info, &status))
             })
             .await?;
         self.view_of(&cf, &snapshot)
@@ -369,13 +337,41 @@ fn next_epoch(snapshot: &Snapshot, info: &ChangefeedInfo) -> Result<ChangefeedSt
             ..ChangefeedStatus::default()
         },
     };
+    bump_epoch(&mut status)?;
+    Ok(status)
+}
+
+/// The next epoch, or a 400 when the status holds the last one.
+fn bump_epoch(status: &mut ChangefeedStatus) -> Result<()> {
     status.epoch = status.epoch.checked_add(1).ok_or_else(|| {
         Error::InvalidArgument(format!(
             "epoch {} is the last one: re-create the changefeed",
             status.epoch
         ))
     })?;
-    Ok(status)
+    Ok(())
+}
+
+/// Writes the info and the status of a changefeed in one txn, each compared
+/// on the revision it was read at. `keys` are its (info, status) keys.
+fn write_both(
+    keys: &(String, String),
+    info_raw: &Raw,
+    snapshot: &Snapshot,
+    info: &ChangefeedInfo,
+    status: &ChangefeedStatus,
+) -> Plan {
+    let (info_key, status_key) = keys;
+    Plan::Write {
+        compares: vec![
+            unchanged(info_key, Some(info_raw)),
+            unchanged(status_key, snapshot.status.as_ref()),
+        ],
+        ops: vec![
+            TxnOp::put(info_key.as_str(), encode(info), None),
+            TxnOp::put(status_key.as_str(), encode(status), None),
+        ],
+    }
 }
 
 /// The changefeed's info, and the raw key to compare against. The status is
