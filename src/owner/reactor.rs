@@ -131,8 +131,10 @@ pub struct OwnerReactor {
     full_pass_at: Option<u64>,
     /// This leader's first tick (ms).
     started_at: u64,
-    /// The live executors changed: the mirror under `__meta__` is compared.
-    mirror_stale: bool,
+    /// Executors that came online or went offline since the last tick: their
+    /// mirror records under `__meta__` are compared (all of them on a full
+    /// pass).
+    mirror_stale: BTreeSet<String>,
     last_tick: TickStats,
     config: OwnerConfig,
     now_ms: fn() -> u64,
@@ -184,7 +186,7 @@ impl OwnerReactor {
             wakeups: BTreeSet::new(),
             full_pass_at: None,
             started_at: 0,
-            mirror_stale: true,
+            mirror_stale: BTreeSet::new(),
             last_tick: TickStats::default(),
             config,
             now_ms: unix_now_ms,
@@ -208,20 +210,19 @@ impl OwnerReactor {
                 OwnerInput::Executors(list) => {
                     self.live = Some(list.into_iter().map(|e| (e.id.clone(), e)).collect());
                     self.full_pass_at = None;
-                    self.mirror_stale = true;
                 }
                 OwnerInput::Online(e) => {
                     if let Some(live) = &mut self.live {
+                        self.mirror_stale.insert(e.id.clone());
                         live.insert(e.id.clone(), e);
                         self.dirty.append(&mut self.waiting);
-                        self.mirror_stale = true;
                     }
                 }
                 OwnerInput::Offline(id) => {
                     if let Some(live) = &mut self.live {
                         live.remove(&id);
                         self.dirty.extend(state.running_on(&id).cloned());
-                        self.mirror_stale = true;
+                        self.mirror_stale.insert(id);
                     }
                 }
                 OwnerInput::Progress { executor, report } => {
@@ -242,19 +243,30 @@ impl OwnerReactor {
         }
     }
 
-    /// One group per mirror record: they are independent of each other.
-    fn mirror_executors(state: &mut GlobalState, live: &BTreeMap<String, LiveExecutor>) {
-        let mut groups: Vec<PatchGroup> = Vec::new();
-        for (id, record) in live {
-            if state.executors.get(id) != Some(record) {
-                groups.push(vec![DataPatch::put(state.keys.executor(id), json(record))]);
-            }
-        }
-        for id in state.executors.keys().filter(|id| !live.contains_key(*id)) {
-            groups.push(vec![DataPatch::delete(state.keys.executor(id))]);
-        }
-        for group in groups {
-            state.queue(group);
+    /// One group per mirror record that differs from the live set, for the
+    /// executors in `ids` (`None`: every one): they are independent of each
+    /// other.
+    fn mirror_executors(
+        state: &mut GlobalState,
+        live: &BTreeMap<String, LiveExecutor>,
+        ids: Option<&BTreeSet<String>>,
+    ) {
+        let differs = |id: &String| state.executors.get(id) != live.get(id);
+        let stale: Vec<String> = match ids {
+            Some(ids) => ids.iter().filter(|id| differs(id)).cloned().collect(),
+            None => live
+                .keys()
+                .chain(state.executors.keys().filter(|id| !live.contains_key(*id)))
+                .filter(|id| differs(id))
+                .cloned()
+                .collect(),
+        };
+        for id in stale {
+            let key = state.keys.executor(&id);
+            state.queue(vec![match live.get(&id) {
+                Some(record) => DataPatch::put(key, json(record)),
+                None => DataPatch::delete(key),
+            }]);
         }
     }
 }
@@ -518,9 +530,11 @@ impl Reactor for OwnerReactor {
         let full = self
             .full_pass_at
             .is_none_or(|at| now >= at.saturating_add(interval));
-        if full || self.mirror_stale {
-            Self::mirror_executors(state, &live);
-            self.mirror_stale = false;
+        let changed = std::mem::take(&mut self.mirror_stale);
+        if full {
+            Self::mirror_executors(state, &live, None);
+        } else if !changed.is_empty() {
+            Self::mirror_executors(state, &live, Some(&changed));
         }
         let touched = state.take_touched();
         let visit: BTreeSet<ChangefeedId> = if full {

@@ -743,4 +743,8 @@ fn a_changefeed_waiting_for_a_matching_executor_gets_the_one_that_comes_online()
     h.tick();
     assert!(!h.owner.last_tick().full);
     assert_eq!(h.assignment(&cf).map(|a| a.0), Some("e2".to_owned()));
+    assert!(
+        h.tester.value(&h.keys.executor("e2")).is_some(),
+        "mirrored without a full pass"
+    );
 }
