@@ -80,6 +80,26 @@ fn view_of(handle: &AgentHandle) -> AgentView {
     handle.view()
 }
 
+/// An agent of `config` with the simulated workload (50 ms steps), once it has
+/// registered: its handle, the workload's task and its executor id.
+async fn spawn_simulated(
+    server: &FlotillaServer,
+    client: Client,
+    config: AgentConfig,
+) -> (AgentHandle, tokio::task::JoinHandle<()>, String) {
+    let handle = Agent::spawn(client, config);
+    let workload = tokio::spawn(simulate(
+        handle.subscribe(),
+        handle.reporter(),
+        Duration::from_millis(50),
+    ));
+    let id = eventually("registered", server, || async {
+        view_of(&handle).executor_id
+    })
+    .await;
+    (handle, workload, id)
+}
+
 #[tokio::test]
 async fn agent_runs_its_assignment_reports_progress_and_deregisters_on_stop() {
     harness::init_tracing();
@@ -200,18 +220,11 @@ async fn agent_registers_again_after_being_deregistered() {
     });
     let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
     create(&admin, "orders").await;
-    let handle = Agent::spawn(
+    let (handle, workload, first_id) = spawn_simulated(
+        &server,
         Client::new(&server.url()).unwrap(),
         AgentConfig::new("phoenix", "127.0.0.1:9101"),
-    );
-    let workload = tokio::spawn(simulate(
-        handle.subscribe(),
-        handle.reporter(),
-        Duration::from_millis(50),
-    ));
-    let first_id = eventually("registered", &server, || async {
-        view_of(&handle).executor_id
-    })
+    )
     .await;
     let before = advances_on(&server, &admin, "orders", &first_id, START_TS).await;
 
@@ -389,16 +402,7 @@ async fn agent_keeps_its_work_through_an_outage_shorter_than_its_lease_and_goes_
     config.max_backoff = Duration::from_millis(200);
     // A lease (30 s - 3 s) far longer than the outage.
     config.ttl = Some(Duration::from_secs(30));
-    let handle = Agent::spawn(client.clone(), config);
-    let workload = tokio::spawn(simulate(
-        handle.subscribe(),
-        handle.reporter(),
-        Duration::from_millis(50),
-    ));
-    let id = eventually("registered", &server, || async {
-        view_of(&handle).executor_id
-    })
-    .await;
+    let (handle, workload, id) = spawn_simulated(&server, client.clone(), config).await;
     let before = advances_on(&server, &client, "orders", &id, START_TS).await;
 
     server.kill();
@@ -440,16 +444,7 @@ async fn agent_stops_its_work_when_its_lease_lapses_and_takes_it_again_from_the_
     // A backoff longer than the TTL: the lease end must wake the agent anyway.
     config.min_backoff = Duration::from_secs(5);
     config.max_backoff = Duration::from_secs(10);
-    let handle = Agent::spawn(client.clone(), config);
-    let workload = tokio::spawn(simulate(
-        handle.subscribe(),
-        handle.reporter(),
-        Duration::from_millis(50),
-    ));
-    let id = eventually("registered", &server, || async {
-        view_of(&handle).executor_id
-    })
-    .await;
+    let (handle, workload, id) = spawn_simulated(&server, client.clone(), config).await;
     advances_on(&server, &client, "orders", &id, START_TS).await;
     let held = view_of(&handle);
     assert_eq!(held.assignments.len(), 1);
