@@ -377,12 +377,12 @@ pub struct OwnerMetrics {
 static OWNER: LazyLock<OwnerMetrics> = LazyLock::new(|| OwnerMetrics {
     tick_visited_changefeeds: histogram(
         "owner_tick_visited_changefeeds",
-        "Changefeeds one owner tick visited (all of them on a full pass).",
+        "Changefeeds one owner tick visited (changed ones and a slice of the sweep).",
         prometheus::exponential_buckets(1.0, 4.0, 10).expect("valid buckets"),
     ),
     full_passes_total: counter(
         "owner_full_passes_total",
-        "Owner ticks that visited every changefeed.",
+        "Owner sweeps completed (every changefeed visited since the last one).",
     ),
     checkpoint_writes_total: counter(
         "owner_checkpoint_writes_total",

@@ -18,7 +18,8 @@ pub struct OwnerConfig {
     pub checkpoint_interval: Duration,
     /// Checkpoint-only writes per second for all changefeeds together.
     pub max_checkpoint_writes: u32,
-    /// Every changefeed is visited at least this often, whatever happened.
+    /// Every changefeed is visited once per interval, whatever happened (a
+    /// slice per tick).
     #[serde(with = "human_duration")]
     pub full_pass_interval: Duration,
 }

@@ -15,12 +15,15 @@
 //! list of live executors: without it, every assignment would look dead.
 //!
 //! Ticks are incremental: a tick visits the changefeeds an etcd update
-//! touched, those with new progress, those of an executor that went offline
-//! (from the state's per-executor index), those waiting for an executor when
-//! one comes online, and those whose retry backoff ended; every
-//! `full_pass_interval` (and on the first tick, and after the registry feed was
-//! re-subscribed) it visits all of them, as a safety net. An idle cluster's
-//! tick costs nothing per changefeed. The least loaded matching executor comes
+//! touched, those with new progress that is more than a checkpoint advance,
+//! those of an executor that went offline (from the state's per-executor
+//! index), those waiting for an executor when one comes online, and those
+//! whose retry backoff ended. As a safety net a sweep visits every changefeed
+//! once per `full_pass_interval`, a slice per tick in key order (all of them on
+//! the first tick, or after a gap of a whole interval). A steady changefeed's
+//! progress (one live task at the current epoch, nothing pending) only queues
+//! its checkpoint for the write budget. An idle cluster's tick costs
+//! changefeeds / `full_pass_interval` x tick interval visits. The least loaded matching executor comes
 //! from an ordered (load, id) index built once per tick that assigns, so a
 //! mass move costs O(moves x log executors) plus one pass over the executors.
 //!
@@ -37,6 +40,7 @@
 //! with their task.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -46,7 +50,7 @@ use super::model::{
 };
 use super::state::{ChangefeedEntry, GlobalState};
 use crate::state::{reactor, DataPatch, PatchGroup, Reactor};
-use budget::CheckpointBudget;
+use budget::CheckpointQueue;
 use plan::{delete_task, Plan, Scheduled, Tick, Wait, MAX_STALE_TASKS_PER_TICK};
 
 /// An executor the registry says is alive: the same record the owner
@@ -113,22 +117,26 @@ pub struct OwnerReactor {
     inputs: mpsc::UnboundedReceiver<OwnerInput>,
     /// `None` until the first `Executors` input.
     live: Option<BTreeMap<String, LiveExecutor>>,
-    /// Latest report per (changefeed, executor). Kept (re-applying is a
+    /// Latest report per changefeed and executor. Kept (re-applying is a
     /// no-op once committed) until the assignment it belongs to is gone, so
     /// a report is never lost to a txn conflict.
-    progress: BTreeMap<(ChangefeedId, String), ProgressReport>,
-    /// When this leader last wrote each changefeed's status (ms); a
-    /// changefeed missing here was not written since this leader started.
-    status_written: HashMap<ChangefeedId, u64>,
-    budget: CheckpointBudget,
+    progress: Progress,
+    /// Advanced checkpoints waiting to be persisted, and the write budget.
+    checkpoints: CheckpointQueue,
     /// Changefeeds the next tick visits besides those the state touched.
     dirty: BTreeSet<ChangefeedId>,
     /// Changefeeds that found no executor: visited when one comes online.
     waiting: BTreeSet<ChangefeedId>,
     /// When changefeeds backing off after an error may be assigned again.
     wakeups: BTreeSet<(u64, ChangefeedId)>,
-    /// When the last full pass ran; `None`: the next tick is one.
-    full_pass_at: Option<u64>,
+    /// The sweep: every changefeed is visited once per `full_pass_interval`,
+    /// a slice per tick in key order, from after `sweep_after` (`None`: from
+    /// the first). `swept_at`: the last tick (`None`: the next tick visits
+    /// everything); `sweep_credit`: changefeeds x ms owed, short of one
+    /// changefeed x interval.
+    sweep_after: Option<ChangefeedId>,
+    swept_at: Option<u64>,
+    sweep_credit: u128,
     /// This leader's first tick (ms).
     started_at: u64,
     /// Executors that came online or went offline since the last tick: their
@@ -140,10 +148,31 @@ pub struct OwnerReactor {
     now_ms: fn() -> u64,
 }
 
+/// What a tick's sweep visits.
+enum Sweep {
+    /// Every changefeed (the first tick, or a whole interval passed).
+    All,
+    /// The next slice; `true`: it completed the sweep.
+    Slice(Vec<ChangefeedId>, bool),
+}
+
+/// What a tick's visits produced.
+#[derive(Default)]
+struct Visits {
+    groups: Vec<PatchGroup>,
+    /// Changefeeds whose status a group writes.
+    wrote_status: Vec<ChangefeedId>,
+    visited: usize,
+}
+
+/// The latest reports of each changefeed's executors.
+type Progress = HashMap<ChangefeedId, BTreeMap<String, ProgressReport>>;
+
 /// What the last tick did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TickStats {
-    /// It visited every changefeed.
+    /// It completed a sweep: every changefeed was visited since the last one
+    /// completed (or all of them in this tick).
     pub full: bool,
     /// Changefeeds it visited.
     pub visited: usize,
@@ -178,13 +207,14 @@ impl OwnerReactor {
         Self {
             inputs,
             live: None,
-            progress: BTreeMap::new(),
-            status_written: HashMap::new(),
-            budget: CheckpointBudget::new(config.max_checkpoint_writes),
+            progress: HashMap::new(),
+            checkpoints: CheckpointQueue::new(config.max_checkpoint_writes),
             dirty: BTreeSet::new(),
             waiting: BTreeSet::new(),
             wakeups: BTreeSet::new(),
-            full_pass_at: None,
+            sweep_after: None,
+            swept_at: None,
+            sweep_credit: 0,
             started_at: 0,
             mirror_stale: BTreeSet::new(),
             last_tick: TickStats::default(),
@@ -208,8 +238,26 @@ impl OwnerReactor {
         while let Ok(input) = self.inputs.try_recv() {
             match input {
                 OwnerInput::Executors(list) => {
-                    self.live = Some(list.into_iter().map(|e| (e.id.clone(), e)).collect());
-                    self.full_pass_at = None;
+                    let new: BTreeMap<_, _> = list.into_iter().map(|e| (e.id.clone(), e)).collect();
+                    // A re-subscription: what went offline meanwhile moves,
+                    // what came online is offered to the waiting, and both
+                    // are mirrored. (The first list: the first tick visits
+                    // everything.)
+                    if let Some(old) = self.live.take() {
+                        for (id, record) in &old {
+                            if !new.contains_key(id) {
+                                self.dirty.extend(state.running_on(id).cloned());
+                                self.mirror_stale.insert(id.clone());
+                            } else if new.get(id) != Some(record) {
+                                self.mirror_stale.insert(id.clone());
+                            }
+                        }
+                        for id in new.keys().filter(|id| !old.contains_key(*id)) {
+                            self.mirror_stale.insert(id.clone());
+                        }
+                        self.dirty.append(&mut self.waiting);
+                    }
+                    self.live = Some(new);
                 }
                 OwnerInput::Online(e) => {
                     if let Some(live) = &mut self.live {
@@ -226,17 +274,38 @@ impl OwnerReactor {
                     }
                 }
                 OwnerInput::Progress { executor, report } => {
-                    self.dirty.insert(report.changefeed.clone());
-                    let key = (report.changefeed.clone(), executor);
+                    let cf = report.changefeed.clone();
+                    let reports = self.progress.entry(cf.clone()).or_default();
                     // Keep the furthest report; an older one arriving late
                     // must not win.
-                    let keep_old = self.progress.get(&key).is_some_and(|old| {
+                    let keep_old = reports.get(&executor).is_some_and(|old| {
                         old.epoch == report.epoch
                             && old.checkpoint_ts > report.checkpoint_ts
                             && report.error.is_none()
                     });
                     if !keep_old {
-                        self.progress.insert(key, report);
+                        reports.insert(executor, report);
+                    }
+                    // A steady changefeed's progress needs no visit: only
+                    // its checkpoint moves.
+                    let steady = self.live.as_ref().is_some_and(|live| {
+                        let entry = state.changefeeds.get(&cf);
+                        entry.is_some_and(|entry| {
+                            entry.info.as_ref().is_some_and(|info| {
+                                !state.unreadable.contains(&cf)
+                                    && Self::steady(
+                                        &self.progress,
+                                        &mut self.checkpoints,
+                                        live,
+                                        &cf,
+                                        entry,
+                                        info,
+                                    )
+                            })
+                        })
+                    });
+                    if !steady {
+                        self.dirty.insert(cf);
                     }
                 }
             }
@@ -341,7 +410,7 @@ impl OwnerReactor {
         let Some(executor) = holder else {
             return;
         };
-        let Some(report) = self.progress.get(&(plan.cf.clone(), executor.clone())) else {
+        let Some(report) = self.progress.get(plan.cf).and_then(|r| r.get(&executor)) else {
             return;
         };
         if report.epoch != plan.status.epoch {
@@ -450,69 +519,223 @@ impl OwnerReactor {
         }
     }
 
+    /// A changefeed running on a live executor with nothing pending (one
+    /// task, at the current epoch; no pending reason, retry or position):
+    /// only its checkpoint can change, and no plan is needed. `false`: it
+    /// needs [`Self::schedule`].
+    fn steady(
+        progress: &Progress,
+        checkpoints: &mut CheckpointQueue,
+        live: &BTreeMap<String, LiveExecutor>,
+        cf: &ChangefeedId,
+        entry: &ChangefeedEntry,
+        info: &ChangefeedInfo,
+    ) -> bool {
+        let Some(status) = &entry.status else {
+            return false;
+        };
+        if info.state != FeedState::Normal
+            || status.pending_reason.is_some()
+            || status.retries != 0
+            || !entry.positions.is_empty()
+            || entry.tasks.len() != 1
+        {
+            return false;
+        }
+        let (executor, task) = entry.tasks.iter().next().expect("one task");
+        if task.epoch != status.epoch || !live.contains_key(executor) {
+            return false;
+        }
+        let report = progress.get(cf).and_then(|r| r.get(executor));
+        if let Some(report) = report.filter(|r| r.epoch == status.epoch) {
+            let finished = info.target_ts > 0 && report.checkpoint_ts >= info.target_ts;
+            if report.error.is_some() || finished {
+                return false;
+            }
+            if report.checkpoint_ts > status.checkpoint_ts {
+                checkpoints.advanced(cf);
+            }
+        }
+        true
+    }
+
     /// The checkpoint-only writes the budget allows this tick, least recently
     /// written first, each due (not written within `checkpoint_interval`).
-    fn checkpoint_groups(
-        &mut self,
-        state: &GlobalState,
-        now: u64,
-        mut waiting: Vec<(&ChangefeedId, ChangefeedStatus)>,
-    ) -> Vec<PatchGroup> {
+    fn checkpoint_groups(&mut self, state: &GlobalState, now: u64) -> Vec<PatchGroup> {
         let interval = self.config.checkpoint_interval.as_millis() as u64;
-        let written = &self.status_written;
-        let last = |cf: &ChangefeedId| written.get(cf).copied();
-        waiting.retain(|(cf, _)| last(cf).is_none_or(|at| now >= at.saturating_add(interval)));
-        let granted = self.budget.take(now, waiting.len());
-        let mut lag_ms = 0;
-        if granted < waiting.len() {
-            // `None` (never written by this leader) sorts first.
-            waiting.select_nth_unstable_by_key(granted, |(cf, _)| last(cf));
-            // The oldest of those left waiting (never written: since this
-            // leader's first tick).
-            let oldest = waiting[granted..]
-                .iter()
-                .map(|(cf, _)| last(cf).unwrap_or(self.started_at))
-                .min();
-            lag_ms = oldest.map_or(0, |at| now.saturating_sub(at));
-            waiting.truncate(granted);
-        }
+        let progress = &self.progress;
+        let server_id = &self.config.server_id;
+        let (groups, lag_ms) = self
+            .checkpoints
+            .grant(now, interval, self.started_at, |cf| {
+                let mut status = advanced_status(state, progress, cf)?;
+                status.written_by = server_id.clone();
+                Some(vec![
+                    DataPatch::guard(state.keys.info(cf)),
+                    DataPatch::put(state.keys.status(cf), json(&status)),
+                ])
+            });
         let metrics = crate::metrics::owner();
         metrics
             .checkpoint_persist_lag_seconds
             .set(lag_ms as f64 / 1000.0);
-        metrics.checkpoint_writes_total.inc_by(waiting.len() as u64);
-        let mut groups = Vec::with_capacity(waiting.len());
-        for (cf, mut status) in waiting {
-            status.written_by = self.config.server_id.clone();
-            groups.push(vec![
-                DataPatch::guard(state.keys.info(cf)),
-                DataPatch::put(state.keys.status(cf), json(&status)),
-            ]);
-            self.status_written.insert(cf.clone(), now);
-        }
+        metrics.checkpoint_writes_total.inc_by(groups.len() as u64);
         groups
     }
 
-    /// Reports of assignments that no longer exist are dropped.
-    fn forget_stale_progress(&mut self, state: &GlobalState) {
-        self.progress.retain(|(cf, executor), report| {
-            state.changefeeds.get(cf).is_some_and(|e| {
-                e.status.as_ref().is_some_and(|s| s.epoch == report.epoch)
-                    && e.tasks.contains_key(executor)
-            })
-        });
-        self.status_written
-            .retain(|cf, _| state.changefeeds.contains_key(cf));
+    /// One changefeed's visit: its leftovers removed when it was deleted,
+    /// nothing when it is steady, else [`Self::schedule`].
+    fn visit(
+        &mut self,
+        state: &GlobalState,
+        tick: &mut Tick,
+        cf: &ChangefeedId,
+        entry: &ChangefeedEntry,
+        out: &mut Visits,
+    ) {
+        out.visited += 1;
+        if state.unreadable.contains(cf) {
+            // Reported by the worker when it was written; nothing is
+            // decided on it until someone fixes or deletes it.
+            return;
+        }
+        match &entry.info {
+            None => out.groups.push(Self::remove_leftovers(state, cf, entry)),
+            Some(info)
+                if Self::steady(
+                    &self.progress,
+                    &mut self.checkpoints,
+                    tick.live,
+                    cf,
+                    entry,
+                    info,
+                ) =>
+            {
+                self.waiting.remove(cf);
+            }
+            Some(info) => {
+                let scheduled = self.schedule(state, tick, cf, entry, info);
+                out.groups.extend(scheduled.group);
+                if scheduled.wrote_status {
+                    out.wrote_status.push(cf.clone());
+                } else if scheduled.checkpoint_advanced {
+                    self.checkpoints.advanced(cf);
+                }
+                match scheduled.wait {
+                    Wait::Nothing => {
+                        self.waiting.remove(cf);
+                    }
+                    Wait::Executor => {
+                        self.waiting.insert(cf.clone());
+                    }
+                    Wait::Until(at) => {
+                        self.waiting.remove(cf);
+                        self.wakeups.insert((at, cf.clone()));
+                    }
+                }
+            }
+        }
+        self.forget_stale_progress(cf, entry);
     }
+
+    /// `cf` is gone (every key deleted): nothing is left to do for it.
+    fn gone(&mut self, cf: &ChangefeedId) {
+        self.waiting.remove(cf);
+        self.progress.remove(cf);
+        self.checkpoints.forget(cf);
+    }
+
+    /// Drops `cf`'s reports of assignments that no longer exist.
+    fn forget_stale_progress(&mut self, cf: &ChangefeedId, entry: &ChangefeedEntry) {
+        let Some(reports) = self.progress.get_mut(cf) else {
+            return;
+        };
+        let epoch = entry.status.as_ref().map(|s| s.epoch);
+        reports.retain(|executor, report| {
+            Some(report.epoch) == epoch && entry.tasks.contains_key(executor)
+        });
+        if reports.is_empty() {
+            self.progress.remove(cf);
+        }
+    }
+
+    /// The next slice of the sweep: as many changefeeds as `now` is a share
+    /// of `full_pass_interval` since the last tick (all of them on the
+    /// first tick, or when an interval has passed).
+    fn sweep(&mut self, state: &GlobalState, now: u64) -> Sweep {
+        let n = state.changefeeds.len() as u128;
+        let interval = self.config.full_pass_interval.as_millis().max(1);
+        let elapsed = self
+            .swept_at
+            .map_or(interval, |at| u128::from(now.saturating_sub(at)));
+        self.swept_at = Some(now);
+        if elapsed >= interval {
+            self.sweep_after = None;
+            self.sweep_credit = 0;
+            return Sweep::All;
+        }
+        // Exact: the credit counts changefeeds x ms.
+        self.sweep_credit += n * elapsed;
+        let quota = (self.sweep_credit / interval) as usize;
+        self.sweep_credit %= interval;
+        if quota == 0 {
+            return Sweep::Slice(Vec::new(), false);
+        }
+        let from = match &self.sweep_after {
+            Some(cf) => Bound::Excluded(cf),
+            None => Bound::Unbounded,
+        };
+        let slice: Vec<ChangefeedId> = state
+            .changefeeds
+            .range::<ChangefeedId, _>((from, Bound::Unbounded))
+            .take(quota)
+            .map(|(cf, _)| cf.clone())
+            .collect();
+        let last = state.changefeeds.last_key_value().map(|(cf, _)| cf);
+        let completed = slice.len() < quota || slice.last() == last;
+        if completed {
+            self.sweep_after = None;
+            self.sweep_credit = 0;
+        } else {
+            self.sweep_after = slice.last().cloned();
+        }
+        Sweep::Slice(slice, completed)
+    }
+}
+
+/// `cf`'s status with the checkpoint its holder reported at the current
+/// epoch, when that is ahead of the stored one (`None`: nothing to persist).
+/// The holder of an assignment whose executor just went offline still
+/// counts, as in [`OwnerReactor::apply_progress`].
+fn advanced_status(
+    state: &GlobalState,
+    progress: &Progress,
+    cf: &ChangefeedId,
+) -> Option<ChangefeedStatus> {
+    let entry = state.changefeeds.get(cf)?;
+    let info = entry.info.as_ref()?;
+    if info.state != FeedState::Normal || state.unreadable.contains(cf) {
+        return None;
+    }
+    let status = entry.status.as_ref()?;
+    let executor = entry.current_executor()?;
+    let report = progress.get(cf)?.get(executor)?;
+    if report.epoch != status.epoch || report.checkpoint_ts <= status.checkpoint_ts {
+        return None;
+    }
+    let mut status = status.clone();
+    status.checkpoint_ts = report.checkpoint_ts;
+    Some(status)
 }
 
 impl Reactor for OwnerReactor {
     type State = GlobalState;
 
     /// One tick: the inputs, the executor mirror if the live set changed,
-    /// then for every changefeed to visit (all of them on a full pass) one
-    /// group: its leftovers removed when it was deleted, else
-    /// [`Self::schedule`]; then the checkpoints the budget allows.
+    /// then for every changefeed to visit (something happened to it, or the
+    /// sweep reached it) one group: its leftovers removed when it was
+    /// deleted, nothing when it is steady, else [`Self::schedule`]; then the
+    /// checkpoints the budget allows.
     fn tick(&mut self, state: &mut GlobalState) -> Result<(), reactor::Error> {
         // Ticks come only at a consistent snapshot of etcd: from now on the
         // board may answer heartbeats.
@@ -526,10 +749,8 @@ impl Reactor for OwnerReactor {
         if self.started_at == 0 {
             self.started_at = now;
         }
-        let interval = self.config.full_pass_interval.as_millis() as u64;
-        let full = self
-            .full_pass_at
-            .is_none_or(|at| now >= at.saturating_add(interval));
+        let sweep = self.sweep(state, now);
+        let full = matches!(sweep, Sweep::All | Sweep::Slice(_, true));
         let changed = std::mem::take(&mut self.mirror_stale);
         if full {
             Self::mirror_executors(state, &live, None);
@@ -537,13 +758,9 @@ impl Reactor for OwnerReactor {
             Self::mirror_executors(state, &live, Some(&changed));
         }
         let touched = state.take_touched();
-        let visit: BTreeSet<ChangefeedId> = if full {
-            self.full_pass_at = Some(now);
-            self.dirty.clear();
-            self.waiting.clear();
-            self.wakeups.clear();
-            state.changefeeds.keys().cloned().collect()
-        } else {
+        let mut tick = Tick::new(&live, now);
+        let mut out = Visits::default();
+        if let Sweep::Slice(swept, _) = sweep {
             let mut visit = touched;
             visit.append(&mut self.dirty);
             while let Some(first) = self.wakeups.first() {
@@ -553,60 +770,38 @@ impl Reactor for OwnerReactor {
                 let (_, cf) = self.wakeups.pop_first().expect("not empty");
                 visit.insert(cf);
             }
-            visit
-        };
-        let mut tick = Tick::new(&live, now);
-        let mut groups = Vec::new();
-        let mut wrote_status = Vec::new();
-        let mut waiting = Vec::new();
-        let mut visited = 0;
-        for cf in &visit {
-            let Some(entry) = state.changefeeds.get(cf) else {
-                // Gone (every key deleted): nothing left to do.
-                self.waiting.remove(cf);
-                continue;
-            };
-            visited += 1;
-            if state.unreadable.contains(cf) {
-                // Reported by the worker when it was written; nothing is
-                // decided on it until someone fixes or deletes it.
-                continue;
-            }
-            match &entry.info {
-                None => groups.push(Self::remove_leftovers(state, cf, entry)),
-                Some(info) => {
-                    let scheduled = self.schedule(state, &mut tick, cf, entry, info);
-                    groups.extend(scheduled.group);
-                    if scheduled.wrote_status {
-                        wrote_status.push(cf);
-                    }
-                    if let Some(status) = scheduled.checkpoint {
-                        waiting.push((cf, status));
-                    }
-                    match scheduled.wait {
-                        Wait::Nothing => {
-                            self.waiting.remove(cf);
-                        }
-                        Wait::Executor => {
-                            self.waiting.insert(cf.clone());
-                        }
-                        Wait::Until(at) => {
-                            self.waiting.remove(cf);
-                            self.wakeups.insert((at, cf.clone()));
-                        }
-                    }
+            visit.extend(swept);
+            for cf in &visit {
+                match state.changefeeds.get(cf) {
+                    Some(entry) => self.visit(state, &mut tick, cf, entry, &mut out),
+                    None => self.gone(cf),
                 }
             }
+        } else {
+            // Every changefeed, in order, straight from the map; nothing
+            // waits for a wake-up then. Progress of a changefeed that does
+            // not exist is dropped.
+            self.wakeups.clear();
+            for cf in std::mem::take(&mut self.dirty) {
+                if !state.changefeeds.contains_key(&cf) {
+                    self.gone(&cf);
+                }
+            }
+            for (cf, entry) in &state.changefeeds {
+                self.visit(state, &mut tick, cf, entry, &mut out);
+            }
         }
+        let Visits {
+            mut groups,
+            wrote_status,
+            visited,
+        } = out;
         for cf in wrote_status {
-            self.status_written.insert(cf.clone(), now);
+            self.checkpoints.wrote(&cf, now);
         }
-        groups.extend(self.checkpoint_groups(state, now, waiting));
+        groups.extend(self.checkpoint_groups(state, now));
         for group in groups {
             state.queue(group);
-        }
-        if full {
-            self.forget_stale_progress(state);
         }
         self.last_tick = TickStats { full, visited };
         let metrics = crate::metrics::owner();

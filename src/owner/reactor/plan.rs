@@ -185,27 +185,24 @@ impl<'a> Plan<'a> {
     /// The group: what was decided, then the new info and status (`None`
     /// when nothing but the guard is in it), and whether the status is in it.
     /// A status whose only change is an advanced checkpoint is left out and
-    /// comes back as [`Scheduled::checkpoint`].
+    /// is flagged as [`Scheduled::checkpoint_advanced`].
     pub(super) fn into_scheduled(mut self, state: &GlobalState, server_id: &str) -> Scheduled {
         if let Some(info) = self.new_info {
             self.group
                 .push(DataPatch::put(state.keys.info(self.cf), json(&info)));
         }
-        let mut checkpoint = None;
         if self.status_changed {
             self.status.written_by = server_id.to_owned();
             self.group.push(DataPatch::put(
                 state.keys.status(self.cf),
                 json(&self.status),
             ));
-        } else if self.checkpoint_advanced {
-            checkpoint = Some(self.status);
         }
         Scheduled {
             group: (self.group.len() > 1).then_some(self.group),
             wait: Wait::Nothing,
             wrote_status: self.status_changed,
-            checkpoint,
+            checkpoint_advanced: self.checkpoint_advanced && !self.status_changed,
         }
     }
 }
@@ -225,8 +222,8 @@ pub(super) struct Scheduled {
     pub(super) wait: Wait,
     /// The status is written by `group`.
     pub(super) wrote_status: bool,
-    /// The status with an advanced checkpoint, waiting for the budget.
-    pub(super) checkpoint: Option<ChangefeedStatus>,
+    /// Only the checkpoint advanced: it waits for the write budget.
+    pub(super) checkpoint_advanced: bool,
 }
 
 /// Queues the deletes of `executor`'s task keys of `cf` that exist.

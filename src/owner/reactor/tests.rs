@@ -672,13 +672,24 @@ fn an_incremental_tick_visits_only_what_something_happened_to() {
         }
     );
 
-    // Progress of three: three visited.
+    // Progress of three steady changefeeds: no visit (only their
+    // checkpoints move), and the checkpoints are persisted once due.
     for cf in &feeds[..3] {
         let (e, epoch) = h.assignment(cf).unwrap();
         h.progress(&e, cf, epoch, 500, None);
     }
     h.tick();
+    assert_eq!(h.owner.last_tick().visited, 0);
+    advance(OwnerConfig::default().checkpoint_interval);
+    h.tick();
+    for cf in &feeds[..3] {
+        assert_eq!(h.checkpoint(cf), 500);
+    }
+    // The writes touched them: visited once more, then idle again.
+    h.tick();
     assert_eq!(h.owner.last_tick().visited, 3);
+    h.tick();
+    assert_eq!(h.owner.last_tick().visited, 0);
 
     // An executor goes offline: exactly its changefeeds are visited, and
     // exactly they move.
@@ -747,4 +758,52 @@ fn a_changefeed_waiting_for_a_matching_executor_gets_the_one_that_comes_online()
         h.tester.value(&h.keys.executor("e2")).is_some(),
         "mirrored without a full pass"
     );
+}
+
+#[test]
+fn the_sweep_visits_every_changefeed_once_per_interval_a_slice_per_tick() {
+    const FEEDS: usize = 1000;
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[]), ("e2", &[])]);
+    let feeds: Vec<_> = (0..FEEDS)
+        .map(|i| h.create(&format!("f{i:04}"), &[]))
+        .collect();
+    h.tick();
+    h.tick(); // the commit touched every changefeed once
+              // The default: every changefeed once per 10 s; ticks of 100 ms visit
+              // 10 each, in key order, and the 100th completes the sweep.
+    let tick = Duration::from_millis(100);
+    let ticks = OwnerConfig::default().full_pass_interval.as_millis() / tick.as_millis();
+    let mut visited = 0;
+    for n in 1..=ticks {
+        advance(tick);
+        h.tick();
+        let stats = h.owner.last_tick();
+        assert_eq!(stats.visited, FEEDS / ticks as usize, "tick {n}");
+        assert_eq!(stats.full, n == ticks, "tick {n}");
+        visited += stats.visited;
+    }
+    assert_eq!(visited, FEEDS);
+    advance(tick);
+    h.tick();
+    assert_eq!(
+        h.owner.last_tick(),
+        TickStats {
+            full: false,
+            visited: FEEDS / ticks as usize
+        },
+        "the next sweep begins"
+    );
+    // A changefeed the sweep finds out of order is fixed by it: an
+    // assignment deleted from outside (the update not seen as a touch) is
+    // made again.
+    let cf = &feeds[FEEDS / 2];
+    let (e, _) = h.assignment(cf).unwrap();
+    h.tester.external_write(&h.keys.task_status(cf, &e), None);
+    h.tester.state_mut().take_touched();
+    for _ in 0..ticks {
+        advance(tick);
+        h.tick();
+    }
+    assert!(h.assignment(cf).is_some(), "the sweep reassigned it");
 }
