@@ -90,7 +90,12 @@ impl Fleet {
                 labels: BTreeMap::new(),
             })
             .collect();
-        inputs.send(OwnerInput::Executors(list)).unwrap();
+        inputs
+            .send(OwnerInput::Executors {
+                live: list,
+                initing: Vec::new(),
+            })
+            .unwrap();
         let mut fleet = Self {
             tester,
             owner,

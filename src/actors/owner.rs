@@ -25,7 +25,9 @@ use futures::{stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::executor_registry::{ExecutorEvent, ExecutorInfo, ExecutorRegistry, Subscribe};
+use super::executor_registry::{
+    ExecutorEvent, ExecutorInfo, ExecutorRegistry, ExecutorStatus, Subscribe,
+};
 use super::ticker::StopWorker;
 use super::worker::{start, WorkerConfig};
 use crate::owner::board::WorkBoard;
@@ -219,12 +221,18 @@ impl Owner {
                     }
                     match result {
                         Ok(Ok(subscription)) => {
+                            let initing = subscription
+                                .snapshot
+                                .iter()
+                                .filter(|e| e.status == ExecutorStatus::Initing)
+                                .map(|e| e.id.clone())
+                                .collect();
                             let live = subscription
                                 .snapshot
                                 .into_iter()
                                 .map(live_executor)
                                 .collect();
-                            act.send(OwnerInput::Executors(live));
+                            act.send(OwnerInput::Executors { live, initing });
                             let events = stream::unfold(subscription.events, |mut rx| async move {
                                 rx.recv().await.map(|e| (e, rx))
                             })
@@ -287,7 +295,11 @@ impl StreamHandler<Feed> for Owner {
         }
         match feed.event {
             Some(ExecutorEvent::Online { executor, .. }) => {
-                self.send(OwnerInput::Online(live_executor(executor)))
+                let initing = executor.status == ExecutorStatus::Initing;
+                self.send(OwnerInput::Online {
+                    executor: live_executor(executor),
+                    initing,
+                })
             }
             Some(ExecutorEvent::Offline { id, .. }) => self.send(OwnerInput::Offline(id)),
             Some(ExecutorEvent::Resync) | None => {

@@ -54,7 +54,8 @@ pub struct AgentArgs {
     /// wall clock and is reported in heartbeats
     #[arg(long)]
     simulate: bool,
-    /// How often the simulation advances checkpoints
+    /// How often the simulation advances checkpoints (0s: never, nothing is
+    /// reported: an idle fleet that only heartbeats)
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
     simulate_step: Duration,
     /// With --simulate: run this many executors (named <name>0, <name>1, ...) in this

@@ -1,6 +1,6 @@
 //! [`simulate`]: the fake workload of `flotilla agent --simulate`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -10,10 +10,15 @@ use tracing::info;
 use super::agent::{AgentView, ProgressReporter};
 use super::Progress;
 
+/// How often an idle simulation looks at its assignments.
+const IDLE_STEP: Duration = Duration::from_millis(200);
+
 /// A fake workload: every `step`, each assigned changefeed's checkpoint moves to where
 /// it was assigned from plus the wall-clock time since (as a TiDB-style timestamp
 /// delta, milliseconds `<< 18`), and is reported. Runs until the future is dropped.
-/// Takes [`AgentHandle::subscribe`] and [`AgentHandle::reporter`].
+/// Takes [`AgentHandle::subscribe`] and [`AgentHandle::reporter`]. A zero `step`:
+/// checkpoints never advance and nothing is reported (an idle fleet that only
+/// heartbeats).
 pub async fn simulate(
     view: watch::Receiver<AgentView>,
     reporter: ProgressReporter,
@@ -21,15 +26,19 @@ pub async fn simulate(
 ) {
     // Where each (namespace, changefeed) was assigned from, at which epoch, and when.
     let mut running: HashMap<(String, String), (u64, u64, Instant)> = HashMap::new();
-    let mut ticker = tokio::time::interval(step);
+    // `0s`: an idle fleet; the assignments are still followed (and logged).
+    let idle = step.is_zero();
+    let mut ticker = tokio::time::interval(if idle { IDLE_STEP } else { step });
     loop {
         ticker.tick().await;
         let view = view.borrow().clone();
+        let assigned: HashSet<(&str, &str, u64)> = view
+            .assignments
+            .iter()
+            .map(|a| (a.namespace.as_str(), a.changefeed.as_str(), a.epoch))
+            .collect();
         running.retain(|(ns, cf), (epoch, _, _)| {
-            let kept = view
-                .assignments
-                .iter()
-                .any(|a| &a.namespace == ns && &a.changefeed == cf && a.epoch == *epoch);
+            let kept = assigned.contains(&(ns.as_str(), cf.as_str(), *epoch));
             if !kept {
                 info!(namespace = ns, changefeed = cf, "simulation: stopped");
             }
@@ -47,6 +56,9 @@ pub async fn simulate(
                 );
                 (a.epoch, a.checkpoint_ts, Instant::now())
             });
+            if idle {
+                continue;
+            }
             let elapsed_ms = since.elapsed().as_millis() as u64;
             reporter.report(Progress {
                 namespace: a.namespace.clone(),

@@ -587,7 +587,8 @@ pub(super) async fn deregister(
     tag = "executors",
     summary = "Server-Sent Events feed of the executors",
     description = "First a `snapshot` event `{\"seq\",\"executors\"}`, then `online` \
-        (an executor) and `offline` (`{\"id\",\"reason\"}`) events with `id:` = seq, \
+        (an executor: when it registers, and again with status `running` at its first \
+        heartbeat to this leader) and `offline` (`{\"id\",\"reason\"}`) events with `id:` = seq, \
         and a `: keepalive` comment every 15 s of quiet. A client that falls behind \
         gets `resync` and the end of the stream: reconnect for a fresh snapshot.",
     responses(

@@ -39,7 +39,7 @@
 //! (an error reaches the status and the info instead); old ones are deleted
 //! with their task.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -70,9 +70,18 @@ pub struct ProgressReport {
 /// What reaches the owner between ticks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OwnerInput {
-    /// The full set of live executors (after a (re)subscription).
-    Executors(Vec<LiveExecutor>),
-    Online(LiveExecutor),
+    /// The full set of live executors (after a (re)subscription), and those
+    /// of them that have not heartbeated to this leader yet.
+    Executors {
+        live: Vec<LiveExecutor>,
+        initing: Vec<String>,
+    },
+    /// An executor registered (`initing`: no heartbeat yet), or heartbeated to
+    /// this leader for the first time (`initing: false`).
+    Online {
+        executor: LiveExecutor,
+        initing: bool,
+    },
     Offline(String),
     Progress {
         executor: String,
@@ -117,6 +126,10 @@ pub struct OwnerReactor {
     inputs: mpsc::UnboundedReceiver<OwnerInput>,
     /// `None` until the first `Executors` input.
     live: Option<BTreeMap<String, LiveExecutor>>,
+    /// Live executors that have not heartbeated to this leader yet (just
+    /// registered, or loaded from the store after a failover and possibly
+    /// gone): they get work only when no other executor matches.
+    initing: HashSet<String>,
     /// Latest report per changefeed and executor. Kept (re-applying is a
     /// no-op once committed) until the assignment it belongs to is gone, so
     /// a report is never lost to a txn conflict.
@@ -207,6 +220,7 @@ impl OwnerReactor {
         Self {
             inputs,
             live: None,
+            initing: HashSet::new(),
             progress: HashMap::new(),
             checkpoints: CheckpointQueue::new(config.max_checkpoint_writes),
             dirty: BTreeSet::new(),
@@ -237,7 +251,8 @@ impl OwnerReactor {
     fn drain_inputs(&mut self, state: &GlobalState) {
         while let Ok(input) = self.inputs.try_recv() {
             match input {
-                OwnerInput::Executors(list) => {
+                OwnerInput::Executors { live: list, initing } => {
+                    self.initing = initing.into_iter().collect();
                     let new: BTreeMap<_, _> = list.into_iter().map(|e| (e.id.clone(), e)).collect();
                     // A re-subscription: what went offline meanwhile moves,
                     // what came online is offered to the waiting, and both
@@ -259,8 +274,16 @@ impl OwnerReactor {
                     }
                     self.live = Some(new);
                 }
-                OwnerInput::Online(e) => {
+                OwnerInput::Online {
+                    executor: e,
+                    initing,
+                } => {
                     if let Some(live) = &mut self.live {
+                        if initing {
+                            self.initing.insert(e.id.clone());
+                        } else {
+                            self.initing.remove(&e.id);
+                        }
                         self.mirror_stale.insert(e.id.clone());
                         live.insert(e.id.clone(), e);
                         self.dirty.append(&mut self.waiting);
@@ -269,6 +292,7 @@ impl OwnerReactor {
                 OwnerInput::Offline(id) => {
                     if let Some(live) = &mut self.live {
                         live.remove(&id);
+                        self.initing.remove(&id);
                         self.dirty.extend(state.running_on(&id).cloned());
                         self.mirror_stale.insert(id);
                     }
@@ -758,7 +782,8 @@ impl Reactor for OwnerReactor {
             Self::mirror_executors(state, &live, Some(&changed));
         }
         let touched = state.take_touched();
-        let mut tick = Tick::new(&live, now);
+        let initing = std::mem::take(&mut self.initing);
+        let mut tick = Tick::new(&live, &initing, now);
         let mut out = Visits::default();
         if let Sweep::Slice(swept, _) = sweep {
             let mut visit = touched;
@@ -810,6 +835,7 @@ impl Reactor for OwnerReactor {
             metrics.full_passes_total.inc();
         }
         self.live = Some(live);
+        self.initing = initing;
         Ok(())
     }
 }

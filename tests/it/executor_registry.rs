@@ -108,6 +108,16 @@ async fn register_heartbeat_expire_and_watch() {
         .unwrap();
     assert_eq!(info.status, ExecutorStatus::Running);
     assert!(info.last_heartbeat_ms_ago.unwrap() < 1000);
+    // The first heartbeat is announced: online again, now running (the
+    // owner prefers executors that heartbeat to this leader).
+    match sub.events.recv().await.unwrap() {
+        ExecutorEvent::Online { executor, .. } => {
+            assert_eq!(executor.id, r.executor.id);
+            assert_eq!(executor.status, ExecutorStatus::Running);
+        }
+        other => panic!("expected online (running), got {other:?}"),
+    }
+    heartbeat(&table, &r).unwrap();
 
     // Silence: past the TTL it expires, is announced offline, and its
     // heartbeats are refused with "tombstone" from then on.
@@ -335,6 +345,8 @@ async fn of_ten_thousand_executors_exactly_the_hundred_silent_ones_expire() {
         min_ttl: Duration::from_millis(300),
         max_ttl: Duration::from_secs(60),
         keepalive_interval: Duration::from_millis(100),
+        // Room for the 10,000 first heartbeats' announcements.
+        watch_buffer: 20_000,
         ..RegistryConfig::default()
     };
     let RegistryHandle { addr, table } = start(sqlite_store(&dir).await, config).await;
@@ -392,6 +404,9 @@ async fn of_ten_thousand_executors_exactly_the_hundred_silent_ones_expire() {
         match event {
             ExecutorEvent::Offline { id, .. } => {
                 expired.insert(id);
+            }
+            ExecutorEvent::Online { executor, .. } => {
+                assert_eq!(executor.status, ExecutorStatus::Running, "a first heartbeat");
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -479,6 +494,16 @@ async fn a_restarted_registry_reloads_executors_and_keeps_heartbeating_ones() {
     let reloaded = second.send(ListExecutors::default()).await.unwrap();
     assert_eq!(reloaded.len(), 2);
     assert!(reloaded.iter().all(|e| e.status == ExecutorStatus::Initing));
+    let mut sub = loop {
+        match second.send(Subscribe).await.unwrap() {
+            Ok(sub) => break sub,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert!(sub
+        .snapshot
+        .iter()
+        .all(|e| e.status == ExecutorStatus::Initing));
     // Within the grace (1.5 s) nothing expires; the one that heartbeats with
     // its old token stays, the silent one goes after the grace.
     for _ in 0..25 {
@@ -493,6 +518,20 @@ async fn a_restarted_registry_reloads_executors_and_keeps_heartbeating_ones() {
         .unwrap()
         .unwrap();
     assert_eq!(kept_now.status, ExecutorStatus::Running);
+    // The new leader's owner learns which of the loaded executors heartbeat
+    // to it: the first heartbeat is announced once, the loss as usual.
+    let mut events = Vec::new();
+    while let Ok(event) = sub.events.try_recv() {
+        events.push(event);
+    }
+    let online: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            ExecutorEvent::Online { executor, .. } => Some((executor.id.clone(), executor.status)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(online, [(kept.executor.id.clone(), ExecutorStatus::Running)]);
     let lost_now = second
         .send(GetExecutor {
             id: lost.executor.id.clone(),

@@ -157,12 +157,19 @@ pub struct ExecutorRegistry {
     pub(super) inserting: bool,
     /// Whether this server still holds the leadership it runs under.
     pub(super) lease: LeaseGuard,
+    /// The table's promotions (first heartbeats), until `started` streams them.
+    promoted: Option<mpsc::UnboundedReceiver<ExecutorId>>,
 }
+
+/// An executor's first heartbeat to this leader, from the table.
+struct Promoted(ExecutorId);
 
 impl ExecutorRegistry {
     pub fn new(config: RegistryConfig, store: Store) -> Self {
+        let (table, promoted) = ExecutorTable::new(config.clone());
         Self {
-            table: Arc::new(ExecutorTable::new(config.clone())),
+            table: Arc::new(table),
+            promoted: Some(promoted),
             config,
             store,
             reserved: HashSet::new(),
@@ -256,6 +263,11 @@ impl Actor for ExecutorRegistry {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
+        if let Some(promoted) = self.promoted.take() {
+            ctx.add_stream(futures::stream::unfold(promoted, |mut rx| async move {
+                rx.recv().await.map(|id| (Promoted(id), rx))
+            }));
+        }
         self.load(ctx, 0);
         ctx.run_interval(self.config.keepalive_interval, |act, ctx| {
             act.expiry_pass(ctx);
@@ -266,6 +278,27 @@ impl Actor for ExecutorRegistry {
         metrics::registry_metrics().watch_subscribers.set(0);
         info!("executor registry stopped");
     }
+}
+
+/// A promotion is announced as `Online` again, now with status `running`: the
+/// owner prefers executors that heartbeat to this leader. One that was removed
+/// meanwhile (its `Offline` already sent) is not announced.
+impl StreamHandler<Promoted> for ExecutorRegistry {
+    fn handle(&mut self, Promoted(id): Promoted, _: &mut Self::Context) {
+        let info = {
+            let tables = self.table.lock();
+            match tables.executors.get(&id) {
+                Some(e) if e.status == ExecutorStatus::Running => Some(e.info(&id, Instant::now())),
+                _ => None,
+            }
+        };
+        if let Some(executor) = info {
+            self.emit(|seq| ExecutorEvent::Online { seq, executor });
+        }
+    }
+
+    /// The table keeps the sender for as long as the actor lives.
+    fn finished(&mut self, _: &mut Self::Context) {}
 }
 
 impl Handler<Register> for ExecutorRegistry {

@@ -6,6 +6,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
+
 use super::actor::HeartbeatAck;
 use super::model::{Executor, ExecutorInfo, ExecutorStatus};
 use super::token::{constant_time_eq, TokenHash};
@@ -24,6 +26,9 @@ pub struct ExecutorTable {
     pub(super) config: RegistryConfig,
     /// `heartbeats_total{outcome="ok"}`, resolved once.
     pub(super) heartbeats_ok: prometheus::IntCounter,
+    /// Executors that heartbeated for the first time (initing to running): the
+    /// actor announces them on the feed.
+    promotions: mpsc::UnboundedSender<ExecutorId>,
 }
 
 #[derive(Default)]
@@ -134,14 +139,18 @@ impl Tables {
 }
 
 impl ExecutorTable {
-    pub(super) fn new(config: RegistryConfig) -> Self {
-        Self {
+    /// The table, and the promotions its heartbeats announce.
+    pub(super) fn new(config: RegistryConfig) -> (Self, mpsc::UnboundedReceiver<ExecutorId>) {
+        let (promotions, promoted) = mpsc::unbounded_channel();
+        let table = Self {
             tables: Mutex::new(Tables::default()),
             config,
             heartbeats_ok: metrics::registry_metrics()
                 .heartbeats_total
                 .with_label_values(&["ok"]),
-        }
+            promotions,
+        };
+        (table, promoted)
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Tables> {
@@ -192,6 +201,8 @@ impl ExecutorTable {
                 self.heartbeats_ok.inc();
                 if let Some(counts) = promoted {
                     set_gauges(counts);
+                    // Fails only once the actor is gone.
+                    let _ = self.promotions.send(id.into());
                 }
                 Ok(HeartbeatAck {
                     ttl,

@@ -1,7 +1,7 @@
 //! One changefeed's decision in a tick ([`Plan`], turned into one patch group) and
 //! what all decisions of a tick share ([`Tick`], with the executors' [`Load`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::super::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState};
 use super::super::state::{ChangefeedEntry, GlobalState};
@@ -24,53 +24,73 @@ pub const MAX_GROUP_KEYS: usize = 2 * MAX_STALE_TASKS_PER_TICK + 3;
 /// What every changefeed's decision in one tick shares.
 pub(super) struct Tick<'a> {
     pub(super) live: &'a BTreeMap<String, LiveExecutor>,
+    /// Live executors that have not heartbeated to this leader yet.
+    pub(super) initing: &'a HashSet<String>,
     /// Built when the tick first needs it (an assignment or an unassignment).
     pub(super) load: Option<Load>,
     pub(super) now: u64,
 }
 
 impl<'a> Tick<'a> {
-    pub(super) fn new(live: &'a BTreeMap<String, LiveExecutor>, now: u64) -> Self {
+    pub(super) fn new(
+        live: &'a BTreeMap<String, LiveExecutor>,
+        initing: &'a HashSet<String>,
+        now: u64,
+    ) -> Self {
         Self {
             live,
+            initing,
             load: None,
             now,
         }
     }
 
     pub(super) fn load(&mut self, state: &GlobalState) -> &mut Load {
-        let live = self.live;
-        self.load.get_or_insert_with(|| Load::new(state, live))
+        let (live, initing) = (self.live, self.initing);
+        self.load
+            .get_or_insert_with(|| Load::new(state, live, initing))
     }
 }
 
-/// Current assignments per live executor, ordered by (load, id); kept current
-/// as the tick unassigns and assigns.
+/// Current assignments per live executor, ordered by (initing, load, id):
+/// executors that heartbeat to this leader first, the least loaded first; kept
+/// current as the tick unassigns and assigns.
 pub(super) struct Load {
-    pub(super) count: HashMap<String, usize>,
-    pub(super) order: BTreeSet<(usize, String)>,
+    /// (initing, load) per live executor.
+    pub(super) count: HashMap<String, (bool, usize)>,
+    pub(super) order: BTreeSet<(bool, usize, String)>,
 }
 
 impl Load {
-    pub(super) fn new(state: &GlobalState, live: &BTreeMap<String, LiveExecutor>) -> Self {
-        let count: HashMap<String, usize> = live
+    pub(super) fn new(
+        state: &GlobalState,
+        live: &BTreeMap<String, LiveExecutor>,
+        initing: &HashSet<String>,
+    ) -> Self {
+        let count: HashMap<String, (bool, usize)> = live
             .keys()
-            .map(|id| (id.clone(), state.load_of(id)))
+            .map(|id| (id.clone(), (initing.contains(id), state.load_of(id))))
             .collect();
-        let order = count.iter().map(|(id, n)| (*n, id.clone())).collect();
+        let order = count
+            .iter()
+            .map(|(id, (initing, n))| (*initing, *n, id.clone()))
+            .collect();
         Self { count, order }
     }
 
     pub(super) fn add(&mut self, executor: &str, delta: isize) {
-        let Some(n) = self.count.get_mut(executor) else {
+        let Some((initing, n)) = self.count.get_mut(executor) else {
             return;
         };
-        self.order.remove(&(*n, executor.to_owned()));
+        self.order.remove(&(*initing, *n, executor.to_owned()));
         *n = n.saturating_add_signed(delta);
-        self.order.insert((*n, executor.to_owned()));
+        self.order.insert((*initing, *n, executor.to_owned()));
     }
 
-    /// The least loaded live executor (ties by id) whose labels match.
+    /// The least loaded live executor (ties by id) whose labels match, among
+    /// those that heartbeat to this leader; an initing one (just registered,
+    /// or loaded from the store by a new leader and possibly gone) only when
+    /// none of those matches.
     pub(super) fn least_loaded(
         &self,
         live: &BTreeMap<String, LiveExecutor>,
@@ -78,11 +98,11 @@ impl Load {
     ) -> Option<String> {
         self.order
             .iter()
-            .find(|(_, id)| {
+            .find(|(_, _, id)| {
                 let labels = &live[id.as_str()].labels;
                 selector.iter().all(|(k, v)| labels.get(k) == Some(v))
             })
-            .map(|(_, id)| id.clone())
+            .map(|(_, _, id)| id.clone())
     }
 }
 

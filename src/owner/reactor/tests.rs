@@ -53,7 +53,12 @@ impl Harness {
             .iter()
             .map(|(id, labels)| executor(id, labels))
             .collect();
-        self.inputs.send(OwnerInput::Executors(list)).unwrap();
+        self.inputs
+            .send(OwnerInput::Executors {
+                live: list,
+                initing: Vec::new(),
+            })
+            .unwrap();
     }
 
     fn offline(&self, id: &str) {
@@ -281,6 +286,46 @@ fn ties_go_to_the_lowest_id_and_selectors_are_respected() {
         .clone()
         .unwrap();
     assert!(reason.contains("selector"), "{reason}");
+}
+
+/// After a failover the registry loads every stored executor as `initing`,
+/// some of them gone for good (their delete had not reached SQL): with load 0
+/// they would take every moved changefeed and stall it for the grace. Work
+/// goes to executors heartbeating to this leader first.
+#[test]
+fn initing_executors_get_work_only_when_no_heartbeating_one_matches() {
+    let mut h = Harness::new();
+    h.executors(&[("busy", &[])]);
+    for i in 0..3 {
+        h.create(&format!("old{i}"), &[]);
+    }
+    h.tick();
+    // A new leader: "ghost" (load 0, zone a) never heartbeats to it.
+    h.inputs
+        .send(OwnerInput::Executors {
+            live: vec![executor("busy", &[]), executor("ghost", &[("zone", "a")])],
+            initing: vec!["ghost".into()],
+        })
+        .unwrap();
+    let any = h.create("any", &[]);
+    let only_ghost = h.create("zone-a", &[("zone", "a")]);
+    h.tick();
+    assert_eq!(h.assignment(&any), Some(("busy".into(), 1)), "the least loaded is initing");
+    assert_eq!(
+        h.assignment(&only_ghost),
+        Some(("ghost".into(), 1)),
+        "no heartbeating executor matches: the initing one is better than none"
+    );
+    // Its first heartbeat: now the least loaded wins again.
+    h.inputs
+        .send(OwnerInput::Online {
+            executor: executor("ghost", &[("zone", "a")]),
+            initing: false,
+        })
+        .unwrap();
+    let next = h.create("next", &[]);
+    h.tick();
+    assert_eq!(h.assignment(&next), Some(("ghost".into(), 1)));
 }
 
 #[test]
@@ -521,7 +566,10 @@ fn executors_are_mirrored_under_meta() {
         serde_json::from_slice(h.tester.value(&h.keys.executor("e1")).unwrap()).unwrap();
     assert_eq!(record.labels["zone"], "a");
     h.inputs
-        .send(OwnerInput::Online(executor("e2", &[])))
+        .send(OwnerInput::Online {
+            executor: executor("e2", &[]),
+            initing: false,
+        })
         .unwrap();
     h.offline("e1");
     h.tick();
@@ -749,7 +797,10 @@ fn a_changefeed_waiting_for_a_matching_executor_gets_the_one_that_comes_online()
     h.tick();
     assert_eq!(h.owner.last_tick().visited, 0, "idle while nothing changes");
     h.inputs
-        .send(OwnerInput::Online(executor("e2", &[("zone", "b")])))
+        .send(OwnerInput::Online {
+            executor: executor("e2", &[("zone", "b")]),
+            initing: false,
+        })
         .unwrap();
     h.tick();
     assert!(!h.owner.last_tick().full);
