@@ -189,7 +189,8 @@ impl ValueSpec {
 enum Op {
     Put(KeySpec, ValueSpec),
     Delete(KeySpec),
-    /// The live executors, as a bit set over `EXECUTORS`.
+    /// The live executors, as a bit set over `EXECUTORS` (bits 0-2); bits 4-6
+    /// mark which of them are still initing (not yet heartbeated to this leader).
     Live(u8),
     Progress {
         executor: u8,
@@ -386,7 +387,15 @@ impl Run {
                         labels: labels(&[(i as u8, i as u8)]),
                     })
                     .collect();
-                self.inputs.send(OwnerInput::Executors(live)).unwrap();
+                let initing = EXECUTORS
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| mask & (1 << i) != 0 && mask & (1 << (i + 4)) != 0)
+                    .map(|(_, id)| id.to_string())
+                    .collect();
+                self.inputs
+                    .send(OwnerInput::Executors { live, initing })
+                    .unwrap();
                 self.live_known = true;
             }
             Op::Progress {

@@ -251,7 +251,10 @@ impl OwnerReactor {
     fn drain_inputs(&mut self, state: &GlobalState) {
         while let Ok(input) = self.inputs.try_recv() {
             match input {
-                OwnerInput::Executors { live: list, initing } => {
+                OwnerInput::Executors {
+                    live: list,
+                    initing,
+                } => {
                     self.initing = initing.into_iter().collect();
                     let new: BTreeMap<_, _> = list.into_iter().map(|e| (e.id.clone(), e)).collect();
                     // A re-subscription: what went offline meanwhile moves,

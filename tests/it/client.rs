@@ -106,6 +106,16 @@ async fn executor_methods_and_their_errors() {
     assert_eq!(beat.ttl_ms, 60_000);
     assert_eq!(beat.heartbeat_interval_ms, 200);
     assert!(beat.assignments.is_empty());
+    // The first heartbeat to this leader is announced: the executor is running.
+    match next_event(&mut watch).await {
+        WatchEvent::Online { executor, .. } => {
+            assert_eq!(
+                (executor.id.as_str(), executor.status.as_str()),
+                (a.executor.id.as_str(), "running")
+            );
+        }
+        other => panic!("expected online (running), got {other:?}"),
+    }
 
     let one = client.get_executor(&a.executor.id).await.unwrap();
     assert_eq!(one.status, "running");

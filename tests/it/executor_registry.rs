@@ -406,7 +406,11 @@ async fn of_ten_thousand_executors_exactly_the_hundred_silent_ones_expire() {
                 expired.insert(id);
             }
             ExecutorEvent::Online { executor, .. } => {
-                assert_eq!(executor.status, ExecutorStatus::Running, "a first heartbeat");
+                assert_eq!(
+                    executor.status,
+                    ExecutorStatus::Running,
+                    "a first heartbeat"
+                );
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -531,7 +535,10 @@ async fn a_restarted_registry_reloads_executors_and_keeps_heartbeating_ones() {
             _ => None,
         })
         .collect();
-    assert_eq!(online, [(kept.executor.id.clone(), ExecutorStatus::Running)]);
+    assert_eq!(
+        online,
+        [(kept.executor.id.clone(), ExecutorStatus::Running)]
+    );
     let lost_now = second
         .send(GetExecutor {
             id: lost.executor.id.clone(),

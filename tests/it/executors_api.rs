@@ -550,13 +550,18 @@ async fn a_store_outage_refuses_registration_and_leaves_no_trace() {
         max_connections: 2,
     };
     let store = Store::connect(&url, &options).await.unwrap();
-    let (state, _) = state_with(store).await;
+    let (state, registry) = state_with(store).await;
     let app = app!(state);
     let (status, body) = call!(app, register_req("before", json!({})));
     assert_eq!(status, StatusCode::CREATED, "{body}");
     drop(pg);
     let (status, body) = call!(app, register_req("during", json!({})));
     assert_error(status, &body, 503, "store_unavailable");
+    // Whether the refused row reached the store is unknown (an outage can
+    // strike after the commit): its delete is queued, so that no later
+    // leader loads it as an executor.
+    let stats = registry.send(GetRegistryStats).await.unwrap();
+    assert_eq!(stats.pending_store_deletes, 1, "{stats:?}");
     let (_, list) = call!(app, test::TestRequest::get().uri("/api/v1/executors"));
     assert_eq!(
         list["total"], 1,

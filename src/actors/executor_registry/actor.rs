@@ -210,6 +210,7 @@ impl ExecutorRegistry {
             let id: ExecutorId = format!("{name}-{:08x}", rng.random::<u32>()).into();
             if !tables.executors.contains_key(&id)
                 && !self.reserved.contains(&id)
+                && !self.pending_deletes.contains(&id)
                 && !tables.tombstones.contains_key(&id)
             {
                 return id;
@@ -365,6 +366,13 @@ impl Handler<Register> for ExecutorRegistry {
                             // A duplicate id (a collision with a row still being
                             // deleted) is as retryable as an outage: 503 either way.
                             warn!(name = %msg.name, %error, "registration failed: the store refused it");
+                            // Whether the row was written is unknown (a timeout
+                            // after the commit): it is deleted in the background,
+                            // so no failed registration leaves a row a later
+                            // leader would load. A duplicate is someone else's row.
+                            if !matches!(*error, store::Error::Duplicate { .. }) {
+                                act.pending_deletes.insert(id.clone());
+                            }
                             Err(Error::StoreUnavailable(error))
                         }
                         Ok(Ok(())) => {

@@ -310,7 +310,11 @@ fn initing_executors_get_work_only_when_no_heartbeating_one_matches() {
     let any = h.create("any", &[]);
     let only_ghost = h.create("zone-a", &[("zone", "a")]);
     h.tick();
-    assert_eq!(h.assignment(&any), Some(("busy".into(), 1)), "the least loaded is initing");
+    assert_eq!(
+        h.assignment(&any),
+        Some(("busy".into(), 1)),
+        "the least loaded is initing"
+    );
     assert_eq!(
         h.assignment(&only_ghost),
         Some(("ghost".into(), 1)),
