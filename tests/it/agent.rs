@@ -341,9 +341,6 @@ async fn agent_count_runs_a_simulated_fleet_in_one_process() {
     harness::init_tracing();
     let server = FlotillaServer::start(ServerOptions::default());
     let client = Client::new(&server.url()).unwrap();
-    for id in ["a", "b", "c", "d", "e", "f"] {
-        create(&client, id).await;
-    }
     let log = server.data_dir().join("fleet.log");
     let mut agent = AgentProcess(
         Command::new(BIN)
@@ -355,6 +352,19 @@ async fn agent_count_runs_a_simulated_fleet_in_one_process() {
             .spawn()
             .unwrap(),
     );
+    // The changefeeds come once all three are registered: created before, they
+    // would all go to whichever registered first (nothing rebalances yet).
+    eventually("three executors registered", &server, || async {
+        let list = client
+            .list_executors(&ExecutorFilter::default())
+            .await
+            .ok()?;
+        (list.items.len() == 3).then_some(())
+    })
+    .await;
+    for id in ["a", "b", "c", "d", "e", "f"] {
+        create(&client, id).await;
+    }
     let ids = eventually(
         "three executors holding two changefeeds each",
         &server,
