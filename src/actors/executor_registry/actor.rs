@@ -242,9 +242,18 @@ impl ExecutorRegistry {
         }
     }
 
+    /// Queues the SQL delete of `id`, written in the background by
+    /// `flush_deletes` and retried there until it succeeds.
+    fn queue_store_delete(&mut self, id: &ExecutorId) {
+        self.pending_deletes.insert(id.clone());
+        metrics::registry_metrics()
+            .pending_store_deletes
+            .set(self.pending_deletes.len() as i64);
+    }
+
     /// Announces a removal: feed, metric, log, SQL delete in the background.
     pub(super) fn announce_offline(&mut self, id: &ExecutorId, reason: OfflineReason) {
-        self.pending_deletes.insert(id.clone());
+        self.queue_store_delete(id);
         metrics::registry_metrics()
             .expiries_total
             .with_label_values(&[reason.as_str()])
@@ -371,7 +380,7 @@ impl Handler<Register> for ExecutorRegistry {
                             // so no failed registration leaves a row a later
                             // leader would load. A duplicate is someone else's row.
                             if !matches!(*error, store::Error::Duplicate { .. }) {
-                                act.pending_deletes.insert(id.clone());
+                                act.queue_store_delete(&id);
                             }
                             Err(Error::StoreUnavailable(error))
                         }
