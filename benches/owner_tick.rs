@@ -200,7 +200,10 @@ fn owner_tick(c: &mut Criterion) {
                 advance(Duration::from_millis(100));
                 fleet
                     .inputs
-                    .send(OwnerInput::Offline("e0003".into()))
+                    .send(OwnerInput::Offline {
+                        executor: "e0003".into(),
+                        lease_left: Duration::ZERO,
+                    })
                     .unwrap();
                 total += fleet.timed_tick();
                 black_box(&fleet.tester);

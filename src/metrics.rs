@@ -372,6 +372,8 @@ pub struct OwnerMetrics {
     pub full_passes_total: prometheus::IntCounter,
     pub checkpoint_writes_total: prometheus::IntCounter,
     pub checkpoint_persist_lag_seconds: prometheus::Gauge,
+    pub releasing_tasks: prometheus::IntGauge,
+    pub released_total: prometheus::IntCounterVec,
 }
 
 static OWNER: LazyLock<OwnerMetrics> = LazyLock::new(|| OwnerMetrics {
@@ -395,6 +397,18 @@ static OWNER: LazyLock<OwnerMetrics> = LazyLock::new(|| OwnerMetrics {
              as of the last tick (0: none waits).",
         )
         .expect("valid gauge"),
+    ),
+    releasing_tasks: gauge(
+        "owner_releasing_tasks",
+        "Tasks taken away from their executor and not released yet (no new assignment of \
+         their changefeed until the executor acknowledges the stop or its lease lapses), as \
+         of the last tick.",
+    ),
+    released_total: counter_vec(
+        "owner_released_total",
+        "Tasks released, by how: `acknowledged` (the executor confirmed the stop) or \
+         `lapsed` (its lease had certainly ended).",
+        &["how"],
     ),
 });
 
@@ -437,7 +451,9 @@ pub fn register_all() {
         store.errors_total.with_label_values(&[operation]);
     }
     http();
-    owner();
+    for how in ["acknowledged", "lapsed"] {
+        owner().released_total.with_label_values(&[how]);
+    }
     is_leader();
     let election = election();
     for outcome in ["ok", "no_leader"] {

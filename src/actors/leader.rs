@@ -36,6 +36,10 @@ pub struct Roles {
     pub registry: RegistryHandle,
     /// `None` on a server built without an owner (registry-only tests).
     pub owner: Option<WorkDesk>,
+    /// Valid while this server's election lease certainly holds: a leader
+    /// answers heartbeats only then (a frozen one that wakes up after a new
+    /// leader was elected must not extend leases nor hand out work).
+    pub lease: LeaseGuard,
 }
 
 /// Where the current [`Roles`] are published; empty while this server does
@@ -146,7 +150,7 @@ impl LeaderRoles {
         }
         let registry =
             ExecutorRegistry::new(self.settings.registry.clone(), self.settings.store.clone())
-                .with_lease_guard(guard)
+                .with_lease_guard(guard.clone())
                 .start_with_table();
         let mut owner_settings = self.settings.owner.clone();
         owner_settings.worker.fence = Some(fence);
@@ -173,6 +177,7 @@ impl LeaderRoles {
         self.slot.set(Some(Roles {
             registry,
             owner: Some(desk),
+            lease: guard,
         }));
         info!("leader roles started: executor registry, changefeed owner and etcd compactor");
     }

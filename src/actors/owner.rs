@@ -31,7 +31,8 @@ use super::executor_registry::{
 use super::ticker::StopWorker;
 use super::worker::{start, WorkerConfig};
 use crate::owner::board::WorkBoard;
-pub use crate::owner::board::{Assignment, Rejected, Work};
+pub use crate::owner::board::{Assignment, Rejected, Revoked, Work};
+use crate::owner::model::ChangefeedId;
 use crate::owner::model::Keys;
 use crate::owner::reactor::{LiveExecutor, OwnerConfig, OwnerInput, OwnerReactor, ProgressReport};
 use crate::owner::state::GlobalState;
@@ -78,23 +79,37 @@ impl WorkDesk {
     }
 
     /// The committed work of `executor`; its progress reports for its
-    /// current assignments go to the reactor, the others come back
-    /// rejected. Call it only for an executor the registry just accepted a
-    /// heartbeat from.
-    pub fn work(&self, executor: &str, progress: Vec<ProgressReport>) -> Result<Work, Error> {
+    /// current assignments and its acknowledged stops of tasks taken away
+    /// from it go to the reactor, other reports come back rejected (other
+    /// stops are ignored: they release nothing). Call it only for an executor
+    /// the registry just accepted a heartbeat from.
+    pub fn work(
+        &self,
+        executor: &str,
+        progress: Vec<ProgressReport>,
+        stopped: Vec<(ChangefeedId, u64)>,
+    ) -> Result<Work, Error> {
         let (work, accepted) = self
             .board
-            .work_for(executor, progress)
+            .work_for(executor, progress, stopped)
             .ok_or(Error::NotRunning)?;
-        if !accepted.is_empty() {
+        if !accepted.progress.is_empty() || !accepted.stopped.is_empty() {
             let inputs = self.inputs.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(inputs) = inputs.as_ref() {
-                for report in accepted {
-                    // Fails only while the worker stops; the executor
-                    // reports again at its next heartbeat.
+                // Fails only while the worker stops; the executor reports
+                // again at its next heartbeat (and acknowledges again: the
+                // task is still listed as revoked).
+                for report in accepted.progress {
                     let _ = inputs.send(OwnerInput::Progress {
                         executor: executor.to_owned(),
                         report,
+                    });
+                }
+                for (changefeed, epoch) in accepted.stopped {
+                    let _ = inputs.send(OwnerInput::Released {
+                        executor: executor.to_owned(),
+                        changefeed,
+                        epoch,
                     });
                 }
             }
@@ -301,7 +316,10 @@ impl StreamHandler<Feed> for Owner {
                     initing,
                 })
             }
-            Some(ExecutorEvent::Offline { id, .. }) => self.send(OwnerInput::Offline(id)),
+            Some(ExecutorEvent::Offline { id, lease_left, .. }) => self.send(OwnerInput::Offline {
+                executor: id,
+                lease_left,
+            }),
             Some(ExecutorEvent::Resync) | None => {
                 warn!("owner: the executor feed ended; subscribing again");
                 ctx.run_later(Duration::from_millis(100), |act, ctx| act.subscribe(ctx));

@@ -308,6 +308,7 @@ where
         self.last_tick = Some(Instant::now());
         self.stats.ticks += 1;
         let started = Instant::now();
+        self.state.at_revision(self.applied_revision);
         let result = self.reactor.tick(&mut self.state);
         let elapsed = started.elapsed();
         metrics::worker()

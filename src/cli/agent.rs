@@ -90,6 +90,8 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
         labels: args.labels.into_iter().collect(),
         ttl: args.ttl,
         lease_margin: args.lease_margin,
+        // Without a workload of its own (it only logs), a stop is immediate.
+        confirm_stops: args.simulate,
         ..AgentConfig::new(args.name.clone(), args.address.clone())
     };
     if args.count > 1 {
@@ -110,15 +112,14 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
     );
     let mut handle = Agent::spawn(client, config);
     let mut view = handle.subscribe();
-    let (simulated_view, reporter) = (handle.subscribe(), handle.reporter());
-    let workload = async move {
-        if args.simulate {
-            client::simulate(simulated_view, reporter, args.simulate_step).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    let mut workload = std::pin::pin!(workload);
+    if args.simulate {
+        // Its own task: it must go on confirming stops while `stop` waits for them.
+        tokio::spawn(client::simulate(
+            handle.subscribe(),
+            handle.reporter(),
+            args.simulate_step,
+        ));
+    }
     let mut shown = AgentView::default();
     let signal = loop {
         tokio::select! {
@@ -132,7 +133,6 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
                 log_changes(&shown, &now);
                 shown = now;
             }
-            () = &mut workload => {}
         }
     };
     if signal.is_empty() {

@@ -26,6 +26,20 @@
 //! down too: the server's default TTL (20 s, an 18 s lease) outlasts one, and a TTL
 //! asked for ([`AgentConfig::ttl`]) should too, or every failover stops all work.
 //!
+//! The hand-off: an assignment the server takes away comes back in `revoked`; the
+//! agent names it in a later heartbeat's `stopped` once the workload confirmed the
+//! stop ([`AgentHandle::stopped`] / [`ProgressReporter::stopped`]; with
+//! [`AgentConfig::confirm_stops`] off, as soon as it left the view), and only then
+//! does the server give it to another executor (or after this executor's lease). A
+//! task the workload was never shown is acknowledged at once. A slow sink flush
+//! therefore counts as running. [`AgentHandle::stop`] waits for the workload to
+//! confirm every stop (at most until the lease ends) before it deregisters, which
+//! acknowledges them all.
+//!
+//! The lease clock is `CLOCK_BOOTTIME` on Linux ([`LeaseClock`]): it keeps counting
+//! while the machine or VM is suspended, so a lease cannot outlive a suspend (tokio's
+//! `Instant`, `CLOCK_MONOTONIC`, stops during one).
+//!
 //! Every heartbeat carries the latest progress of each assignment (a resend is
 //! harmless: a checkpoint never goes backward), packed under the body limit the
 //! server announces (`max_heartbeat_bytes`): changed progress first, then what was
@@ -42,7 +56,7 @@
 //! [`AgentHandle::stop`], which stops the assignments, then deregisters. [`simulate`](super::simulate)
 //! is a fake workload on top.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use rand::Rng;
@@ -54,7 +68,7 @@ use tracing::{info, warn};
 use super::outbox::{budget_for, Outbox, DEFAULT_BUDGET, MIN_BUDGET};
 use super::{
     Assignment, Client, Error, HeartbeatRequest, HeartbeatResponse, Progress, RegisterRequest,
-    Rejected, Result,
+    Rejected, Result, TaskRef,
 };
 
 /// Who the agent registers as, and how it retries.
@@ -73,6 +87,11 @@ pub struct AgentConfig {
     /// [`lease_margin`]'s default (10 % of the TTL, at least 500 ms). Never more than
     /// half the TTL.
     pub lease_margin: Option<Duration>,
+    /// Whether the workload confirms each stop ([`AgentHandle::stopped`]): an
+    /// assignment that left the view counts as running until it does. `false`: the
+    /// program stops an assignment the moment it leaves the view (it runs nothing
+    /// of its own, or stops synchronously), so it is acknowledged at once.
+    pub confirm_stops: bool,
 }
 
 impl AgentConfig {
@@ -85,6 +104,7 @@ impl AgentConfig {
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
             lease_margin: None,
+            confirm_stops: true,
         }
     }
 }
@@ -103,8 +123,51 @@ pub fn lease_margin(ttl: Duration, configured: Option<Duration>) -> Duration {
 }
 
 /// When the assignments of a heartbeat sent at `sent` and granted `ttl` must stop.
-fn lease_end(sent: Instant, ttl: Duration, configured: Option<Duration>) -> Instant {
+fn lease_end(sent: LeaseClock, ttl: Duration, configured: Option<Duration>) -> LeaseClock {
     sent + (ttl - lease_margin(ttl, configured))
+}
+
+/// A point in time on the clock leases are counted on: `CLOCK_BOOTTIME` on Linux,
+/// which keeps counting while the machine is suspended (so a lease ends on time
+/// however long a suspend lasted), the monotonic clock elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LeaseClock(Duration);
+
+impl LeaseClock {
+    #[cfg(target_os = "linux")]
+    pub fn now() -> LeaseClock {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `clock_gettime` writes only the timespec it is given, which lives
+        // on this stack frame; CLOCK_BOOTTIME exists since Linux 2.6.39.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME)");
+        LeaseClock(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn now() -> LeaseClock {
+        static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        LeaseClock(BASE.get_or_init(std::time::Instant::now).elapsed())
+    }
+
+    pub fn saturating_duration_since(self, earlier: LeaseClock) -> Duration {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// The same point on tokio's clock (for timers and [`AgentView::lease_until`]).
+    fn to_tokio(self) -> Instant {
+        Instant::now() + self.saturating_duration_since(LeaseClock::now())
+    }
+}
+
+impl std::ops::Add<Duration> for LeaseClock {
+    type Output = LeaseClock;
+    fn add(self, d: Duration) -> LeaseClock {
+        LeaseClock(self.0 + d)
+    }
 }
 
 /// When to try again after a failure: `backoff` from `now`, but once, a heartbeat
@@ -164,6 +227,8 @@ impl Agent {
                 reports: report_rx,
                 outbox: Outbox::default(),
                 budget: DEFAULT_BUDGET,
+                running: HashSet::new(),
+                revoked: Vec::new(),
             }
             .run(stop_rx),
         );
@@ -176,11 +241,18 @@ impl Agent {
     }
 }
 
+/// What the workload tells the agent.
+#[derive(Debug)]
+enum Signal {
+    Progress(Progress),
+    Stopped(TaskRef),
+}
+
 /// The embedding program's side of a running agent. Dropping it stops the agent
 /// (which deregisters) without waiting for it.
 pub struct AgentHandle {
     view: watch::Receiver<AgentView>,
-    reports: mpsc::UnboundedSender<Progress>,
+    reports: mpsc::UnboundedSender<Signal>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
 }
@@ -204,7 +276,13 @@ impl AgentHandle {
     /// Queues progress for the next heartbeat; a later report of the same changefeed
     /// replaces it. Progress of a changefeed no longer assigned at that epoch is dropped.
     pub fn report(&self, progress: Progress) {
-        let _ = self.reports.send(progress);
+        let _ = self.reports.send(Signal::Progress(progress));
+    }
+
+    /// The workload has stopped `changefeed` at `epoch` (one that left the view):
+    /// see [`ProgressReporter::stopped`].
+    pub fn stopped(&self, namespace: &str, changefeed: &str, epoch: u64) {
+        self.reporter().stopped(namespace, changefeed, epoch);
     }
 
     /// Whether the task ended by itself (a refused registration).
@@ -235,11 +313,24 @@ impl AgentHandle {
 
 /// Reports progress to an agent (see [`AgentHandle::report`]); cheap to clone.
 #[derive(Debug, Clone)]
-pub struct ProgressReporter(mpsc::UnboundedSender<Progress>);
+pub struct ProgressReporter(mpsc::UnboundedSender<Signal>);
 
 impl ProgressReporter {
     pub fn report(&self, progress: Progress) {
-        let _ = self.0.send(progress);
+        let _ = self.0.send(Signal::Progress(progress));
+    }
+
+    /// The workload has stopped `changefeed` at `epoch`, for good (its sink
+    /// flushed, nothing more will be written under that epoch): the agent may
+    /// tell the server, which then gives it to another executor. Call it for every
+    /// assignment that leaves the view (taken away, or the lease lapsed); until
+    /// then the changefeed runs nowhere else (or only after this executor's lease).
+    pub fn stopped(&self, namespace: &str, changefeed: &str, epoch: u64) {
+        let _ = self.0.send(Signal::Stopped(TaskRef {
+            namespace: namespace.to_owned(),
+            changefeed: changefeed.to_owned(),
+            epoch,
+        }));
     }
 }
 
@@ -253,11 +344,16 @@ struct Runner {
     client: Client,
     config: AgentConfig,
     view: watch::Sender<AgentView>,
-    reports: mpsc::UnboundedReceiver<Progress>,
+    reports: mpsc::UnboundedReceiver<Signal>,
     /// The latest report per changefeed, sent until the assignment goes.
     outbox: Outbox,
     /// Bytes of progress one heartbeat may carry.
     budget: usize,
+    /// Tasks shown to the workload in this registration whose stop it has not
+    /// confirmed: running, as far as the server must know.
+    running: HashSet<TaskRef>,
+    /// The last answer's tasks taken away, to acknowledge once stopped.
+    revoked: Vec<TaskRef>,
 }
 
 impl Runner {
@@ -266,7 +362,7 @@ impl Runner {
         let mut failures: u32 = 0;
         let mut next = Instant::now();
         // The end of the lease on the current assignments; `None`: no lease.
-        let mut lease: Option<Instant> = None;
+        let mut lease: Option<LeaseClock> = None;
         // The server's heartbeat interval (the registration's, then each answer's).
         let mut interval = Duration::from_secs(1);
         loop {
@@ -320,6 +416,10 @@ impl Runner {
                     let id = session.take().map(|s| s.id).unwrap_or_default();
                     warn!(id, error = %e, "executor no longer registered; registering again");
                     self.outbox.clear();
+                    // The old registration's tasks are the server's to release
+                    // (by its lease); the new one starts with none.
+                    self.running.clear();
+                    self.revoked.clear();
                     lease = None;
                     self.view.send_modify(|v| {
                         v.executor_id = None;
@@ -339,16 +439,26 @@ impl Runner {
                         budget = self.budget,
                         "heartbeat too large; sending less progress"
                     );
-                    next_attempt(now, self.backoff(failures, &e), lease, interval)
+                    next_attempt(
+                        now,
+                        self.backoff(failures, &e),
+                        lease.map(LeaseClock::to_tokio),
+                        interval,
+                    )
                 }
                 Err(e) => {
                     failures += 1;
-                    let at = next_attempt(now, self.backoff(failures, &e), lease, interval);
+                    let at = next_attempt(
+                        now,
+                        self.backoff(failures, &e),
+                        lease.map(LeaseClock::to_tokio),
+                        interval,
+                    );
                     warn!(
                         error = %e,
                         failures,
                         retry_in = ?at.saturating_duration_since(now),
-                        lease_left = ?lease.map(|end| end.saturating_duration_since(now)),
+                        lease_left = ?lease.map(|end| end.saturating_duration_since(LeaseClock::now())),
                         "server request failed"
                     );
                     at
@@ -366,6 +476,7 @@ impl Runner {
         let Some(session) = session else {
             return Ok(());
         };
+        self.wait_for_stops(lease).await;
         let result = match self
             .client
             .deregister(&session.id, Some(&session.token))
@@ -411,22 +522,81 @@ impl Runner {
         ))
     }
 
+    /// Takes what the workload said: progress, and confirmed stops.
+    fn signal(&mut self, signal: Signal) {
+        match signal {
+            Signal::Progress(report) => self.outbox.report(report),
+            Signal::Stopped(task) => {
+                self.running.remove(&task);
+            }
+        }
+    }
+
+    /// Until the workload confirmed the stop of everything it was shown, or the
+    /// lease ends (from then on the server may move the work anyway).
+    async fn wait_for_stops(&mut self, lease: Option<LeaseClock>) {
+        if !self.config.confirm_stops {
+            return;
+        }
+        loop {
+            while let Ok(signal) = self.reports.try_recv() {
+                self.signal(signal);
+            }
+            if self.running.is_empty() {
+                return;
+            }
+            tokio::select! {
+                signal = self.reports.recv() => match signal {
+                    Some(signal) => self.signal(signal),
+                    None => return,
+                },
+                () = until(lease) => {
+                    warn!(
+                        unconfirmed = self.running.len(),
+                        "the lease ended before the workload confirmed every stop; deregistering"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
     /// The next heartbeat's body, and its send time (taken before the request: the
     /// lease counts from it).
-    fn prepare(&mut self) -> (HeartbeatRequest, Instant) {
-        while let Ok(report) = self.reports.try_recv() {
-            self.outbox.report(report);
+    fn prepare(&mut self) -> (HeartbeatRequest, LeaseClock) {
+        while let Ok(signal) = self.reports.try_recv() {
+            self.signal(signal);
         }
+        if !self.config.confirm_stops {
+            // What left the view is stopped.
+            let view = self.view.borrow();
+            let shown: HashSet<TaskRef> = view.assignments.iter().map(task_of).collect();
+            drop(view);
+            self.running.retain(|t| shown.contains(t));
+        }
+        let stopped = self
+            .revoked
+            .iter()
+            .filter(|t| !self.running.contains(*t))
+            .take(MAX_STOPPED_ITEMS)
+            .cloned()
+            .collect();
         let request = HeartbeatRequest {
             ttl_ms: self.config.ttl.map(|ttl| ttl.as_millis() as u64),
             progress: self.outbox.pack(self.budget),
+            stopped,
         };
-        (request, Instant::now())
+        (request, LeaseClock::now())
     }
 
     /// Takes an acknowledged heartbeat sent at `sent`: its assignments, under a new
     /// lease. An answer that arrives after the lease it grants has ended grants nothing.
-    fn take(&mut self, answer: HeartbeatResponse, sent: Instant, lease: &mut Option<Instant>) {
+    fn take(
+        &mut self,
+        answer: HeartbeatResponse,
+        sent: LeaseClock,
+        lease: &mut Option<LeaseClock>,
+    ) {
         // Progress of work this executor no longer has at that epoch is stale.
         let current: HashMap<(&str, &str), u64> = answer
             .assignments
@@ -442,13 +612,20 @@ impl Runner {
                 "progress rejected"
             );
         }
+        // What the server still holds against this executor: tasks it runs, and
+        // tasks taken away whose stop it waits for. Anything else was released.
+        let revoked: HashSet<&TaskRef> = answer.revoked.iter().collect();
+        let assigned: HashSet<TaskRef> = answer.assignments.iter().map(task_of).collect();
+        self.running
+            .retain(|t| assigned.contains(t) || revoked.contains(t));
+        self.revoked = answer.revoked.clone();
         let ttl = Duration::from_millis(answer.ttl_ms);
         let end = lease_end(sent, ttl, self.config.lease_margin);
-        let now = Instant::now();
+        let now = LeaseClock::now();
         if end <= now {
             warn!(
                 ttl = ?ttl,
-                answered_after = ?now - sent,
+                answered_after = ?now.saturating_duration_since(sent),
                 "heartbeat answered after the lease it grants had ended; no work taken"
             );
             lapse(&self.view, lease);
@@ -456,13 +633,15 @@ impl Runner {
             return;
         }
         *lease = Some(end);
+        // Shown to the workload from now on: running until it confirms a stop.
+        self.running.extend(assigned);
         self.view.send_if_modified(|v| {
             // A new lease alone is no change a subscriber must wake for.
             let changed = v.assignments != answer.assignments || v.rejected != answer.rejected;
             v.assignments = answer.assignments;
             v.rejected = answer.rejected;
             v.heartbeats += 1;
-            v.lease_until = Some(end);
+            v.lease_until = Some(end.to_tokio());
             changed
         });
     }
@@ -477,16 +656,38 @@ impl Runner {
     }
 }
 
-/// Waits for the end of `lease`; never, without one.
-async fn until(lease: Option<Instant>) {
-    match lease {
-        Some(end) => tokio::time::sleep_until(end).await,
-        None => std::future::pending().await,
+/// Most tasks one heartbeat acknowledges (the server's limit).
+const MAX_STOPPED_ITEMS: usize = 10_000;
+
+fn task_of(a: &Assignment) -> TaskRef {
+    TaskRef {
+        namespace: a.namespace.clone(),
+        changefeed: a.changefeed.clone(),
+        epoch: a.epoch,
+    }
+}
+
+/// The longest a lease end is waited for in one timer: tokio's timers run on the
+/// monotonic clock, which stops during a suspend; after a resume the lease clock is
+/// read again within this, so a lease outlives a suspend by at most this much.
+const LEASE_POLL: Duration = Duration::from_millis(200);
+
+/// Waits for the end of `lease` on the lease clock; never, without one.
+async fn until(lease: Option<LeaseClock>) {
+    let Some(end) = lease else {
+        return std::future::pending().await;
+    };
+    loop {
+        let left = end.saturating_duration_since(LeaseClock::now());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(LEASE_POLL)).await;
     }
 }
 
 /// The lease has ended: stops every assignment (once per lease).
-fn lapse(view: &watch::Sender<AgentView>, lease: &mut Option<Instant>) {
+fn lapse(view: &watch::Sender<AgentView>, lease: &mut Option<LeaseClock>) {
     if lease.take().is_none() {
         return;
     }
@@ -543,7 +744,7 @@ mod tests {
         // A configured margin, capped the same way.
         assert_eq!(lease_margin(s(20), Some(s(5))), s(5));
         assert_eq!(lease_margin(s(4), Some(s(5))), s(2));
-        let sent = Instant::now();
+        let sent = LeaseClock::now();
         assert_eq!(lease_end(sent, s(20), None), sent + s(18));
         assert_eq!(lease_end(sent, s(20), Some(ms(100))), sent + ms(19_900));
         assert_eq!(

@@ -118,6 +118,7 @@ mod tests {
             let packed = outbox.pack(budget);
             assert_eq!(packed.len(), 30);
             let body = serde_json::to_vec(&HeartbeatRequest {
+                stopped: Vec::new(),
                 ttl_ms: Some(10_000),
                 progress: packed.clone(),
             })

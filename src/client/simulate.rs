@@ -15,7 +15,10 @@ const IDLE_STEP: Duration = Duration::from_millis(200);
 
 /// A fake workload: every `step`, each assigned changefeed's checkpoint moves to where
 /// it was assigned from plus the wall-clock time since (as a TiDB-style timestamp
-/// delta, milliseconds `<< 18`), and is reported. Runs until the future is dropped.
+/// delta, milliseconds `<< 18`), and is reported. An assignment that left the view is
+/// stopped at the next step (logged `simulation: stopped`) and only then confirmed to
+/// the agent ([`ProgressReporter::stopped`]), so the server moves it only after the
+/// loop let go. Runs until the agent is gone or the future is dropped.
 /// Takes [`AgentHandle::subscribe`] and [`AgentHandle::reporter`]. A zero `step`:
 /// checkpoints never advance and nothing is reported (an idle fleet that only
 /// heartbeats).
@@ -31,6 +34,10 @@ pub async fn simulate(
     let mut ticker = tokio::time::interval(if idle { IDLE_STEP } else { step });
     loop {
         ticker.tick().await;
+        if view.has_changed().is_err() {
+            // The agent is gone.
+            return;
+        }
         let view = view.borrow().clone();
         let assigned: HashSet<(&str, &str, u64)> = view
             .assignments
@@ -40,7 +47,13 @@ pub async fn simulate(
         running.retain(|(ns, cf), (epoch, _, _)| {
             let kept = assigned.contains(&(ns.as_str(), cf.as_str(), *epoch));
             if !kept {
-                info!(namespace = ns, changefeed = cf, "simulation: stopped");
+                info!(
+                    namespace = ns,
+                    changefeed = cf,
+                    epoch,
+                    "simulation: stopped"
+                );
+                reporter.stopped(ns, cf, *epoch);
             }
             kept
         });

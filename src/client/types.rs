@@ -66,6 +66,18 @@ pub struct HeartbeatRequest {
     pub ttl_ms: Option<u64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub progress: Vec<Progress>,
+    /// Tasks of an earlier answer's `revoked` this executor has stopped (the
+    /// workload confirmed it): each releases its changefeed to run elsewhere.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stopped: Vec<TaskRef>,
+}
+
+/// One task: a changefeed at an epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskRef {
+    pub namespace: String,
+    pub changefeed: String,
+    pub epoch: u64,
 }
 
 /// Progress of one assignment, as an executor reports it.
@@ -98,6 +110,11 @@ pub struct HeartbeatResponse {
     /// Progress reports the server refused (stale epoch, unknown changefeed).
     #[serde(default)]
     pub rejected: Vec<Rejected>,
+    /// Tasks taken away from this executor: stop each, then name it in a later
+    /// request's `stopped`; the changefeed runs nowhere else until then (or
+    /// until this executor's lease lapses).
+    #[serde(default)]
+    pub revoked: Vec<TaskRef>,
 }
 
 /// A changefeed an executor must run.
@@ -198,6 +215,18 @@ pub struct Changefeed {
     /// Why a normal changefeed is not running.
     #[serde(default)]
     pub pending_reason: Option<String>,
+    /// The task being taken away from an executor that may still run it.
+    #[serde(default)]
+    pub releasing: Option<Releasing>,
+}
+
+/// A changefeed's task being taken away: it runs nowhere else until `executor`
+/// acknowledges the stop or its lease lapses (by `deadline`, RFC 3339).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Releasing {
+    pub executor: String,
+    pub epoch: u64,
+    pub deadline: String,
 }
 
 /// `GET /api/v1/changefeeds`: the listing, and the changefeeds that could not be read.

@@ -18,7 +18,7 @@ use crate::actors::executor_registry::{
     GetExecutor, ListExecutors, Register, Subscribe, TokenHash,
 };
 use crate::actors::leader::Roles;
-use crate::actors::owner::{Assignment, Rejected, Work};
+use crate::actors::owner::{Assignment, Rejected, Revoked, Work};
 use crate::owner::feeds::validate_id;
 use crate::owner::model::ChangefeedId;
 use crate::owner::reactor::ProgressReport;
@@ -184,6 +184,25 @@ pub(super) struct HeartbeatRequest {
     #[serde(default)]
     #[schema(max_items = 10000)]
     progress: Vec<ProgressItem>,
+    /// Tasks of the last answer's `revoked` this executor no longer runs:
+    /// stopped, with the workload's confirmation (at most 10,000 items). Each
+    /// releases its changefeed to be assigned again at once, instead of after
+    /// this executor's lease.
+    #[serde(default)]
+    #[schema(max_items = 10000)]
+    stopped: Vec<StoppedItem>,
+}
+
+/// A task an executor has stopped (from `revoked`).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StoppedItem {
+    #[serde(default = "default_namespace")]
+    #[schema(pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", default = "default")]
+    namespace: String,
+    #[schema(pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$")]
+    changefeed: String,
+    epoch: u64,
 }
 
 /// Progress of one assignment, as an executor reports it.
@@ -248,6 +267,12 @@ pub(super) struct HeartbeatResponse {
     assignments: Vec<Assignment>,
     /// Progress reports refused (a stale epoch: another executor runs it now).
     rejected: Vec<Rejected>,
+    /// Tasks taken away from this executor (moved, paused, updated, deleted,
+    /// retried after an error, finished): stop each if it still runs, then
+    /// name it in `stopped`. Until then (or until this executor's lease lapses)
+    /// the changefeed is not assigned to anyone: no two executors ever run it
+    /// at once.
+    revoked: Vec<Revoked>,
 }
 
 /// Heartbeat: keep the executor alive, report progress, learn assignments.
@@ -256,6 +281,15 @@ pub(super) struct HeartbeatResponse {
 /// run, as committed in etcd; one that leaves the list must be stopped. Progress
 /// for anything but a current assignment at its current epoch comes back in
 /// `rejected`.
+///
+/// The hand-off: a task taken away from this executor is listed in `revoked`
+/// until the executor names it in a later heartbeat's `stopped` (after its
+/// workload confirmed the stop) or its lease lapses; only then is the
+/// changefeed assigned again, to this executor or another. An executor that
+/// never sends `stopped` is safe too, but each move then waits for the
+/// longest TTL the server grants. A `stopped` item that is not in `revoked`
+/// is ignored. Deregistering with the executor's own token acknowledges the
+/// stop of everything it had: stop the work first.
 ///
 /// The executor lease: an answer holds for its `ttl_ms` counted from when the
 /// executor sent the request, less a safety margin. An executor that gets no
@@ -317,23 +351,29 @@ pub(super) async fn heartbeat(
     if !small {
         authenticate()?;
     }
-    let (progress, ttl) = match heartbeat_request(&req, body, state.max_heartbeat_bytes).await {
-        Ok(request) => request,
-        Err(error) => {
-            if small {
-                authenticate()?;
+    let (progress, stopped, ttl) =
+        match heartbeat_request(&req, body, state.max_heartbeat_bytes).await {
+            Ok(request) => request,
+            Err(error) => {
+                if small {
+                    authenticate()?;
+                }
+                return Err(error);
             }
-            return Err(error);
-        }
-    };
+        };
     // Answered here, on the HTTP worker's thread, from the tables the
     // registry and the owner share with it: no actor message on this path.
     // The registry first, so only an authenticated, live executor's
     // progress counts.
     let (ack, work) = state.roles.with(|roles| -> Result<_> {
         let roles = roles.ok_or_else(|| not_leading(&state))?;
+        // Only while this server's election lease certainly holds: a leader
+        // frozen past it may have a successor that moved the work.
+        if !roles.lease.is_valid() {
+            return Err(not_leading(&state));
+        }
         let ack = roles.registry.table.heartbeat(&id, &token, ttl)?;
-        Ok((ack, work_for(roles, &id, progress)?))
+        Ok((ack, work_for(roles, &id, progress, stopped)?))
     })?;
     Ok(HttpResponse::Ok().json(HeartbeatResponse {
         ttl_ms: ack.ttl.as_millis() as u64,
@@ -341,21 +381,40 @@ pub(super) async fn heartbeat(
         max_heartbeat_bytes: state.max_heartbeat_bytes as u64,
         assignments: work.assignments,
         rejected: work.rejected,
+        revoked: work.revoked,
     }))
 }
 
-/// The heartbeat's body, read and checked: its progress reports and the TTL
-/// asked for.
+/// The heartbeat's body, read and checked: its progress reports, the stops it
+/// acknowledges and the TTL asked for.
 async fn heartbeat_request(
     req: &HttpRequest,
     body: web::Payload,
     limit: usize,
-) -> Result<(Vec<ProgressReport>, Option<Duration>)> {
+) -> Result<(
+    Vec<ProgressReport>,
+    Vec<(ChangefeedId, u64)>,
+    Option<Duration>,
+)> {
     let request: HeartbeatRequest = json_body(req, body, limit).await?.unwrap_or_default();
     if request.progress.len() > MAX_PROGRESS_ITEMS {
         return Err(Error::InvalidArgument(format!(
             "at most {MAX_PROGRESS_ITEMS} progress items per heartbeat"
         )));
+    }
+    if request.stopped.len() > MAX_PROGRESS_ITEMS {
+        return Err(Error::InvalidArgument(format!(
+            "at most {MAX_PROGRESS_ITEMS} stopped items per heartbeat"
+        )));
+    }
+    let mut stopped = Vec::with_capacity(request.stopped.len());
+    for item in request.stopped {
+        validate_id("stopped namespace", &item.namespace)?;
+        validate_id("stopped changefeed", &item.changefeed)?;
+        stopped.push((
+            ChangefeedId::new(item.namespace, item.changefeed),
+            item.epoch,
+        ));
     }
     let mut progress = Vec::with_capacity(request.progress.len());
     for item in request.progress {
@@ -380,22 +439,28 @@ async fn heartbeat_request(
         Some(ms) => Some(Duration::from_millis(ms)),
         None => None,
     };
-    Ok((progress, ttl))
+    Ok((progress, stopped, ttl))
 }
 
 /// The owner's answer to a heartbeat the registry accepted.
-fn work_for(roles: &Roles, id: &str, progress: Vec<ProgressReport>) -> Result<Work> {
+fn work_for(
+    roles: &Roles,
+    id: &str,
+    progress: Vec<ProgressReport>,
+    stopped: Vec<(ChangefeedId, u64)>,
+) -> Result<Work> {
     Ok(match &roles.owner {
         // If the owner cannot answer after the heartbeat counted, a 503
         // tells the executor to keep its current work and ask again (an
         // empty list would stop everything).
         Some(owner) => owner
-            .work(id, progress)
+            .work(id, progress, stopped)
             .map_err(|e| Error::Unavailable(e.to_string()))?,
         // A server built without an owner (registry-only tests) has no work
         // to hand out and takes no progress.
         None => Work {
             assignments: Vec::new(),
+            revoked: Vec::new(),
             rejected: progress
                 .into_iter()
                 .map(|p| Rejected {
@@ -615,7 +680,7 @@ pub(super) async fn watch(state: web::Data<AppState>) -> Result<HttpResponse> {
             let frame = tokio::select! {
                 event = rx.recv() => match event? {
                     ExecutorEvent::Online { seq, executor } => sse_frame("online", Some(seq), &executor),
-                    ExecutorEvent::Offline { seq, id, reason } => {
+                    ExecutorEvent::Offline { seq, id, reason, .. } => {
                         sse_frame("offline", Some(seq), &serde_json::json!({ "id": id, "reason": reason }))
                     }
                     ExecutorEvent::Resync => {

@@ -42,11 +42,31 @@ pub struct Rejected {
     pub reason: String,
 }
 
+/// A task taken away from an executor that has not acknowledged the stop yet:
+/// the executor must stop it (if it still runs it) and then name it in a
+/// heartbeat's `stopped`; until then, or until its lease lapses, the changefeed
+/// is not assigned to anyone else.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Revoked {
+    pub namespace: String,
+    pub changefeed: String,
+    pub epoch: u64,
+}
+
 /// What an executor learns from a heartbeat.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Work {
     pub assignments: Vec<Assignment>,
     pub rejected: Vec<Rejected>,
+    pub revoked: Vec<Revoked>,
+}
+
+/// What the owner takes from a heartbeat: the progress of current assignments,
+/// and the stops acknowledged of tasks taken away (changefeed, epoch).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accepted {
+    pub progress: Vec<ProgressReport>,
+    pub stopped: Vec<(ChangefeedId, u64)>,
 }
 
 /// Which key of a changefeed changed.
@@ -204,27 +224,40 @@ impl WorkBoard {
             .collect()
     }
 
-    /// The committed assignments of `executor`, and which of its reports to
-    /// accept: only those for its current assignment at the current epoch.
-    /// `None` while the board is not ready.
+    /// The committed assignments of `executor` and the tasks taken away from
+    /// it, which of its reports to accept (only those for its current
+    /// assignment at the current epoch) and which of its acknowledged stops
+    /// (only those of a task taken away from it: a stop of a current
+    /// assignment releases nothing). `None` while the board is not ready.
     pub fn work_for(
         &self,
         executor: &str,
         progress: Vec<ProgressReport>,
-    ) -> Option<(Work, Vec<ProgressReport>)> {
+        stopped: Vec<(ChangefeedId, u64)>,
+    ) -> Option<(Work, Accepted)> {
         if !self.is_ready() {
             return None;
         }
         let tables = self.read();
         let slots = tables.by_executor.get(executor);
-        let mut work = Work {
-            assignments: slots
-                .into_iter()
-                .flat_map(|slots| slots.values())
-                .filter_map(|slot| slot.assignment.clone())
-                .collect(),
-            rejected: Vec::new(),
-        };
+        let mut work = Work::default();
+        for (cf, slot) in slots.into_iter().flatten() {
+            match &slot.assignment {
+                Some(assignment) => work.assignments.push(assignment.clone()),
+                None => work.revoked.push(Revoked {
+                    namespace: cf.namespace.clone(),
+                    changefeed: cf.id.clone(),
+                    epoch: slot.epoch,
+                }),
+            }
+        }
+        let stopped = stopped
+            .into_iter()
+            .filter(|(cf, epoch)| {
+                let slot = slots.and_then(|slots| slots.get(cf));
+                slot.is_some_and(|s| s.epoch == *epoch && s.assignment.is_none())
+            })
+            .collect();
         let mut accepted = Vec::new();
         for report in progress {
             let reason = match tables.feeds.get(&report.changefeed) {
@@ -255,7 +288,13 @@ impl WorkBoard {
             }
         }
         drop(tables);
-        Some((work, accepted))
+        Some((
+            work,
+            Accepted {
+                progress: accepted,
+                stopped,
+            },
+        ))
     }
 }
 

@@ -256,6 +256,27 @@ pub struct ChangefeedStatus {
     /// Lets an audit of etcd's history tell which leader wrote what.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub written_by: String,
+    /// The assignment taken away from an executor that may still run it: the
+    /// changefeed is not assigned again until it is released. Shown by the
+    /// API; the rule itself does not depend on it (a new leader derives it
+    /// from the task keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub releasing: Option<Releasing>,
+}
+
+/// A task taken away from its executor (a move, a pause, an update, an error
+/// retry, a delete, the executor gone) and not released yet: released when the
+/// executor acknowledges the stop in a heartbeat, or when its lease has
+/// certainly lapsed (`deadline`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Releasing {
+    /// The executor that may still run it.
+    pub executor: String,
+    /// The epoch of its task.
+    pub epoch: u64,
+    /// RFC 3339, on the owner's clock: by then the executor's lease has
+    /// certainly lapsed, whether or not it acknowledges.
+    pub deadline: String,
 }
 
 /// `<p>/<ns>/task/status/<executor>/<id>`: the assignment.

@@ -46,12 +46,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use super::model::{
-    ChangefeedId, ChangefeedInfo, ChangefeedStatus, ExecutorRecord, FeedState, TaskStatus,
+    ChangefeedId, ChangefeedInfo, ChangefeedStatus, ExecutorRecord, FeedState, Releasing,
+    TaskStatus,
 };
 use super::state::{ChangefeedEntry, GlobalState};
 use crate::state::{reactor, DataPatch, PatchGroup, Reactor};
 use budget::CheckpointQueue;
-use plan::{delete_task, Plan, Scheduled, Tick, Wait, MAX_STALE_TASKS_PER_TICK};
+use plan::{Held, Plan, Scheduled, Tick, Wait};
+use release::Releases;
 
 /// An executor the registry says is alive: the same record the owner
 /// mirrors under `__meta__/executor/`.
@@ -82,10 +84,22 @@ pub enum OwnerInput {
         executor: LiveExecutor,
         initing: bool,
     },
-    Offline(String),
+    /// An executor is gone (expired or deregistered); its lease has
+    /// certainly lapsed `lease_left` from now (zero for an expiry).
+    Offline {
+        executor: String,
+        lease_left: Duration,
+    },
     Progress {
         executor: String,
         report: ProgressReport,
+    },
+    /// The executor stopped a task taken away from it (its heartbeat said so,
+    /// and the heartbeat path checked the task was no longer its to run).
+    Released {
+        executor: String,
+        changefeed: ChangefeedId,
+        epoch: u64,
     },
 }
 
@@ -107,6 +121,10 @@ pub struct OwnerConfig {
     /// A tick visits every changefeed at least this often (else only those
     /// something happened to).
     pub full_pass_interval: Duration,
+    /// The longest lease an executor can hold (the registry's `max_ttl`): a
+    /// task taken away from an executor that neither acknowledges the stop
+    /// nor goes offline is released this long after the owner saw it go.
+    pub max_lease: Duration,
 }
 
 impl Default for OwnerConfig {
@@ -118,6 +136,7 @@ impl Default for OwnerConfig {
             checkpoint_interval: Duration::from_secs(2),
             max_checkpoint_writes: 500,
             full_pass_interval: Duration::from_secs(10),
+            max_lease: Duration::from_secs(60),
         }
     }
 }
@@ -136,6 +155,8 @@ pub struct OwnerReactor {
     progress: Progress,
     /// Advanced checkpoints waiting to be persisted, and the write budget.
     checkpoints: CheckpointQueue,
+    /// Tasks taken away from their executor and not released yet.
+    releases: Releases,
     /// Changefeeds the next tick visits besides those the state touched.
     dirty: BTreeSet<ChangefeedId>,
     /// Changefeeds that found no executor: visited when one comes online.
@@ -223,6 +244,7 @@ impl OwnerReactor {
             initing: HashSet::new(),
             progress: HashMap::new(),
             checkpoints: CheckpointQueue::new(config.max_checkpoint_writes),
+            releases: Releases::new(config.max_lease.as_millis() as u64),
             dirty: BTreeSet::new(),
             waiting: BTreeSet::new(),
             wakeups: BTreeSet::new(),
@@ -292,13 +314,30 @@ impl OwnerReactor {
                         self.dirty.append(&mut self.waiting);
                     }
                 }
-                OwnerInput::Offline(id) => {
+                OwnerInput::Offline {
+                    executor: id,
+                    lease_left,
+                } => {
+                    let now = (self.now_ms)();
+                    let lease_ends = now.saturating_add(lease_left.as_millis() as u64);
+                    let pending = self.releases.offline(&id, lease_ends, now);
+                    self.dirty.extend(pending);
                     if let Some(live) = &mut self.live {
                         live.remove(&id);
                         self.initing.remove(&id);
                         self.dirty.extend(state.running_on(&id).cloned());
                         self.mirror_stale.insert(id);
                     }
+                }
+                OwnerInput::Released {
+                    executor,
+                    changefeed,
+                    epoch,
+                } => {
+                    let now = (self.now_ms)();
+                    self.releases
+                        .acknowledged(&changefeed, &executor, epoch, now);
+                    self.dirty.insert(changefeed);
                 }
                 OwnerInput::Progress { executor, report } => {
                     let cf = report.changefeed.clone();
@@ -369,24 +408,21 @@ impl OwnerReactor {
 
 impl OwnerReactor {
     /// Leftovers of a deleted changefeed: remove them, unless the changefeed
-    /// is re-created meanwhile (guarded).
+    /// is re-created meanwhile (guarded). A task goes only once released (its
+    /// executor may still run the deleted changefeed); the first one still
+    /// held is returned.
     fn remove_leftovers(
         state: &GlobalState,
+        tick: &mut Tick,
         cf: &ChangefeedId,
         entry: &ChangefeedEntry,
-    ) -> PatchGroup {
+    ) -> (PatchGroup, Option<Held>) {
         let mut group = vec![DataPatch::guard(state.keys.info(cf))];
         if entry.status.is_some() {
             group.push(DataPatch::delete(state.keys.status(cf)));
         }
-        for executor in entry
-            .task_holders()
-            .into_iter()
-            .take(MAX_STALE_TASKS_PER_TICK)
-        {
-            delete_task(&mut group, state, cf, entry, executor);
-        }
-        group
+        let held = plan::release_tasks(&mut group, state, tick, cf, entry, None);
+        (group, held)
     }
 
     /// The group that moves a changefeed toward its desired state, if it
@@ -402,13 +438,25 @@ impl OwnerReactor {
         info: &ChangefeedInfo,
     ) -> Scheduled {
         let mut plan = Plan::new(state, tick.live, cf, entry, info);
-        plan.delete_stale_tasks(state);
+        let held = plan.release_stale_tasks(state, tick);
         self.apply_progress(state, tick, &mut plan);
         let mut wait = Wait::Nothing;
         if plan.needs_executor() {
-            let reason = self.assign(state, tick, &mut plan);
+            let reason = match &held {
+                // The hand-off rule: nothing new while an old holder may run it.
+                Some(held) => Some(format!(
+                    "releasing: waiting for executor {} to stop epoch {} (acknowledged, or its \
+                     lease lapsed by {})",
+                    held.executor,
+                    held.epoch,
+                    rfc3339(held.deadline)
+                )),
+                None => self.assign(state, tick, &mut plan),
+            };
             if reason.is_some() {
-                wait = if tick.now < plan.status.retry_after_ms {
+                wait = if let Some(held) = &held {
+                    Wait::Until(held.deadline)
+                } else if tick.now < plan.status.retry_after_ms {
                     Wait::Until(plan.status.retry_after_ms)
                 } else {
                     Wait::Executor
@@ -417,7 +465,15 @@ impl OwnerReactor {
             plan.set_pending_reason(reason);
         } else {
             plan.clear_pending_reason();
+            if let Some(held) = &held {
+                wait = Wait::Until(held.deadline);
+            }
         }
+        plan.set_releasing(held.map(|held| Releasing {
+            executor: held.executor,
+            epoch: held.epoch,
+            deadline: rfc3339(held.deadline),
+        }));
         let mut scheduled = plan.into_scheduled(state, &self.config.server_id);
         scheduled.wait = wait;
         scheduled
@@ -457,7 +513,8 @@ impl OwnerReactor {
         if let Some(error) = &report.error {
             self.unassign_after_error(state, tick, plan, &executor, error);
         } else if plan.info.target_ts > 0 && plan.status.checkpoint_ts >= plan.info.target_ts {
-            plan.delete_task(state, &executor);
+            // The task stays until released (the executor is told to stop:
+            // the changefeed is no longer `normal`).
             tick.load(state).add(&executor, -1);
             plan.assigned = None;
             let mut finished = plan.info.clone();
@@ -468,7 +525,9 @@ impl OwnerReactor {
         }
     }
 
-    /// Unassign; retry after a backoff, or give up.
+    /// Unassign (a new epoch: the executor is told to stop, and the task is
+    /// released by the hand-off rule before the retry is assigned); retry
+    /// after a backoff, or give up.
     fn unassign_after_error(
         &self,
         state: &GlobalState,
@@ -477,12 +536,15 @@ impl OwnerReactor {
         executor: &str,
         error: &str,
     ) {
-        plan.delete_task(state, executor);
         tick.load(state).add(executor, -1);
         plan.assigned = None;
         plan.status.retries = plan.status.retries.saturating_add(1);
         plan.status_changed = true;
-        if plan.status.retries > self.config.max_retries {
+        let next_epoch = state.next_epoch(plan.status.epoch);
+        if let Some(epoch) = next_epoch {
+            plan.status.epoch = epoch;
+        }
+        if plan.status.retries > self.config.max_retries || next_epoch.is_none() {
             let mut failed = plan.info.clone();
             failed.state = FeedState::Failed;
             failed.error = Some(error.to_owned());
@@ -517,7 +579,7 @@ impl OwnerReactor {
         // changefeed cannot be assigned again (reusing an epoch
         // would accept a stale executor's reports) until an
         // operator repairs the status or re-creates it.
-        let next_epoch = plan.status.epoch.checked_add(1);
+        let next_epoch = state.next_epoch(plan.status.epoch);
         match (candidate, next_epoch) {
             (Some(_), None) => Some(format!(
                 "epoch {} is the last one: repair the status key or re-create the changefeed",
@@ -627,7 +689,13 @@ impl OwnerReactor {
             return;
         }
         match &entry.info {
-            None => out.groups.push(Self::remove_leftovers(state, cf, entry)),
+            None => {
+                let (group, held) = Self::remove_leftovers(state, tick, cf, entry);
+                out.groups.push(group);
+                if let Some(held) = held {
+                    self.wakeups.insert((held.deadline, cf.clone()));
+                }
+            }
             Some(info)
                 if Self::steady(
                     &self.progress,
@@ -663,13 +731,17 @@ impl OwnerReactor {
             }
         }
         self.forget_stale_progress(cf, entry);
+        tick.releases.forget(cf, |executor, epoch| {
+            entry.tasks.get(executor).is_some_and(|t| t.epoch == epoch)
+        });
     }
 
     /// `cf` is gone (every key deleted): nothing is left to do for it.
-    fn gone(&mut self, cf: &ChangefeedId) {
+    fn gone(&mut self, tick: &mut Tick, cf: &ChangefeedId) {
         self.waiting.remove(cf);
         self.progress.remove(cf);
         self.checkpoints.forget(cf);
+        tick.releases.forget(cf, |_, _| false);
     }
 
     /// Drops `cf`'s reports of assignments that no longer exist.
@@ -786,7 +858,9 @@ impl Reactor for OwnerReactor {
         }
         let touched = state.take_touched();
         let initing = std::mem::take(&mut self.initing);
-        let mut tick = Tick::new(&live, &initing, now);
+        let mut releases = std::mem::take(&mut self.releases);
+        releases.prune(now);
+        let mut tick = Tick::new(&live, &initing, &mut releases, now);
         let mut out = Visits::default();
         if let Sweep::Slice(swept, _) = sweep {
             let mut visit = touched;
@@ -802,7 +876,7 @@ impl Reactor for OwnerReactor {
             for cf in &visit {
                 match state.changefeeds.get(cf) {
                     Some(entry) => self.visit(state, &mut tick, cf, entry, &mut out),
-                    None => self.gone(cf),
+                    None => self.gone(&mut tick, cf),
                 }
             }
         } else {
@@ -812,13 +886,18 @@ impl Reactor for OwnerReactor {
             self.wakeups.clear();
             for cf in std::mem::take(&mut self.dirty) {
                 if !state.changefeeds.contains_key(&cf) {
-                    self.gone(&cf);
+                    self.gone(&mut tick, &cf);
                 }
             }
             for (cf, entry) in &state.changefeeds {
                 self.visit(state, &mut tick, cf, entry, &mut out);
             }
         }
+        drop(tick);
+        crate::metrics::owner()
+            .releasing_tasks
+            .set(releases.len() as i64);
+        self.releases = releases;
         let Visits {
             mut groups,
             wrote_status,
@@ -845,6 +924,7 @@ impl Reactor for OwnerReactor {
 
 mod budget;
 mod plan;
+mod release;
 pub use plan::MAX_GROUP_KEYS;
 #[cfg(test)]
 mod tests;

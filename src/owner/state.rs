@@ -70,6 +70,8 @@ pub struct GlobalState {
     /// epoch) each executor holds, and the reverse.
     running_on: HashMap<String, BTreeSet<ChangefeedId>>,
     current_of: HashMap<ChangefeedId, String>,
+    /// The revision this state reflects (set before each tick).
+    revision: i64,
 }
 
 impl GlobalState {
@@ -90,7 +92,21 @@ impl GlobalState {
             touched: BTreeSet::new(),
             running_on: HashMap::new(),
             current_of: HashMap::new(),
+            revision: 0,
         }
+    }
+
+    /// The epoch after `epoch`: above it, and above the revision this state
+    /// reflects, so epochs rise per changefeed id forever, across a delete
+    /// and a create (`None`: `epoch` is the last one).
+    ///
+    /// Why that holds: every epoch is written at a revision at least as high
+    /// as itself (`revision + 1` is written by a txn after `revision`, and
+    /// `old + 1` after `old` was), so the epochs of a deleted changefeed are at
+    /// most its delete's revision, which a state showing the new changefeed
+    /// has passed. The API bumps epochs the same way ([`next_epoch`]).
+    pub fn next_epoch(&self, epoch: u64) -> Option<u64> {
+        next_epoch(epoch, self.revision)
     }
 
     /// The changefeeds changed since the last call (by any key of theirs).
@@ -248,6 +264,17 @@ impl ReactorState for GlobalState {
     fn get_patches(&mut self) -> Vec<PatchGroup> {
         std::mem::take(&mut self.patches)
     }
+
+    fn at_revision(&mut self, revision: i64) {
+        self.revision = revision;
+    }
+}
+
+/// The epoch after `epoch` for a write based on a read at `revision`: above
+/// both (`None`: `epoch` is the last one). See [`GlobalState::next_epoch`].
+pub fn next_epoch(epoch: u64, revision: i64) -> Option<u64> {
+    let floor = u64::try_from(revision).unwrap_or(0).saturating_add(1);
+    epoch.checked_add(1).map(|next| next.max(floor))
 }
 
 #[cfg(test)]
@@ -340,6 +367,7 @@ mod tests {
 
     #[test]
     fn the_board_follows_assignments_pauses_epochs_and_deletes() {
+        use crate::owner::board::Revoked;
         use crate::owner::model::ChangefeedStatus;
         let keys = Keys::new("/p");
         let mut state = GlobalState::new(keys.clone());
@@ -365,7 +393,7 @@ mod tests {
             .unwrap()
         };
         assert!(
-            board.work_for("e1", vec![]).is_none(),
+            board.work_for("e1", vec![], vec![]).is_none(),
             "not ready before the first tick"
         );
         board.set_ready();
@@ -376,24 +404,45 @@ mod tests {
         );
         put(&mut state, keys.status(&cf), status(1, 5));
         put(&mut state, keys.task_status(&cf, "e1"), task(1));
-        let (work, accepted) = board.work_for("e1", vec![report(&cf, 1)]).unwrap();
+        let (work, accepted) = board.work_for("e1", vec![report(&cf, 1)], vec![]).unwrap();
         assert_eq!(work.assignments.len(), 1);
         assert_eq!(work.assignments[0].epoch, 1);
         assert_eq!(work.assignments[0].checkpoint_ts, 5);
-        assert_eq!(accepted, vec![report(&cf, 1)]);
+        assert_eq!(accepted.progress, vec![report(&cf, 1)]);
         assert!(work.rejected.is_empty());
 
         // The checkpoint moves: the assignment says where to resume from.
         put(&mut state, keys.status(&cf), status(1, 9));
-        let (work, _) = board.work_for("e1", vec![]).unwrap();
+        let (work, _) = board.work_for("e1", vec![], vec![]).unwrap();
         assert_eq!(work.assignments[0].checkpoint_ts, 9);
 
-        // Moved to e2 at epoch 2: e1's report is stale, e1 runs nothing.
+        // A stop acknowledged of a task still assigned releases nothing.
+        let (_, accepted) = board.work_for("e1", vec![], vec![(cf.clone(), 1)]).unwrap();
+        assert!(accepted.stopped.is_empty());
+
+        // Moved to e2 at epoch 2: e1's report is stale, e1 runs nothing and is
+        // told its task is revoked; its acknowledgement of that task counts, one
+        // of another epoch does not.
         put(&mut state, keys.task_status(&cf, "e2"), task(2));
         put(&mut state, keys.status(&cf), status(2, 9));
-        let (work, accepted) = board.work_for("e1", vec![report(&cf, 1)]).unwrap();
+        let (work, accepted) = board
+            .work_for(
+                "e1",
+                vec![report(&cf, 1)],
+                vec![(cf.clone(), 1), (cf.clone(), 7)],
+            )
+            .unwrap();
         assert!(work.assignments.is_empty());
-        assert!(accepted.is_empty());
+        assert!(accepted.progress.is_empty());
+        assert_eq!(accepted.stopped, vec![(cf.clone(), 1)]);
+        assert_eq!(
+            work.revoked,
+            vec![Revoked {
+                namespace: "default".into(),
+                changefeed: "a".into(),
+                epoch: 1
+            }]
+        );
         assert_eq!(
             work.rejected[0].reason,
             "stale_epoch: the changefeed runs at epoch 2 on e2"
@@ -401,7 +450,7 @@ mod tests {
         state
             .update(&keys.task_status(&cf, "e1"), None, false)
             .unwrap();
-        let (work, _) = board.work_for("e2", vec![]).unwrap();
+        let (work, _) = board.work_for("e2", vec![], vec![]).unwrap();
         assert_eq!(work.assignments[0].epoch, 2);
 
         // Paused: still e2's task, but nothing to run.
@@ -412,9 +461,18 @@ mod tests {
             keys.info(&cf),
             serde_json::to_vec(&paused).unwrap(),
         );
-        let (work, accepted) = board.work_for("e2", vec![report(&cf, 2)]).unwrap();
+        let (work, accepted) = board.work_for("e2", vec![report(&cf, 2)], vec![]).unwrap();
         assert!(work.assignments.is_empty());
-        assert_eq!(accepted.len(), 1, "progress of the current epoch counts");
+        assert_eq!(
+            work.revoked.len(),
+            1,
+            "a paused changefeed's task is revoked"
+        );
+        assert_eq!(
+            accepted.progress.len(),
+            1,
+            "progress of the current epoch counts"
+        );
 
         // Deleted key by key: the changefeed becomes unknown.
         for key in [
@@ -424,11 +482,11 @@ mod tests {
         ] {
             state.update(&key, None, false).unwrap();
         }
-        let (work, _) = board.work_for("e2", vec![report(&cf, 2)]).unwrap();
+        let (work, _) = board.work_for("e2", vec![report(&cf, 2)], vec![]).unwrap();
         assert_eq!(work.rejected[0].reason, "unknown_changefeed");
 
         // A new state (a restarted worker) starts from an empty board.
         let _fresh = GlobalState::with_board(keys, board.clone());
-        assert!(board.work_for("e2", vec![]).is_none());
+        assert!(board.work_for("e2", vec![], vec![]).is_none());
     }
 }

@@ -32,6 +32,11 @@ pub trait ReactorState {
 
     /// Takes the patch groups queued since the last call, in order.
     fn get_patches(&mut self) -> Vec<PatchGroup>;
+
+    /// Called before each tick with the revision the state reflects (at
+    /// least the revision of every key in it): a reactor can derive values
+    /// that must rise across deletes (the owner's epochs) from it.
+    fn at_revision(&mut self, _revision: i64) {}
 }
 
 /// Why a [`ReactorState`] rejected an update.

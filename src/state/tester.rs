@@ -67,6 +67,7 @@ impl<S: ReactorState> StateTester<S> {
         &mut self,
         reactor: &mut R,
     ) -> (Result<(), reactor::Error>, Result<CommitPlan, plan::Error>) {
+        self.state.at_revision(self.revision);
         let result = reactor.tick(&mut self.state);
         if matches!(result, Err(reactor::Error::Failed(_))) {
             // The worker drops a failed tick's patches.

@@ -1,133 +1,257 @@
 //! Fault injection: a 3-server cluster on a 3-node etcd with 100 executors and
 //! 1,000 changefeeds, while servers, etcd members and executors are killed,
-//! servers are frozen and etcd is compacted, at random. Then the invariants:
-//! no changefeed lost or duplicated, no epoch given to two executors,
-//! checkpoints never backward, every live executor registered, and nothing
-//! written by a server that was not the leader at that revision.
+//! servers are frozen, executors are cut off from the servers (partitions),
+//! etcd is compacted and operators pause, update and resume (some with a
+//! rewind) changefeeds, at random. Then the invariants: no changefeed lost or
+//! duplicated, no epoch given to two executors, **no two executors holding one
+//! changefeed at the same wall-clock time** (from what each agent says it
+//! holds, over time), checkpoints never backward except by a rewind, a rewind
+//! never undone, every live executor registered, and nothing written by a
+//! server that was not the leader at that revision.
+//!
+//! The executors are the real [`flotilla::client::Agent`] (its lease decides
+//! what it holds), each behind its own loopback TCP proxy to the three servers.
 //!
 //! `chaos_for_two_minutes` runs in CI; `scripts/chaos` runs the long one
 //! (`FLOTILLA_CHAOS_SECONDS`, default 900) and prints the figures.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::harness::cluster::{
-    create_changefeeds, record_and_advance, Auditor, Ha, CLUSTER, FAILOVER_GRACE, SERIAL,
+use crate::harness::cluster::{Auditor, Ha, CLUSTER, FAILOVER_GRACE, SERIAL};
+use crate::harness::proxy::{socket_addr, Link, Proxy};
+use flotilla::client::{
+    Agent, AgentConfig, AgentHandle, AgentView, Client, CreateChangefeed, Progress,
+    UpdateChangefeed,
 };
-use flotilla::client::{Client, Error as ClientError, HeartbeatRequest, Progress, RegisterRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio::task::JoinHandle;
 
 const AGENTS: usize = 100;
 const CHANGEFEEDS: usize = 1000;
-const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// Where every changefeed starts: far enough up that each rewind can go a
+/// billion down, and a billion is more than any run's progress (1 per report).
+const START_TS: u64 = 1_000_000_000_000;
+const REWIND: u64 = 1_000_000_000;
 
-/// What the executors saw.
+/// One stretch of time an executor process held a changefeed.
+#[derive(Debug, Clone)]
+struct Held {
+    agent: usize,
+    executor: String,
+    epoch: u64,
+    from: Instant,
+    /// `None`: still held.
+    to: Option<Instant>,
+}
+
+/// What the executors said they held, over time.
 #[derive(Default)]
 struct Seen {
     /// (changefeed, epoch) -> executor ids told to run it.
     served: HashMap<(String, u64), BTreeSet<String>>,
+    /// changefeed -> who held it when.
+    held: HashMap<String, Vec<Held>>,
 }
 
-/// An executor that survives the chaos: it tries the next server when one
-/// does not answer, and registers again when told it is gone.
-struct Agent {
-    task: tokio::task::JoinHandle<()>,
-    /// Its current executor id.
-    id: Arc<Mutex<String>>,
-    /// What happened to its last request, and when: told when a check fails.
-    last: Arc<Mutex<(Instant, String)>>,
+/// One executor process: a real agent behind its own proxy, a task that
+/// records what it holds whenever its view changes, and one that reports
+/// progress for what it holds.
+struct Executor {
+    handle: Option<AgentHandle>,
+    /// The view when it was killed.
+    last: AgentView,
+    proxy: Proxy,
+    tasks: Vec<JoinHandle<()>>,
 }
 
-struct Shared {
-    urls: Vec<String>,
-    seen: Mutex<Seen>,
-    refused: AtomicU64,
-    registrations: AtomicU64,
-    stop: AtomicBool,
-}
-
-impl Agent {
-    fn spawn(n: usize, shared: Arc<Shared>) -> Agent {
-        let id = Arc::new(Mutex::new(String::new()));
-        let my_id = id.clone();
-        let last = Arc::new(Mutex::new((Instant::now(), "started".to_owned())));
-        let my_last = last.clone();
-        let note = move |server: usize, what: String| {
-            *my_last.lock().unwrap() = (Instant::now(), format!("server {server}: {what}"));
-        };
-        let task = tokio::spawn(async move {
-            let clients: Vec<Client> = shared
-                .urls
-                .iter()
-                .map(|u| Client::new(u).unwrap().with_timeout(Duration::from_secs(3)))
-                .collect();
-            let mut server = n % clients.len();
-            let mut registration = None;
-            let mut progress: Vec<Progress> = Vec::new();
-            let mut clock = 1_000u64;
-            while !shared.stop.load(Ordering::Relaxed) {
-                let client = &clients[server];
-                let Some((id, token)) = registration.clone() else {
-                    match client
-                        .register(&RegisterRequest {
-                            name: format!("chaos{n}"),
-                            address: format!("10.9.0.{}:9000", n % 250),
-                            labels: BTreeMap::new(),
-                        })
-                        .await
-                    {
-                        Ok(r) => {
-                            note(server, format!("registered as {}", r.executor.id));
-                            shared.registrations.fetch_add(1, Ordering::Relaxed);
-                            *my_id.lock().unwrap() = r.executor.id.clone();
-                            registration = Some((r.executor.id, r.token));
-                            progress.clear();
-                        }
-                        Err(e) => {
-                            note(server, format!("register failed: {e}"));
-                            server = (server + 1) % clients.len();
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    }
-                    continue;
-                };
-                clock += 1;
-                let request = HeartbeatRequest {
-                    ttl_ms: None,
-                    progress: progress.clone(),
-                };
-                match client.heartbeat(&id, &token, &request).await {
-                    Ok(answer) => {
-                        note(server, "heartbeat ok".into());
-                        let mut seen = shared.seen.lock().unwrap();
-                        progress =
-                            record_and_advance(&answer.assignments, &id, clock, &mut seen.served);
-                    }
-                    Err(
-                        e @ ClientError::Api {
-                            status: 401 | 404 | 410,
-                            ..
-                        },
-                    ) => {
-                        note(server, format!("heartbeat refused: {e}"));
-                        shared.refused.fetch_add(1, Ordering::Relaxed);
-                        registration = None;
-                        continue;
-                    }
-                    // No answer or a 503: try another server soon.
-                    Err(e) => {
-                        note(server, format!("heartbeat failed: {e}"));
-                        server = (server + 1) % clients.len();
-                    }
-                }
-                tokio::time::sleep(HEARTBEAT_INTERVAL).await;
-            }
-        });
-        Agent { task, id, last }
+impl Executor {
+    fn spawn(n: usize, proxy: Proxy, seen: Arc<Mutex<Seen>>) -> Executor {
+        let client = Client::new(&proxy.url)
+            .unwrap()
+            .with_timeout(Duration::from_secs(1));
+        let mut config = AgentConfig::new(format!("chaos{n}"), format!("10.9.0.{}:9000", n % 250));
+        config.max_backoff = Duration::from_secs(1);
+        let handle = Agent::spawn(client, config);
+        let record = tokio::spawn(record(n, handle.subscribe(), seen));
+        let report = tokio::spawn(report(handle.subscribe(), handle.reporter()));
+        Executor {
+            handle: Some(handle),
+            last: AgentView::default(),
+            proxy,
+            tasks: vec![record, report],
+        }
     }
+
+    fn view(&self) -> AgentView {
+        self.handle
+            .as_ref()
+            .map_or_else(|| self.last.clone(), |h| h.view())
+    }
+
+    /// The process dies: no deregistration, nothing more sent or held.
+    fn kill(&mut self) {
+        self.proxy.set(Link::Refuse);
+        self.last = self.view();
+        // Dropped, the agent's task clears its view and ends.
+        drop(self.handle.take());
+    }
+
+    async fn stop(mut self) {
+        self.proxy.set(Link::Refuse);
+        if let Some(handle) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), handle.stop()).await;
+        }
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+/// Notes every change in what agent `n` holds, with the time it was seen.
+async fn record(
+    n: usize,
+    mut view: tokio::sync::watch::Receiver<AgentView>,
+    seen: Arc<Mutex<Seen>>,
+) {
+    let mut holding: HashMap<String, u64> = HashMap::new();
+    loop {
+        let (now, executor, assignments) = {
+            let v = view.borrow_and_update();
+            let executor = v.executor_id.clone().unwrap_or_default();
+            let assignments: HashMap<String, u64> = v
+                .assignments
+                .iter()
+                .map(|a| (a.changefeed.clone(), a.epoch))
+                .collect();
+            (Instant::now(), executor, assignments)
+        };
+        {
+            let mut g = seen.lock().unwrap();
+            for (cf, epoch) in &holding {
+                if assignments.get(cf) != Some(epoch) {
+                    close(&mut g, cf, n, now);
+                }
+            }
+            for (cf, epoch) in &assignments {
+                if holding.get(cf) != Some(epoch) {
+                    g.served
+                        .entry((cf.clone(), *epoch))
+                        .or_default()
+                        .insert(executor.clone());
+                    g.held.entry(cf.clone()).or_default().push(Held {
+                        agent: n,
+                        executor: executor.clone(),
+                        epoch: *epoch,
+                        from: now,
+                        to: None,
+                    });
+                }
+            }
+        }
+        holding = assignments;
+        if view.changed().await.is_err() {
+            // The agent is gone: it holds nothing from now on.
+            let now = Instant::now();
+            let mut seen = seen.lock().unwrap();
+            for cf in holding.keys() {
+                close(&mut seen, cf, n, now);
+            }
+            return;
+        }
+    }
+}
+
+fn close(seen: &mut Seen, cf: &str, agent: usize, at: Instant) {
+    if let Some(open) = seen.held.get_mut(cf).and_then(|h| {
+        h.iter_mut()
+            .rev()
+            .find(|h| h.agent == agent && h.to.is_none())
+    }) {
+        open.to = Some(at);
+    }
+}
+
+/// Reports progress for what the agent holds every 250 ms: the assignment's
+/// checkpoint plus one per report, so a run's progress stays far below a rewind.
+async fn report(
+    view: tokio::sync::watch::Receiver<AgentView>,
+    reporter: flotilla::client::ProgressReporter,
+) {
+    let mut made: HashMap<(String, u64), (u64, u64)> = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if view.has_changed().is_err() {
+            return;
+        }
+        let assignments = view.borrow().assignments.clone();
+        let live: HashSet<(String, u64)> = assignments
+            .iter()
+            .map(|a| (a.changefeed.clone(), a.epoch))
+            .collect();
+        made.retain(|k, _| live.contains(k));
+        for a in assignments {
+            let (base, n) = made
+                .entry((a.changefeed.clone(), a.epoch))
+                .or_insert((a.checkpoint_ts, 0));
+            *n += 1;
+            reporter.report(Progress {
+                namespace: a.namespace,
+                changefeed: a.changefeed,
+                epoch: a.epoch,
+                checkpoint_ts: *base + *n,
+                resolved_ts: None,
+                error: None,
+            });
+        }
+    }
+}
+
+/// Checkpoints as the monitor saw them, and the operators' rewinds.
+#[derive(Default)]
+struct Checkpoints {
+    /// The highest checkpoint seen since the last rewind.
+    seen: HashMap<String, u64>,
+    /// After a rewind to X: X + REWIND / 10; reaching it means the rewind was undone.
+    ceiling: HashMap<String, u64>,
+    /// Changefeeds whose rewind answer was lost (it may or may not have
+    /// happened): no longer checked.
+    untracked: HashSet<String>,
+    violations: Vec<String>,
+}
+
+impl Checkpoints {
+    fn observe(&mut self, cf: &str, checkpoint: u64) {
+        if self.untracked.contains(cf) {
+            return;
+        }
+        let before = self.seen.entry(cf.to_owned()).or_insert(checkpoint);
+        if checkpoint < *before {
+            self.violations.push(format!(
+                "{cf}: checkpoint went back from {before} to {checkpoint}"
+            ));
+        }
+        *before = (*before).max(checkpoint);
+        if let Some(&ceiling) = self.ceiling.get(cf) {
+            if checkpoint >= ceiling {
+                self.violations.push(format!(
+                    "{cf}: a rewind was undone: checkpoint {checkpoint}, {} above the rewind",
+                    checkpoint + REWIND / 10 - ceiling
+                ));
+            }
+        }
+    }
+}
+
+/// An operator's change in progress: paused, and resumed at `at`.
+struct AdminCycle {
+    changefeed: String,
+    at: Instant,
+    update: bool,
+    rewind: bool,
 }
 
 /// The figures of one run.
@@ -136,11 +260,50 @@ struct Report {
     faults: BTreeMap<&'static str, usize>,
     violations: Vec<String>,
     max_without_leader: Duration,
-    refused_heartbeats: u64,
     registrations: u64,
+    lease_lapses: u64,
     audited_writes: usize,
     leader_changes: usize,
     audit_gaps: Vec<String>,
+    /// Hand-offs of a changefeed from one executor process to another.
+    handoffs: usize,
+    /// The summed time two executors held one changefeed at once (0 expected).
+    overlap: Duration,
+    /// The shortest time between one executor letting go and the next taking it.
+    min_gap: Option<Duration>,
+    rewinds: usize,
+    /// Rewinds whose answer was lost (no longer checked).
+    rewinds_untracked: usize,
+}
+
+/// Overlaps between executor processes, from what each one held when.
+fn overlaps(seen: &Seen, end: Instant, report: &mut Report) {
+    for (cf, held) in &seen.held {
+        let mut held: Vec<&Held> = held.iter().collect();
+        held.sort_by_key(|h| h.from);
+        for (i, a) in held.iter().enumerate() {
+            let a_to = a.to.unwrap_or(end);
+            // The next stretch of another process: the hand-off.
+            if let Some(b) = held[i + 1..].iter().find(|b| b.agent != a.agent) {
+                report.handoffs += 1;
+                let gap = b.from.saturating_duration_since(a_to);
+                if b.from >= a_to {
+                    report.min_gap = Some(report.min_gap.map_or(gap, |g| g.min(gap)));
+                }
+            }
+            for b in &held[i + 1..] {
+                if b.agent == a.agent || b.from >= a_to {
+                    continue;
+                }
+                let overlap = a_to.min(b.to.unwrap_or(end)) - b.from;
+                report.overlap += overlap;
+                report.violations.push(format!(
+                    "{cf}: held by {} (epoch {}) and {} (epoch {}) at once for {overlap:?}",
+                    a.executor, a.epoch, b.executor, b.epoch
+                ));
+            }
+        }
+    }
 }
 
 async fn chaos(duration: Duration, seed: u64) -> Report {
@@ -148,31 +311,33 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
     let mut rng = StdRng::seed_from_u64(seed);
     let auditor = Auditor::start(ha.etcd.endpoints(), CLUSTER).await;
     let leader = ha.leader(Duration::from_secs(10)).await;
-    create_changefeeds(&ha.client(leader), CHANGEFEEDS).await;
-    let shared = Arc::new(Shared {
-        urls: (0..3).map(|i| ha.url(i)).collect(),
-        seen: Mutex::default(),
-        refused: AtomicU64::new(0),
-        registrations: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-    });
-    let mut agents: Vec<Agent> = (0..AGENTS)
-        .map(|n| Agent::spawn(n, shared.clone()))
-        .collect();
+    create(&ha.client(leader)).await;
+    let urls: Vec<String> = (0..3).map(|i| ha.url(i)).collect();
+    let upstreams: Vec<_> = urls.iter().map(|u| socket_addr(u)).collect();
+    let admins: Vec<Client> = (0..3).map(|i| ha.client(i)).collect();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut executors = Vec::new();
+    for n in 0..AGENTS {
+        let proxy = Proxy::start(upstreams.clone()).await;
+        executors.push(Executor::spawn(n, proxy, seen.clone()));
+    }
+    // Killed executors, kept until the end (their records close when they stop).
+    let mut dead: Vec<Executor> = Vec::new();
     let mut report = Report::default();
 
-    // Watches the checkpoints (never backward) and the leader (how long none).
+    // Watches the checkpoints (never backward but by a rewind, a rewind never
+    // undone) and the leader (how long none).
+    let checkpoints = Arc::new(tokio::sync::Mutex::new(Checkpoints::default()));
     let watching = Arc::new(AtomicBool::new(true));
     let monitor = {
-        let urls = shared.urls.clone();
+        let urls = urls.clone();
         let watching = watching.clone();
+        let checkpoints = checkpoints.clone();
         tokio::spawn(async move {
             let clients: Vec<Client> = urls
                 .iter()
                 .map(|u| Client::new(u).unwrap().with_timeout(Duration::from_secs(1)))
                 .collect();
-            let mut checkpoints: HashMap<String, u64> = HashMap::new();
-            let mut violations = Vec::new();
             let mut last_leader = Instant::now();
             let mut max_gap = Duration::ZERO;
             let mut turn = 0;
@@ -190,34 +355,32 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
                     max_gap = max_gap.max(last_leader.elapsed());
                 }
                 if turn % 5 == 0 {
+                    // Held across the read: a rewind waits, so no read straddles one.
+                    let mut checkpoints = checkpoints.lock().await;
                     for client in &clients {
                         let Ok(list) = client.list_changefeeds("default", None).await else {
                             continue;
                         };
                         for cf in list.items {
-                            let before = checkpoints.entry(cf.id.clone()).or_default();
-                            if cf.checkpoint_ts < *before {
-                                violations.push(format!(
-                                    "{}: checkpoint went back from {} to {}",
-                                    cf.id, before, cf.checkpoint_ts
-                                ));
-                            }
-                            *before = (*before).max(cf.checkpoint_ts);
+                            checkpoints.observe(&cf.id, cf.checkpoint_ts);
                         }
                         break;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            (violations, max_gap)
+            max_gap
         })
     };
 
-    // The faults, one every 1-4 s, each undone within a few seconds.
+    // The faults, one every 1-4 s, each undone within a few seconds (a
+    // partition: within 12, longer than an executor's TTL).
     let started = Instant::now();
     let mut down_servers: Vec<(usize, Instant)> = Vec::new();
     let mut paused_servers: Vec<(usize, Instant)> = Vec::new();
     let mut down_members: Vec<(usize, Instant)> = Vec::new();
+    let mut partitions: Vec<(usize, Instant)> = Vec::new();
+    let mut cycles: Vec<AdminCycle> = Vec::new();
     let mut next_fault = Instant::now() + Duration::from_secs(2);
     while started.elapsed() < duration {
         let now = Instant::now();
@@ -245,6 +408,35 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
                 true
             }
         });
+        partitions.retain(|(n, at)| {
+            if *at <= now {
+                executors[*n].proxy.set(Link::Up);
+                false
+            } else {
+                true
+            }
+        });
+        let mut due = Vec::new();
+        cycles.retain(|c| {
+            if c.at <= now {
+                due.push((c.changefeed.clone(), c.update, c.rewind));
+                false
+            } else {
+                true
+            }
+        });
+        for (cf, update, rewind) in due {
+            let admin = &admins[rng.random_range(0..3)];
+            if !finish_cycle(admin, &cf, update, rewind, &checkpoints, &mut report).await {
+                // Not resumed: tried again soon.
+                cycles.push(AdminCycle {
+                    changefeed: cf,
+                    at: now + Duration::from_millis(500),
+                    update: false,
+                    rewind: false,
+                });
+            }
+        }
         if now >= next_fault {
             let back = now + Duration::from_millis(rng.random_range(1000..4000));
             let busy: BTreeSet<usize> = down_servers
@@ -253,7 +445,7 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
                 .map(|(i, _)| *i)
                 .collect();
             let server = rng.random_range(0..3);
-            match rng.random_range(0..5) {
+            match rng.random_range(0..7) {
                 // One server at a time: two down would be a different test.
                 0 if busy.is_empty() => {
                     ha.kill(server);
@@ -273,9 +465,15 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
                     *report.faults.entry("kill -9 etcd member").or_default() += 1;
                 }
                 3 => {
-                    let n = rng.random_range(0..agents.len());
-                    agents[n].task.abort();
-                    agents[n] = Agent::spawn(n, shared.clone());
+                    let n = rng.random_range(0..executors.len());
+                    let proxy = Proxy::start(upstreams.clone()).await;
+                    let mut old = std::mem::replace(
+                        &mut executors[n],
+                        Executor::spawn(n, proxy, seen.clone()),
+                    );
+                    old.kill();
+                    partitions.retain(|(p, _)| *p != n);
+                    dead.push(old);
                     *report.faults.entry("kill executor").or_default() += 1;
                 }
                 4 => {
@@ -290,6 +488,45 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
                         }
                     }
                 }
+                5 => {
+                    let n = rng.random_range(0..executors.len());
+                    if !partitions.iter().any(|(p, _)| *p == n) {
+                        let (link, kind) = if rng.random_bool(0.5) {
+                            (Link::Drop, "partition executor (drop)")
+                        } else {
+                            (Link::Refuse, "partition executor (refuse)")
+                        };
+                        executors[n].proxy.set(link);
+                        let until = now + Duration::from_millis(rng.random_range(1000..12000));
+                        partitions.push((n, until));
+                        *report.faults.entry(kind).or_default() += 1;
+                    }
+                }
+                6 => {
+                    let cf = format!("cf{:04}", rng.random_range(0..CHANGEFEEDS));
+                    if !cycles.iter().any(|c| c.changefeed == cf) {
+                        let admin = &admins[rng.random_range(0..3)];
+                        match admin.pause_changefeed("default", &cf).await {
+                            Ok(_) => {
+                                *report.faults.entry("pause changefeed").or_default() += 1;
+                                cycles.push(AdminCycle {
+                                    changefeed: cf,
+                                    at: back,
+                                    update: rng.random_bool(0.5),
+                                    rewind: rng.random_bool(0.5),
+                                });
+                            }
+                            // It may have been paused all the same: resumed later.
+                            Err(e) if !e.is_client_error() => cycles.push(AdminCycle {
+                                changefeed: cf,
+                                at: back,
+                                update: false,
+                                rewind: false,
+                            }),
+                            Err(_) => {}
+                        }
+                    }
+                }
                 _ => {}
             }
             next_fault = now + Duration::from_millis(rng.random_range(1000..4000));
@@ -298,7 +535,7 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
     }
 
     // Everything back, then time to settle: a leader, every executor
-    // registered again within the failover grace.
+    // registered again within the failover grace, every changefeed resumed.
     for (i, _) in down_servers.drain(..) {
         ha.respawn_nowait(i);
     }
@@ -308,13 +545,36 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
     for (i, _) in down_members.drain(..) {
         ha.etcd.restart(i);
     }
+    for (n, _) in partitions.drain(..) {
+        executors[n].proxy.set(Link::Up);
+    }
     for i in 0..3 {
         ha.wait_ready(i);
     }
     let leader = ha.leader(Duration::from_secs(30)).await;
+    let admin = ha.client(leader);
+    for cycle in cycles.drain(..) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !finish_cycle(
+            &admin,
+            &cycle.changefeed,
+            false,
+            false,
+            &checkpoints,
+            &mut report,
+        )
+        .await
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{} not resumed",
+                cycle.changefeed
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     tokio::time::sleep(FAILOVER_GRACE + Duration::from_secs(4)).await;
 
-    let admin = ha.client(leader);
     let feeds = admin
         .list_changefeeds("default", None)
         .await
@@ -327,52 +587,127 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
             ids.len()
         ));
     }
-    let executors = admin
+    let listed = admin
         .list_executors(&Default::default())
         .await
         .expect("list executors");
-    let status: HashMap<&str, &str> = executors
+    let status: HashMap<&str, &str> = listed
         .items
         .iter()
         .map(|e| (e.id.as_str(), e.status.as_str()))
         .collect();
-    for agent in &agents {
-        let id = agent.id.lock().unwrap().clone();
+    for executor in &executors {
+        let view = executor.view();
+        let id = view.executor_id.clone().unwrap_or_default();
         if status.get(id.as_str()) != Some(&"running") {
-            let (at, last) = agent.last.lock().unwrap().clone();
             report.violations.push(format!(
                 "live executor {id:?} is not registered and running (the leader, server \
-                 {leader}, says {:?}; the agent's last request, {:?} ago: {last})\n{}",
+                 {leader}, says {:?}; its agent: {view:?})\n{}",
                 status.get(id.as_str()),
-                at.elapsed(),
                 ha.log_lines_with(&id, 20),
             ));
         }
     }
 
-    shared.stop.store(true, Ordering::Relaxed);
-    for agent in agents {
-        let _ = agent.task.await;
-    }
     watching.store(false, Ordering::Relaxed);
-    let (checkpoint_violations, max_gap) = monitor.await.unwrap();
-    report.violations.extend(checkpoint_violations);
-    report.max_without_leader = max_gap;
-    for ((cf, epoch), executors) in &shared.seen.lock().unwrap().served {
+    report.max_without_leader = monitor.await.unwrap();
+    for executor in executors.into_iter().chain(dead) {
+        let view = executor.view();
+        report.registrations += view.registrations;
+        report.lease_lapses += view.lease_lapses;
+        executor.stop().await;
+    }
+    let checkpoints = std::mem::take(&mut *checkpoints.lock().await);
+    report.violations.extend(checkpoints.violations);
+    report.rewinds_untracked = checkpoints.untracked.len();
+    let seen = seen.lock().unwrap();
+    for ((cf, epoch), executors) in &seen.served {
         if executors.len() > 1 {
             report
                 .violations
                 .push(format!("{cf} epoch {epoch} given to {executors:?}"));
         }
     }
+    overlaps(&seen, Instant::now(), &mut report);
+    drop(seen);
     let audit = auditor.finish().await;
     report.violations.extend(audit.violations);
     report.audited_writes = audit.writes_by.values().sum();
     report.leader_changes = audit.leader_changes;
     report.audit_gaps = audit.gaps;
-    report.refused_heartbeats = shared.refused.load(Ordering::Relaxed);
-    report.registrations = shared.registrations.load(Ordering::Relaxed);
     report
+}
+
+/// The changefeeds, each from [`START_TS`].
+async fn create(client: &Client) {
+    for chunk in (0..CHANGEFEEDS).collect::<Vec<_>>().chunks(50) {
+        let creates = chunk.iter().map(|i| async move {
+            let request = CreateChangefeed {
+                id: format!("cf{i:04}"),
+                sink_uri: format!("kafka://broker/t{i}"),
+                start_ts: Some(START_TS),
+                ..CreateChangefeed::default()
+            };
+            client.create_changefeed("default", &request).await
+        });
+        for result in futures::future::join_all(creates).await {
+            result.expect("create changefeed");
+        }
+    }
+}
+
+/// Ends an operator's change of a paused changefeed: an update of its sink
+/// (if `update`), then a resume, from a checkpoint [`REWIND`] below the
+/// current one (if `rewind`). False when it is not resumed yet.
+async fn finish_cycle(
+    admin: &Client,
+    cf: &str,
+    update: bool,
+    rewind: bool,
+    checkpoints: &tokio::sync::Mutex<Checkpoints>,
+    report: &mut Report,
+) -> bool {
+    if update {
+        let request = UpdateChangefeed {
+            sink_uri: Some(format!("kafka://broker/{cf}-updated")),
+            ..UpdateChangefeed::default()
+        };
+        if admin
+            .update_changefeed("default", cf, &request)
+            .await
+            .is_ok()
+        {
+            *report.faults.entry("update changefeed").or_default() += 1;
+        }
+    }
+    if !rewind {
+        return match admin.resume_changefeed("default", cf, None).await {
+            Ok(_) => true,
+            // Not paused (any more, or never): nothing to resume.
+            Err(e) => e.is_client_error(),
+        };
+    }
+    let Ok(current) = admin.get_changefeed("default", cf).await else {
+        return false;
+    };
+    let to = current.checkpoint_ts.saturating_sub(REWIND);
+    // The monitor does not read while a rewind is on its way.
+    let mut checkpoints = checkpoints.lock().await;
+    match admin.resume_changefeed("default", cf, Some(to)).await {
+        Ok(_) => {
+            report.rewinds += 1;
+            *report.faults.entry("resume with a rewind").or_default() += 1;
+            checkpoints.seen.insert(cf.to_owned(), to);
+            checkpoints.ceiling.insert(cf.to_owned(), to + REWIND / 10);
+            true
+        }
+        Err(e) if e.is_client_error() => true,
+        Err(_) => {
+            // It may have happened or not: this changefeed is no longer checked.
+            checkpoints.untracked.insert(cf.to_owned());
+            false
+        }
+    }
 }
 
 fn print(report: &Report, duration: Duration) {
@@ -386,8 +721,16 @@ fn print(report: &Report, duration: Duration) {
         report.max_without_leader
     );
     eprintln!(
-        "chaos: heartbeats refused (404/410/401): {}, registrations: {}",
-        report.refused_heartbeats, report.registrations
+        "chaos: hand-offs between executors: {}, overlap: {:?}, shortest gap: {:?}",
+        report.handoffs, report.overlap, report.min_gap
+    );
+    eprintln!(
+        "chaos: rewinds: {} ({} answers lost, not checked)",
+        report.rewinds, report.rewinds_untracked
+    );
+    eprintln!(
+        "chaos: registrations: {}, executor leases lapsed: {}",
+        report.registrations, report.lease_lapses
     );
     eprintln!(
         "chaos: owner writes audited: {}, leader changes: {}, audit gaps: {}",
@@ -404,6 +747,7 @@ fn check(report: &Report) {
         report.violations.join("\n")
     );
     assert!(report.audited_writes > 0, "the audit saw the owners write");
+    assert!(report.handoffs > 0, "changefeeds changed hands");
     assert!(
         report.faults.values().sum::<usize>() > 0,
         "faults were injected"

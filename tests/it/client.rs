@@ -99,6 +99,7 @@ async fn executor_methods_and_their_errors() {
             &HeartbeatRequest {
                 ttl_ms: Some(60_000),
                 progress: vec![],
+                stopped: vec![],
             },
         )
         .await
@@ -294,6 +295,7 @@ async fn changefeed_methods_with_the_admin_token_and_progress() {
     );
     let report = |epoch, checkpoint_ts| HeartbeatRequest {
         ttl_ms: None,
+        stopped: vec![],
         progress: vec![Progress {
             namespace: ns.into(),
             changefeed: "orders".into(),

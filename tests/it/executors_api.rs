@@ -75,6 +75,7 @@ async fn registry_state(
         .with_roles(RoleSlot::fixed(Roles {
             registry: handle,
             owner: None,
+            lease: flotilla::election::LeaseGuard::always(),
         }))
         .with_admin_token(Some(ADMIN.into()))
         .with_max_body_bytes(MAX_BODY)

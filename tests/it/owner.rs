@@ -163,7 +163,7 @@ async fn beat(c: &Cluster, r: &Registration, progress: Vec<ProgressReport>) -> W
         .heartbeat(&r.executor.id, &TokenHash::of(&r.token), None)
         .expect("heartbeat accepted");
     loop {
-        match c.desk.work(&r.executor.id, progress.clone()) {
+        match c.desk.work(&r.executor.id, progress.clone(), Vec::new()) {
             Ok(work) => return work,
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }

@@ -252,7 +252,12 @@ impl ExecutorRegistry {
     }
 
     /// Announces a removal: feed, metric, log, SQL delete in the background.
-    pub(super) fn announce_offline(&mut self, id: &ExecutorId, reason: OfflineReason) {
+    pub(super) fn announce_offline(
+        &mut self,
+        id: &ExecutorId,
+        reason: OfflineReason,
+        lease_left: std::time::Duration,
+    ) {
         self.queue_store_delete(id);
         metrics::registry_metrics()
             .expiries_total
@@ -264,6 +269,7 @@ impl ExecutorRegistry {
             seq,
             id: offline_id,
             reason,
+            lease_left,
         });
     }
 }
@@ -451,10 +457,24 @@ impl Handler<Deregister> for ExecutorRegistry {
                 None => return Err(Error::UnknownExecutor(msg.id)),
             },
         };
-        tables.remove(&id, Instant::now());
+        let now = Instant::now();
+        // Deregistered by an operator, the executor may run on until its lease
+        // lapses (the TTL after its last heartbeat: its deadline here); by
+        // itself, it stopped its work before asking (the agent does), which
+        // acknowledges every stop at once.
+        let lease_left = match token_hash {
+            Some(_) => std::time::Duration::ZERO,
+            None => tables
+                .executors
+                .get(&id)
+                .map_or(std::time::Duration::ZERO, |e| {
+                    e.deadline.saturating_duration_since(now)
+                }),
+        };
+        tables.remove(&id, now);
         let counts = tables.counts();
         drop(tables);
-        self.announce_offline(&id, OfflineReason::Deregistered);
+        self.announce_offline(&id, OfflineReason::Deregistered, lease_left);
         self.flush_deletes(ctx);
         set_gauges(counts);
         Ok(())

@@ -77,7 +77,8 @@ impl ExecutorRegistry {
         // for logging and subscribers.
         drop(tables);
         for id in &expired {
-            self.announce_offline(id, OfflineReason::Expired);
+            // Expired TTL after its last heartbeat: its lease has lapsed.
+            self.announce_offline(id, OfflineReason::Expired, std::time::Duration::ZERO);
         }
         self.flush_deletes(ctx);
         set_gauges(counts);

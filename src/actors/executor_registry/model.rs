@@ -122,6 +122,11 @@ pub enum ExecutorEvent {
         seq: u64,
         id: String,
         reason: OfflineReason,
+        /// How long the executor's lease may still run (zero for an expiry, or
+        /// for an executor that deregistered itself: it stopped its work first);
+        /// the owner releases its changefeeds no earlier.
+        #[serde(skip)]
+        lease_left: std::time::Duration,
     },
     /// The subscriber fell behind and was cut off: it must subscribe again
     /// and start from a fresh snapshot. Always the last event of a channel.

@@ -17,8 +17,11 @@
 //! status and the task keys in an answer are from one revision. The executor
 //! of a changefeed is found among the task status keys of its namespace
 //! (`<p>/<ns>/task/status/<executor>/<id>`: the executor comes first, so there
-//! is no prefix of one changefeed's task keys); a read is therefore linear in
-//! the number of assignments in the namespace, which are small values.
+//! is no prefix of one changefeed's task keys); a `get` is therefore linear in
+//! the number of assignments in the namespace, which are small values. Pause,
+//! resume, update and delete read only the info and status keys: none of them
+//! needs the executor (a new epoch has none yet, and task keys are the owner's
+//! to delete, once released).
 //!
 //! Range reads come in pages of [`PAGE_KEYS`] keys; the pages after the first
 //! are read at the first page's revision, so a long listing is still one
@@ -53,10 +56,6 @@ pub use crate::labels::MAX_LABEL_LEN;
 pub const MAX_ATTEMPTS: usize = 5;
 /// Keys per page of a range read.
 pub const PAGE_KEYS: i64 = 256;
-/// Executors whose task keys (two each) one delete txn removes: with the
-/// info, the status and the snapshot's reads it stays under etcd's default
-/// `--max-txn-ops` of 128.
-const DELETE_EXECUTORS_PER_TXN: usize = 56;
 /// Largest etcd response accepted: a page of infos with the largest configs
 /// (256 x 64 KiB) fits; tonic's default (4 MiB) would not.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;

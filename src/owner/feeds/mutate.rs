@@ -2,19 +2,16 @@
 //! txn decided from a snapshot and decided again from the fresh keys when a compare
 //! fails.
 
-use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
-use super::read::{view, Raw, Read, Snapshot};
+use super::read::{revision_of, view, Raw, Read, Snapshot};
 use super::request::{
     changefeed_id, now_ts, validate_config, validate_id, validate_selector, validate_sink_uri,
     CreateChangefeed, ResumeChangefeed, UpdateChangefeed,
 };
-use super::{
-    encode, ChangefeedView, Changefeeds, Error, Result, DELETE_EXECUTORS_PER_TXN, MAX_ATTEMPTS,
-};
+use super::{encode, ChangefeedView, Changefeeds, Error, Result, MAX_ATTEMPTS};
 use crate::owner::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState};
 
 /// What a mutation decided from a snapshot.
@@ -229,7 +226,7 @@ impl Changefeeds {
                 status.retry_after_ms = 0;
                 // A new epoch: whatever still runs the old one stops, and its
                 // progress cannot undo a rewind.
-                bump_epoch(&mut status)?;
+                bump_epoch(&mut status, snapshot.revision)?;
                 info.state = FeedState::Normal;
                 info.error = None;
                 Ok(write_both(&cf_keys, raw, snapshot, &info, &status))
@@ -238,57 +235,33 @@ impl Changefeeds {
         self.view_of(&cf, &snapshot)
     }
 
-    /// Removes every key of the changefeed (info, status, and each task
-    /// status and position) in one txn, guarded by the revisions of the info
-    /// and status keys: the owner writes the status whenever it assigns the
-    /// changefeed, so a task key created after the read fails the compare
-    /// and the delete reads again. Works on malformed values too, and on the
-    /// leftovers of a changefeed whose info is gone. [`Error::NotFound`] when
-    /// there is no key at all.
+    /// Removes the changefeed's info and status in one txn, each compared on
+    /// the revision it was read at (works on malformed values too). Its task
+    /// keys stay for the owner, which deletes each once released (its executor
+    /// acknowledged the stop, or its lease lapsed): a changefeed created again
+    /// under the same id is not assigned while an old holder may still run the
+    /// deleted one, and its epochs start above the old ones. [`Error::NotFound`]
+    /// when neither key exists.
     pub async fn delete(&self, namespace: &str, id: &str) -> Result<()> {
         let cf = changefeed_id(namespace, id)?;
         let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
-        // One txn holds the info, the status and at most
-        // DELETE_EXECUTORS_PER_TXN executors' task keys; further txns delete
-        // the rest only while the info is still absent, so a changefeed
-        // re-created meanwhile keeps its keys.
-        let mut first = true;
-        loop {
-            let after = self
-                .mutate(&cf, true, |snapshot| {
-                    if first && snapshot.is_empty() {
-                        return Err(Error::NotFound(cf.clone()));
-                    }
-                    if !first && snapshot.info.is_some() {
-                        return Ok(Plan::Nothing);
-                    }
-                    let executors: BTreeSet<&String> = snapshot
-                        .tasks
-                        .keys()
-                        .chain(snapshot.positions.iter())
-                        .collect();
-                    let mut ops = vec![
-                        TxnOp::delete(info_key.as_str(), None),
-                        TxnOp::delete(status_key.as_str(), None),
-                    ];
-                    for executor in executors.into_iter().take(DELETE_EXECUTORS_PER_TXN) {
-                        ops.push(TxnOp::delete(self.keys.task_status(&cf, executor), None));
-                        ops.push(TxnOp::delete(self.keys.task_position(&cf, executor), None));
-                    }
-                    Ok(Plan::Write {
-                        compares: vec![
-                            unchanged(&info_key, snapshot.info.as_ref()),
-                            unchanged(&status_key, snapshot.status.as_ref()),
-                        ],
-                        ops,
-                    })
-                })
-                .await?;
-            first = false;
-            if after.info.is_some() || (after.tasks.is_empty() && after.positions.is_empty()) {
-                return Ok(());
+        self.mutate(&cf, false, |snapshot| {
+            if snapshot.info.is_none() && snapshot.status.is_none() {
+                return Err(Error::NotFound(cf.clone()));
             }
-        }
+            Ok(Plan::Write {
+                compares: vec![
+                    unchanged(&info_key, snapshot.info.as_ref()),
+                    unchanged(&status_key, snapshot.status.as_ref()),
+                ],
+                ops: vec![
+                    TxnOp::delete(info_key.as_str(), None),
+                    TxnOp::delete(status_key.as_str(), None),
+                ],
+            })
+        })
+        .await?;
+        Ok(())
     }
 
     /// Reads the changefeed, decides with `plan`, and writes under the
@@ -297,10 +270,10 @@ impl Changefeeds {
     async fn mutate(
         &self,
         cf: &ChangefeedId,
-        positions: bool,
+        tasks: bool,
         mut plan: impl FnMut(&Snapshot) -> Result<Plan>,
     ) -> Result<Snapshot> {
-        let reads = self.reads(cf, positions);
+        let reads = self.reads(cf, tasks);
         let read_ops = || reads.iter().map(Read::op).collect::<Vec<_>>();
         let mut snapshot = self.read(cf, &reads).await?;
         for _ in 0..MAX_ATTEMPTS {
@@ -315,7 +288,7 @@ impl Changefeeds {
             let response = self.txn(txn).await?;
             let skip = if response.succeeded() { writes } else { 0 };
             let kvs = self.collect(&reads, &response, skip).await?;
-            snapshot = self.snapshot(cf, kvs);
+            snapshot = self.snapshot(cf, kvs, revision_of(&response));
             if response.succeeded() {
                 return Ok(snapshot);
             }
@@ -328,7 +301,8 @@ impl Changefeeds {
 /// executor runs (pause, resume, update) starts a new epoch, so the executor
 /// that held the old one is told to stop and its progress (however late it
 /// arrives) is rejected as stale; the owner assigns the changefeed again at a
-/// later epoch. A missing status starts from `info.start_ts`.
+/// later epoch, once the old one is released. A missing status starts from
+/// `info.start_ts`.
 fn next_epoch(snapshot: &Snapshot, info: &ChangefeedInfo) -> Result<ChangefeedStatus> {
     let mut status = match &snapshot.status {
         Some(raw) => raw.decode::<ChangefeedStatus>()?,
@@ -337,13 +311,15 @@ fn next_epoch(snapshot: &Snapshot, info: &ChangefeedInfo) -> Result<ChangefeedSt
             ..ChangefeedStatus::default()
         },
     };
-    bump_epoch(&mut status)?;
+    bump_epoch(&mut status, snapshot.revision)?;
     Ok(status)
 }
 
-/// The next epoch, or a 400 when the status holds the last one.
-fn bump_epoch(status: &mut ChangefeedStatus) -> Result<()> {
-    status.epoch = status.epoch.checked_add(1).ok_or_else(|| {
+/// The next epoch (above the old one and the revision read at, so epochs rise
+/// across a delete and a create: `owner::state::next_epoch`), or a 400 when
+/// the status holds the last one.
+fn bump_epoch(status: &mut ChangefeedStatus, revision: i64) -> Result<()> {
+    status.epoch = crate::owner::state::next_epoch(status.epoch, revision).ok_or_else(|| {
         Error::InvalidArgument(format!(
             "epoch {} is the last one: re-create the changefeed",
             status.epoch

@@ -1,7 +1,7 @@
 //! Reads: one changefeed or a namespace's listing, each one consistent read (a txn
 //! of range reads, further pages at its revision), and the API's view of a changefeed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use etcd_client::{GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use serde::{Deserialize, Serialize};
@@ -11,7 +11,7 @@ use super::request::{changefeed_id, validate_id};
 use super::{Changefeeds, Error, Result, PAGE_KEYS};
 use crate::etcd_range::prefix_end;
 use crate::owner::model::{
-    ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Key, TaskStatus,
+    ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Key, Releasing, TaskStatus,
 };
 
 /// A changefeed as the API shows it: its info, its status, and the executor
@@ -36,6 +36,10 @@ pub struct ChangefeedView {
     pub create_time: String,
     /// Why a normal changefeed is not running, as the owner last saw it.
     pub pending_reason: Option<String>,
+    /// The task taken away from an executor that may still run it: the
+    /// changefeed runs nowhere else until that executor acknowledges the stop
+    /// or its lease lapses (by `deadline`). `None`: nothing is being released.
+    pub releasing: Option<Releasing>,
 }
 
 /// A changefeed a listing could not decode; the other changefeeds are listed.
@@ -112,31 +116,22 @@ impl Raw {
     }
 }
 
-/// Every key of one changefeed, read at one revision.
+/// The keys of one changefeed, read at one revision.
 #[derive(Debug, Default)]
 pub(super) struct Snapshot {
     pub(super) info: Option<Raw>,
     pub(super) status: Option<Raw>,
-    /// Task status keys, by executor.
+    /// Task status keys, by executor (read only when asked for).
     pub(super) tasks: BTreeMap<String, Raw>,
-    /// Executors holding a task position (read only when deleting).
-    pub(super) positions: BTreeSet<String>,
-}
-
-impl Snapshot {
-    pub(super) fn is_empty(&self) -> bool {
-        self.info.is_none()
-            && self.status.is_none()
-            && self.tasks.is_empty()
-            && self.positions.is_empty()
-    }
+    /// The revision it was read at: a new epoch is above it.
+    pub(super) revision: i64,
 }
 
 impl Changefeeds {
     /// One changefeed, read at one revision.
     pub async fn get(&self, namespace: &str, id: &str) -> Result<ChangefeedView> {
         let cf = changefeed_id(namespace, id)?;
-        let snapshot = self.read(&cf, &self.reads(&cf, false)).await?;
+        let snapshot = self.read(&cf, &self.reads(&cf, true)).await?;
         self.view_of(&cf, &snapshot)
     }
 
@@ -216,23 +211,20 @@ impl Changefeeds {
         let ops: Vec<TxnOp> = reads.iter().map(Read::op).collect();
         let response = self.txn(Txn::new().and_then(ops)).await?;
         let kvs = self.collect(reads, &response, 0).await?;
-        Ok(self.snapshot(cf, kvs))
+        Ok(self.snapshot(cf, kvs, revision_of(&response)))
     }
 
-    /// The range reads that make a [`Snapshot`] of `cf`.
-    pub(super) fn reads(&self, cf: &ChangefeedId, positions: bool) -> Vec<Read> {
+    /// The range reads that make a [`Snapshot`] of `cf`: its info and status,
+    /// and with `tasks` its task keys.
+    pub(super) fn reads(&self, cf: &ChangefeedId, tasks: bool) -> Vec<Read> {
         let mut reads = vec![
             Read::Key(self.keys.info(cf)),
             Read::Key(self.keys.status(cf)),
-            Read::Prefix {
+        ];
+        if tasks {
+            reads.push(Read::Prefix {
                 prefix: self.keys.task_statuses(&cf.namespace),
                 keys_only: false,
-            },
-        ];
-        if positions {
-            reads.push(Read::Prefix {
-                prefix: self.keys.task_positions(&cf.namespace),
-                keys_only: true,
             });
         }
         reads
@@ -247,7 +239,7 @@ impl Changefeeds {
         response: &TxnResponse,
         skip: usize,
     ) -> Result<Vec<KeyValue>> {
-        let revision = response.header().map_or(0, |h| h.revision());
+        let revision = revision_of(response);
         // `op_responses` copies every response (etcd-client has no owned
         // accessor); from there on the key/values move, they are not copied.
         let responses = response.op_responses();
@@ -273,8 +265,16 @@ impl Changefeeds {
         Ok(kvs)
     }
 
-    pub(super) fn snapshot(&self, cf: &ChangefeedId, kvs: Vec<KeyValue>) -> Snapshot {
-        let mut snapshot = Snapshot::default();
+    pub(super) fn snapshot(
+        &self,
+        cf: &ChangefeedId,
+        kvs: Vec<KeyValue>,
+        revision: i64,
+    ) -> Snapshot {
+        let mut snapshot = Snapshot {
+            revision,
+            ..Snapshot::default()
+        };
         for kv in kvs {
             let Some(raw) = Raw::from_kv(kv) else {
                 continue;
@@ -287,12 +287,6 @@ impl Changefeeds {
                     executor,
                 }) if changefeed == *cf => {
                     snapshot.tasks.insert(executor, raw);
-                }
-                Some(Key::TaskPosition {
-                    changefeed,
-                    executor,
-                }) if changefeed == *cf => {
-                    snapshot.positions.insert(executor);
                 }
                 _ => {}
             }
@@ -365,5 +359,11 @@ pub(super) fn view(
         error: info.error,
         create_time: info.create_time,
         pending_reason: status.pending_reason,
+        releasing: status.releasing,
     }
+}
+
+/// The revision a response was read at.
+pub(super) fn revision_of(response: &TxnResponse) -> i64 {
+    response.header().map_or(0, |h| h.revision())
 }

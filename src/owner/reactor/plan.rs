@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use super::super::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState};
+use super::super::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Releasing};
 use super::super::state::{ChangefeedEntry, GlobalState};
+use super::release::{Releases, Verdict};
 use super::{json, LiveExecutor};
 use crate::state::{DataPatch, PatchGroup};
 
@@ -28,6 +29,8 @@ pub(super) struct Tick<'a> {
     pub(super) initing: &'a HashSet<String>,
     /// Built when the tick first needs it (an assignment or an unassignment).
     pub(super) load: Option<Load>,
+    /// The hand-off rule's state: tasks taken away, not released yet.
+    pub(super) releases: &'a mut Releases,
     pub(super) now: u64,
 }
 
@@ -35,12 +38,14 @@ impl<'a> Tick<'a> {
     pub(super) fn new(
         live: &'a BTreeMap<String, LiveExecutor>,
         initing: &'a HashSet<String>,
+        releases: &'a mut Releases,
         now: u64,
     ) -> Self {
         Self {
             live,
             initing,
             load: None,
+            releases,
             now,
         }
     }
@@ -155,19 +160,29 @@ impl<'a> Plan<'a> {
         }
     }
 
-    pub(super) fn delete_task(&mut self, state: &GlobalState, executor: &str) {
-        delete_task(&mut self.group, state, self.cf, self.entry, executor);
+    /// Every task that is not the current live assignment goes once it is
+    /// released (the hand-off rule, [`super::release`]); the first one still
+    /// held, if any: nothing is assigned while it is.
+    pub(super) fn release_stale_tasks(
+        &mut self,
+        state: &GlobalState,
+        tick: &mut Tick,
+    ) -> Option<Held> {
+        release_tasks(
+            &mut self.group,
+            state,
+            tick,
+            self.cf,
+            self.entry,
+            self.current.as_deref(),
+        )
     }
 
-    /// Every task that is not the current live assignment goes.
-    pub(super) fn delete_stale_tasks(&mut self, state: &GlobalState) {
-        let stale = self
-            .entry
-            .task_holders()
-            .into_iter()
-            .filter(|executor| Some(*executor) != self.current.as_ref());
-        for executor in stale.take(MAX_STALE_TASKS_PER_TICK) {
-            delete_task(&mut self.group, state, self.cf, self.entry, executor);
+    /// Shows the task being released (`None`: nothing is) in the status.
+    pub(super) fn set_releasing(&mut self, releasing: Option<Releasing>) {
+        if self.status.releasing != releasing {
+            self.status.releasing = releasing;
+            self.status_changed = true;
         }
     }
 
@@ -244,6 +259,59 @@ pub(super) struct Scheduled {
     pub(super) wrote_status: bool,
     /// Only the checkpoint advanced: it waits for the write budget.
     pub(super) checkpoint_advanced: bool,
+}
+
+/// A task taken away from its executor and not released yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Held {
+    pub(super) executor: String,
+    pub(super) epoch: u64,
+    /// When its executor's lease has certainly lapsed (ms).
+    pub(super) deadline: u64,
+}
+
+/// Queues the deletes of `cf`'s task keys other than `current`'s that are
+/// released (a position without a task goes at once), at most
+/// [`MAX_STALE_TASKS_PER_TICK`] executors' worth; returns the held task with the
+/// latest deadline, if any (the changefeed waits for all of them).
+pub(super) fn release_tasks(
+    group: &mut PatchGroup,
+    state: &GlobalState,
+    tick: &mut Tick,
+    cf: &ChangefeedId,
+    entry: &ChangefeedEntry,
+    current: Option<&str>,
+) -> Option<Held> {
+    let mut held: Option<Held> = None;
+    let mut deleted = 0;
+    for executor in entry.task_holders() {
+        if Some(executor.as_str()) == current || deleted == MAX_STALE_TASKS_PER_TICK {
+            continue;
+        }
+        if let Some(task) = entry.tasks.get(executor) {
+            let how = match tick.releases.check(cf, executor, task.epoch, tick.now) {
+                Verdict::Wait { deadline } => {
+                    if held.as_ref().is_none_or(|h| h.deadline < deadline) {
+                        held = Some(Held {
+                            executor: executor.clone(),
+                            epoch: task.epoch,
+                            deadline,
+                        });
+                    }
+                    continue;
+                }
+                Verdict::Acknowledged => "acknowledged",
+                Verdict::Lapsed => "lapsed",
+            };
+            crate::metrics::owner()
+                .released_total
+                .with_label_values(&[how])
+                .inc();
+        }
+        delete_task(group, state, cf, entry, executor);
+        deleted += 1;
+    }
+    held
 }
 
 /// Queues the deletes of `executor`'s task keys of `cf` that exist.

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::owner::model::{ChangefeedInfo, Keys, TaskPosition};
+use crate::owner::reactor::plan::MAX_STALE_TASKS_PER_TICK;
 use crate::state::StateTester;
 
 const NOW: u64 = 1_800_000_000_000;
@@ -61,8 +62,31 @@ impl Harness {
             .unwrap();
     }
 
+    /// `id` expired: its lease has lapsed.
     fn offline(&self, id: &str) {
-        self.inputs.send(OwnerInput::Offline(id.into())).unwrap();
+        self.deregistered(id, Duration::ZERO);
+    }
+
+    /// `id` was deregistered with `lease_left` of its lease still to run.
+    fn deregistered(&self, id: &str, lease_left: Duration) {
+        self.inputs
+            .send(OwnerInput::Offline {
+                executor: id.into(),
+                lease_left,
+            })
+            .unwrap();
+    }
+
+    /// `executor` acknowledged the stop of `cf` at `epoch` (the heartbeat path
+    /// checked it was taken away).
+    fn released(&self, executor: &str, cf: &ChangefeedId, epoch: u64) {
+        self.inputs
+            .send(OwnerInput::Released {
+                executor: executor.into(),
+                changefeed: cf.clone(),
+                epoch,
+            })
+            .unwrap();
     }
 
     fn progress(
@@ -113,11 +137,28 @@ impl Harness {
         cf
     }
 
+    /// An admin change of the state, as the API writes it: the info and the
+    /// status at a new epoch.
     fn set_state(&mut self, cf: &ChangefeedId, feed_state: FeedState) {
-        let mut info = self.tester.state().changefeeds[cf].info.clone().unwrap();
+        let entry = &self.tester.state().changefeeds[cf];
+        let mut info = entry.info.clone().unwrap();
         info.state = feed_state;
+        let mut status = entry.status.clone().unwrap_or_default();
+        status.epoch =
+            crate::owner::state::next_epoch(status.epoch, self.tester.revision()).unwrap();
         self.tester
             .external_write(&self.keys.info(cf), Some(&json(&info)));
+        self.tester
+            .external_write(&self.keys.status(cf), Some(&json(&status)));
+    }
+
+    /// The executor holding a task of `cf` (current or not), and its epoch.
+    fn task(&self, cf: &ChangefeedId) -> Option<(String, u64)> {
+        self.entry(cf)
+            .tasks
+            .iter()
+            .next()
+            .map(|(e, t)| (e.clone(), t.epoch))
     }
 
     fn tick(&mut self) {
@@ -128,6 +169,11 @@ impl Harness {
 
     fn entry(&self, cf: &ChangefeedId) -> &ChangefeedEntry {
         &self.tester.state().changefeeds[cf]
+    }
+
+    /// The executor of the current assignment.
+    fn holder(&self, cf: &ChangefeedId) -> Option<String> {
+        self.assignment(cf).map(|(e, _)| e)
     }
 
     fn assignment(&self, cf: &ChangefeedId) -> Option<(String, u64)> {
@@ -240,7 +286,7 @@ fn nothing_is_scheduled_before_the_live_executors_are_known() {
         .is_none());
     h.executors(&[("e1", &[])]);
     h.tick();
-    assert_eq!(h.assignment(&cf), Some(("e1".into(), 1)));
+    assert_eq!(h.holder(&cf), Some("e1".into()));
 }
 
 #[test]
@@ -274,8 +320,8 @@ fn ties_go_to_the_lowest_id_and_selectors_are_respected() {
     let x = h.create("x", &[("zone", "x")]);
     let none = h.create("none", &[("zone", "z")]);
     h.tick();
-    assert_eq!(h.assignment(&any), Some(("a".into(), 1)));
-    assert_eq!(h.assignment(&x), Some(("b".into(), 1)));
+    assert_eq!(h.holder(&any), Some("a".into()));
+    assert_eq!(h.holder(&x), Some("b".into()));
     assert_eq!(h.assignment(&none), None);
     let reason = h
         .entry(&none)
@@ -311,13 +357,13 @@ fn initing_executors_get_work_only_when_no_heartbeating_one_matches() {
     let only_ghost = h.create("zone-a", &[("zone", "a")]);
     h.tick();
     assert_eq!(
-        h.assignment(&any),
-        Some(("busy".into(), 1)),
+        h.holder(&any),
+        Some("busy".into()),
         "the least loaded is initing"
     );
     assert_eq!(
-        h.assignment(&only_ghost),
-        Some(("ghost".into(), 1)),
+        h.holder(&only_ghost),
+        Some("ghost".into()),
         "no heartbeating executor matches: the initing one is better than none"
     );
     // Its first heartbeat: now the least loaded wins again.
@@ -329,7 +375,7 @@ fn initing_executors_get_work_only_when_no_heartbeating_one_matches() {
         .unwrap();
     let next = h.create("next", &[]);
     h.tick();
-    assert_eq!(h.assignment(&next), Some(("ghost".into(), 1)));
+    assert_eq!(h.holder(&next), Some("ghost".into()));
 }
 
 #[test]
@@ -358,7 +404,7 @@ fn an_offline_executor_s_changefeeds_move_with_a_higher_epoch() {
     h.tick();
     let (second, new_epoch) = h.assignment(&cf).unwrap();
     assert_ne!(first, second);
-    assert_eq!(new_epoch, epoch + 1);
+    assert!(new_epoch > epoch, "{new_epoch} > {epoch}");
     let entry = h.entry(&cf);
     assert!(
         !entry.tasks.contains_key(&first) && !entry.positions.contains_key(&first),
@@ -408,13 +454,102 @@ fn paused_and_resumed_changefeeds_are_unassigned_and_reassigned() {
     h.executors(&[("e1", &[])]);
     let cf = h.create("a", &[]);
     h.tick();
-    assert_eq!(h.assignment(&cf), Some(("e1".into(), 1)));
+    let (_, first) = h.assignment(&cf).unwrap();
     h.set_state(&cf, FeedState::Stopped);
     h.tick();
+    // Taken away, not released: the task stays, and the status says so.
+    assert_eq!(h.task(&cf), Some(("e1".into(), first)));
+    let releasing = h.entry(&cf).status.clone().unwrap().releasing.unwrap();
+    assert_eq!(
+        (releasing.executor.as_str(), releasing.epoch),
+        ("e1", first)
+    );
+    h.released("e1", &cf, first);
+    h.tick();
     assert!(h.entry(&cf).tasks.is_empty());
+    assert_eq!(h.entry(&cf).status.clone().unwrap().releasing, None);
     h.set_state(&cf, FeedState::Normal);
     h.tick();
-    assert_eq!(h.assignment(&cf), Some(("e1".into(), 2)));
+    let (e, epoch) = h.assignment(&cf).unwrap();
+    assert_eq!(e, "e1");
+    assert!(
+        epoch > first + 1,
+        "a pause and a resume each start an epoch"
+    );
+}
+
+/// The hand-off rule on each path that takes a changefeed away from a live
+/// executor: nothing is assigned again until the old holder acknowledged the
+/// stop of that very task, or the longest lease passed since the owner saw it
+/// taken away.
+#[test]
+fn a_changefeed_taken_away_is_assigned_again_only_once_released() {
+    let max_lease = OwnerConfig::default().max_lease;
+    // Pause + resume (a rewind) while the old holder still runs it.
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[]), ("e2", &[]), ("e3", &[])]);
+    let cf = h.create("a", &[]);
+    h.tick();
+    let (old, epoch) = h.assignment(&cf).unwrap();
+    h.set_state(&cf, FeedState::Stopped);
+    h.set_state(&cf, FeedState::Normal);
+    h.tick();
+    assert_eq!(h.assignment(&cf), None, "the old holder may still run it");
+    assert_eq!(h.task(&cf), Some((old.clone(), epoch)));
+    let reason = h.entry(&cf).status.clone().unwrap().pending_reason.unwrap();
+    assert!(
+        reason.starts_with("releasing: waiting for executor"),
+        "{reason}"
+    );
+    // An acknowledgement of another task (another epoch, another executor)
+    // releases nothing.
+    h.released(&old, &cf, epoch + 1);
+    h.released("e2", &cf, epoch);
+    h.tick();
+    assert_eq!(h.assignment(&cf), None);
+    assert_eq!(h.task(&cf), Some((old.clone(), epoch)));
+    h.released(&old, &cf, epoch);
+    h.tick();
+    let (_, new_epoch) = h.assignment(&cf).expect("released: assigned again");
+    assert!(new_epoch > epoch);
+    assert_eq!(h.entry(&cf).tasks.len(), 1, "the old task is gone");
+    assert_eq!(h.entry(&cf).status.clone().unwrap().releasing, None);
+
+    // No acknowledgement: the longest lease from when the owner saw it go.
+    let (holder, epoch) = h.assignment(&cf).unwrap();
+    h.set_state(&cf, FeedState::Stopped);
+    h.set_state(&cf, FeedState::Normal);
+    h.tick();
+    advance(max_lease - Duration::from_millis(1));
+    h.tick();
+    assert_eq!(h.task(&cf), Some((holder.clone(), epoch)), "not yet");
+    advance(Duration::from_millis(1));
+    h.tick();
+    assert!(
+        h.assignment(&cf).is_some(),
+        "its lease has certainly lapsed"
+    );
+
+    // Deregistered by an operator: released when the lease it had left ends,
+    // or at once by an acknowledgement.
+    let (holder, _) = h.assignment(&cf).unwrap();
+    h.deregistered(&holder, Duration::from_secs(5));
+    h.tick();
+    assert_eq!(
+        h.entry(&cf).tasks.keys().collect::<Vec<_>>(),
+        [&holder],
+        "still the gone holder's only"
+    );
+    advance(Duration::from_secs(5));
+    h.tick();
+    let (next, _) = h.assignment(&cf).expect("its lease lapsed");
+    assert_ne!(next, holder);
+
+    // Expired: its lease has lapsed already; moved in the same tick.
+    h.offline(&next);
+    h.tick();
+    let (last, _) = h.assignment(&cf).expect("moved at once");
+    assert_ne!(last, next);
 }
 
 #[test]
@@ -429,6 +564,13 @@ fn errors_back_off_then_fail_after_max_retries() {
         h.progress(&e, &cf, epoch, 100, Some("sink down"));
         h.tick(); // unassigned, retries = n
         assert_eq!(h.entry(&cf).status.as_ref().unwrap().retries, retry);
+        h.tick();
+        assert_eq!(
+            h.assignment(&cf),
+            None,
+            "not before the stop is acknowledged"
+        );
+        h.released(&e, &cf, epoch);
         h.tick(); // reassigned (zero backoff)
     }
     let (e, epoch) = h.assignment(&cf).expect("assigned");
@@ -437,6 +579,9 @@ fn errors_back_off_then_fail_after_max_retries() {
     let info = h.entry(&cf).info.clone().unwrap();
     assert_eq!(info.state, FeedState::Failed);
     assert_eq!(info.error.as_deref(), Some("sink down"));
+    assert_eq!(h.assignment(&cf), None);
+    h.released(&e, &cf, epoch);
+    h.tick();
     assert!(h.entry(&cf).tasks.is_empty());
     h.tick();
     assert!(
@@ -459,6 +604,7 @@ fn an_error_waits_for_its_backoff_before_reassignment() {
         reason.contains("reported an error (retry 1 of 3): boom"),
         "{reason}"
     );
+    h.released(&e, &cf, epoch);
     h.tick();
     assert_eq!(h.assignment(&cf), None, "backing off (2 s by default)");
     let status = h.entry(&cf).status.clone().unwrap();
@@ -495,6 +641,10 @@ fn reaching_the_target_finishes_the_changefeed() {
         h.entry(&cf).info.as_ref().unwrap().state,
         FeedState::Finished
     );
+    h.tick();
+    assert_eq!(h.task(&cf), Some((e.clone(), epoch)), "until released");
+    h.released(&e, &cf, epoch);
+    h.tick();
     assert!(h.entry(&cf).tasks.is_empty());
 }
 
@@ -504,7 +654,29 @@ fn leftovers_of_a_deleted_changefeed_are_removed() {
     h.executors(&[("e1", &[])]);
     let cf = h.create("a", &[]);
     h.tick();
+    let (e, epoch) = h.assignment(&cf).unwrap();
+    // Deleted as the API does: info and status; the task is the owner's.
     h.tester.external_write(&h.keys.info(&cf), None);
+    h.tester.external_write(&h.keys.status(&cf), None);
+    h.tick();
+    assert_eq!(h.task(&cf), Some((e.clone(), epoch)), "until released");
+
+    // Created again meanwhile: not assigned while the old task is held, then
+    // at an epoch above every one the id had.
+    let again = h.create("a", &[]);
+    h.tick();
+    assert_eq!(h.assignment(&again), None);
+    assert_eq!(h.task(&cf), Some((e.clone(), epoch)));
+    h.released(&e, &cf, epoch);
+    h.tick();
+    let (_, new_epoch) = h.assignment(&again).unwrap();
+    assert!(new_epoch > epoch, "{new_epoch} > {epoch}");
+
+    let (e, epoch) = h.assignment(&cf).unwrap();
+    h.tester.external_write(&h.keys.info(&cf), None);
+    h.tester.external_write(&h.keys.status(&cf), None);
+    h.tick();
+    h.released(&e, &cf, epoch);
     h.tick();
     assert!(!h.tester.state().changefeeds.contains_key(&cf));
     assert!(
@@ -546,6 +718,10 @@ fn hundreds_of_stale_tasks_go_over_several_ticks_each_group_fitting_one_txn() {
     write_stale_tasks(&mut h, &live, 150);
     write_stale_tasks(&mut h, &deleted, 150);
     h.tester.external_write(&h.keys.info(&deleted), None);
+    // Executors this owner never knew: released the longest lease after it
+    // first saw their tasks.
+    h.tick();
+    advance(OwnerConfig::default().max_lease);
     // 300 keys per changefeed: one group would need 300+ ops. Each tick's
     // plan must succeed (Harness::tick unwraps it) and make progress.
     for _ in 0..150usize.div_ceil(MAX_STALE_TASKS_PER_TICK) {
@@ -765,7 +941,7 @@ fn an_incremental_tick_visits_only_what_something_happened_to() {
         let (now, new_epoch) = h.assignment(cf).unwrap();
         if was == "e2" {
             assert_ne!(now, "e2");
-            assert_eq!(new_epoch, epoch + 1);
+            assert!(new_epoch > *epoch, "{new_epoch} > {epoch}");
         } else {
             assert_eq!((&now, new_epoch), (was, *epoch), "{cf:?} moved");
         }

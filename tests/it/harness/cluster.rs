@@ -292,18 +292,23 @@ impl Fleet {
             tasks.push(tokio::spawn(async move {
                 let id = registration.executor.id;
                 let mut progress: Vec<Progress> = Vec::new();
+                // It runs only what the last answer listed: whatever was
+                // revoked is stopped already, acknowledged at once.
+                let mut stopped = Vec::new();
                 let mut checkpoint = 1_000u64;
                 while !stop.load(Ordering::Relaxed) {
                     checkpoint += 1;
                     let request = HeartbeatRequest {
                         ttl_ms: None,
                         progress: progress.clone(),
+                        stopped: std::mem::take(&mut stopped),
                     };
                     match client.heartbeat(&id, &registration.token, &request).await {
                         Ok(answer) => {
                             let mut seen = observed.lock().unwrap();
                             seen.ok += 1;
                             seen.last_ok = Some(Instant::now());
+                            stopped.clone_from(&answer.revoked);
                             progress = record_and_advance(
                                 &answer.assignments,
                                 &id,

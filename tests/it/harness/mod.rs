@@ -10,6 +10,7 @@ pub mod etcd;
 pub mod http;
 pub mod ports;
 pub mod postgres;
+pub mod proxy;
 pub mod reactors;
 pub mod server;
 
