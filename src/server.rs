@@ -323,16 +323,9 @@ fn start_leader_roles(
     server_id: String,
     roles: RoleSlot,
 ) -> Addr<LeaderRoles> {
+    // `registry.failover_grace` >= `max_ttl` + `session_ttl` (>= `default_ttl` +
+    // `session_ttl`) is checked by the config.
     let registry = registry_config(&config.registry);
-    let failover_floor = registry.default_ttl + config.server.session_ttl;
-    if registry.failover_grace < failover_floor {
-        warn!(
-            failover_grace = %humantime::format_duration(registry.failover_grace),
-            advised = %humantime::format_duration(failover_floor),
-            "registry.failover_grace is shorter than registry.default_ttl + server.session_ttl: \
-             executors may expire after a failover although they kept heartbeating"
-        );
-    }
     LeaderRoles::new(
         RoleSettings {
             registry,
@@ -349,6 +342,7 @@ fn start_leader_roles(
                 },
                 owner: config.owner.apply(OwnerConfig {
                     server_id,
+                    max_lease: config.registry.max_ttl,
                     ..OwnerConfig::default()
                 }),
                 restart_backoff: Duration::from_secs(1),

@@ -181,6 +181,8 @@ impl Config {
         self.etcd.validate(&self.server.cluster_id, &invalid)?;
         self.store.validate(&self.server.data_dir, &invalid)?;
         self.registry.validate(&invalid)?;
+        self.registry
+            .validate_failover_grace(self.server.session_ttl, &invalid)?;
         self.owner.validate(&invalid)?;
         self.log.validate(&invalid)
     }

@@ -120,6 +120,34 @@ impl RegistryConfig {
     }
 }
 
+impl RegistryConfig {
+    /// The hand-off rule across a failover: a new leader knows neither the TTLs the
+    /// old one granted nor when it last answered, so every executor it loads waits at
+    /// least the longest lease plus the time the old leader may have kept answering.
+    pub(super) fn validate_failover_grace(
+        &self,
+        session_ttl: Duration,
+        invalid: Invalid<'_>,
+    ) -> Result<()> {
+        let floor = self.max_ttl + session_ttl;
+        if self.failover_grace < floor {
+            return Err(invalid(
+                "registry.failover_grace",
+                format!(
+                    "{} is shorter than registry.max_ttl ({}) + server.session_ttl ({}) = {}: \
+                     after a failover the new leader could expire an executor, and give its \
+                     changefeeds to another, while a lease the old leader granted still holds",
+                    human(self.failover_grace),
+                    human(self.max_ttl),
+                    human(session_ttl),
+                    human(floor)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Heartbeat intervals a lease must outlast beyond a failover: the first heartbeat
 /// through the new leader, a retry, and the new leader's start.
 const FAILOVER_HEARTBEATS: u32 = 3;
@@ -149,18 +177,6 @@ impl RegistryConfig {
                     human(session_ttl),
                     human(failover),
                     human(min_surviving_ttl(failover)),
-                ),
-            });
-        }
-        if self.failover_grace < self.max_ttl {
-            warnings.push(Warning {
-                key: "registry.failover_grace",
-                message: format!(
-                    "{} is shorter than registry.max_ttl ({}): after a failover the new \
-                     leader may expire an executor with a longer TTL while its lease still \
-                     holds, and two executors may run one changefeed for a while",
-                    human(self.failover_grace),
-                    human(self.max_ttl)
                 ),
             });
         }
@@ -253,9 +269,18 @@ mod tests {
     }
 
     #[test]
-    fn a_grace_shorter_than_the_longest_ttl_warns() {
-        let config = load_env(&[("FLOTILLA_REGISTRY_FAILOVER_GRACE", "30s")]).unwrap();
-        let keys: Vec<_> = config.warnings().iter().map(|w| w.key).collect();
-        assert_eq!(keys, ["registry.failover_grace"]);
+    fn a_grace_shorter_than_the_longest_lease_plus_a_failover_is_refused() {
+        // Defaults: max_ttl 1m + session_ttl 10s.
+        let err = load_env(&[("FLOTILLA_REGISTRY_FAILOVER_GRACE", "69s")]).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("registry.failover_grace"), "{message}");
+        assert!(message.contains("1m 10s"), "{message}");
+        assert!(load_env(&[("FLOTILLA_REGISTRY_FAILOVER_GRACE", "70s")]).is_ok());
+        // A shorter longest TTL makes a shorter grace safe.
+        assert!(load_env(&[
+            ("FLOTILLA_REGISTRY_FAILOVER_GRACE", "30s"),
+            ("FLOTILLA_REGISTRY_MAX_TTL", "20s"),
+        ])
+        .is_ok());
     }
 }

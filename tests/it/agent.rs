@@ -562,3 +562,132 @@ async fn a_lease_longer_than_a_failover_keeps_the_work_running_through_it() {
     watcher.abort();
     handle.stop().await.unwrap();
 }
+
+/// The hand-off with a workload that stops slowly: a changefeed moved away from an
+/// executor (paused, its selector updated, resumed) runs nowhere else until that
+/// executor's workload confirmed the stop; then it moves within a few heartbeats,
+/// at a higher epoch. Deleted and created again, it comes back at an epoch above
+/// every one the id had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_waits_for_the_old_workload_to_confirm_its_stop() {
+    harness::init_tracing();
+    // The longest lease (the wait without an acknowledgement) is 3 s here.
+    let server = FlotillaServer::start(ServerOptions {
+        admin_token: Some(ADMIN.into()),
+        ..ServerOptions::default()
+    });
+    let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
+    let mut config = AgentConfig::new("alpha", "127.0.0.1:9100");
+    config.labels.insert("zone".into(), "a".into());
+    // Its workload is this test: it confirms stops by hand.
+    let slow = Agent::spawn(admin.clone(), config);
+    let alpha = eventually("alpha registered", &server, || async {
+        view_of(&slow).executor_id
+    })
+    .await;
+    create(&admin, "moving").await;
+    let first = eventually("moving runs on alpha", &server, || async {
+        view_of(&slow).assignments.into_iter().next()
+    })
+    .await;
+    let mut config = AgentConfig::new("beta", "127.0.0.1:9101");
+    config.labels.insert("zone".into(), "b".into());
+    let (fast, _workload, beta) = spawn_simulated(&server, admin.clone(), config).await;
+
+    // Moved to zone b the way an operator does it.
+    admin
+        .pause_changefeed(DEFAULT_NAMESPACE, "moving")
+        .await
+        .unwrap();
+    admin
+        .update_changefeed(
+            DEFAULT_NAMESPACE,
+            "moving",
+            &flotilla::client::UpdateChangefeed {
+                selector: Some([("zone".to_owned(), "b".to_owned())].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    admin
+        .resume_changefeed(DEFAULT_NAMESPACE, "moving", Some(START_TS))
+        .await
+        .unwrap();
+    eventually("alpha is told to stop", &server, || async {
+        view_of(&slow).assignments.is_empty().then_some(())
+    })
+    .await;
+    let releasing = eventually("releasing shown", &server, || async {
+        changefeed(&admin, "moving").await.releasing
+    })
+    .await;
+    assert_eq!(
+        (releasing.executor.as_str(), releasing.epoch),
+        (alpha.as_str(), first.epoch)
+    );
+    // Alpha's workload has not confirmed: beta gets nothing, for well over a
+    // heartbeat (200 ms) and short of the longest lease (3 s).
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert!(
+            view_of(&fast).assignments.is_empty(),
+            "beta runs it while alpha has not let go"
+        );
+        let feed = changefeed(&admin, "moving").await;
+        assert_eq!(feed.executor, None, "{feed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    slow.stopped(DEFAULT_NAMESPACE, "moving", first.epoch);
+    let confirmed = Instant::now();
+    let moved = eventually("moving runs on beta", &server, || async {
+        view_of(&fast).assignments.into_iter().next()
+    })
+    .await;
+    assert!(moved.epoch > first.epoch);
+    assert!(
+        confirmed.elapsed() < Duration::from_secs(2),
+        "released by the acknowledgement, not the lease: {:?}",
+        confirmed.elapsed()
+    );
+    let feed = changefeed(&admin, "moving").await;
+    assert_eq!(
+        (feed.executor.as_deref(), feed.releasing),
+        (Some(beta.as_str()), None)
+    );
+
+    // Deleted and created again at once: beta's simulation stops the old one
+    // and confirms; the new one starts above every epoch the id had.
+    admin
+        .delete_changefeed(DEFAULT_NAMESPACE, "moving")
+        .await
+        .unwrap();
+    admin
+        .create_changefeed(
+            DEFAULT_NAMESPACE,
+            &CreateChangefeed {
+                id: "moving".into(),
+                sink_uri: "kafka://broker/again".into(),
+                start_ts: Some(START_TS),
+                selector: Some([("zone".to_owned(), "b".to_owned())].into()),
+                ..CreateChangefeed::default()
+            },
+        )
+        .await
+        .unwrap();
+    let again = eventually("the new one runs on beta", &server, || async {
+        view_of(&fast)
+            .assignments
+            .into_iter()
+            .find(|a| a.sink_uri == "kafka://broker/again")
+    })
+    .await;
+    assert!(
+        again.epoch > moved.epoch,
+        "{} > {}",
+        again.epoch,
+        moved.epoch
+    );
+    slow.stop().await.unwrap();
+    fast.stop().await.unwrap();
+}

@@ -2,12 +2,13 @@
 //! 1,000 changefeeds, while servers, etcd members and executors are killed,
 //! servers are frozen, executors are cut off from the servers (partitions),
 //! etcd is compacted and operators pause, update and resume (some with a
-//! rewind) changefeeds, at random. Then the invariants: no changefeed lost or
-//! duplicated, no epoch given to two executors, **no two executors holding one
-//! changefeed at the same wall-clock time** (from what each agent says it
-//! holds, over time), checkpoints never backward except by a rewind, a rewind
-//! never undone, every live executor registered, and nothing written by a
-//! server that was not the leader at that revision.
+//! rewind) changefeeds, deregister cut-off executors and delete and create
+//! changefeeds again, at random. Then the invariants: no changefeed lost or
+//! duplicated, **no two executors holding one changefeed at the same wall-clock
+//! time** (from what each agent's workload held, over time, a stop counted when
+//! the workload confirmed it), checkpoints never backward except by a rewind or
+//! a re-creation, a rewind never undone, every live executor registered, and
+//! nothing written by a server that was not the leader at that revision.
 //!
 //! The executors are the real [`flotilla::client::Agent`] (its lease decides
 //! what it holds), each behind its own loopback TCP proxy to the three servers.
@@ -48,11 +49,9 @@ struct Held {
     to: Option<Instant>,
 }
 
-/// What the executors said they held, over time.
+/// What the executors' workloads held, over time.
 #[derive(Default)]
 struct Seen {
-    /// (changefeed, epoch) -> executor ids told to run it.
-    served: HashMap<(String, u64), BTreeSet<String>>,
     /// changefeed -> who held it when.
     held: HashMap<String, Vec<Held>>,
 }
@@ -76,7 +75,7 @@ impl Executor {
         let mut config = AgentConfig::new(format!("chaos{n}"), format!("10.9.0.{}:9000", n % 250));
         config.max_backoff = Duration::from_secs(1);
         let handle = Agent::spawn(client, config);
-        let record = tokio::spawn(record(n, handle.subscribe(), seen));
+        let record = tokio::spawn(record(n, handle.subscribe(), handle.reporter(), seen));
         let report = tokio::spawn(report(handle.subscribe(), handle.reporter()));
         Executor {
             handle: Some(handle),
@@ -111,10 +110,13 @@ impl Executor {
     }
 }
 
-/// Notes every change in what agent `n` holds, with the time it was seen.
+/// The workload of agent `n`: it holds what the agent's view lists, noting every
+/// change with the time it was seen, and confirms each stop to the agent only
+/// after it noted it (so the server moves nothing before the stop is recorded).
 async fn record(
     n: usize,
     mut view: tokio::sync::watch::Receiver<AgentView>,
+    reporter: flotilla::client::ProgressReporter,
     seen: Arc<Mutex<Seen>>,
 ) {
     let mut holding: HashMap<String, u64> = HashMap::new();
@@ -129,19 +131,17 @@ async fn record(
                 .collect();
             (Instant::now(), executor, assignments)
         };
+        let mut stopped = Vec::new();
         {
             let mut g = seen.lock().unwrap();
             for (cf, epoch) in &holding {
                 if assignments.get(cf) != Some(epoch) {
                     close(&mut g, cf, n, now);
+                    stopped.push((cf.clone(), *epoch));
                 }
             }
             for (cf, epoch) in &assignments {
                 if holding.get(cf) != Some(epoch) {
-                    g.served
-                        .entry((cf.clone(), *epoch))
-                        .or_default()
-                        .insert(executor.clone());
                     g.held.entry(cf.clone()).or_default().push(Held {
                         agent: n,
                         executor: executor.clone(),
@@ -151,6 +151,9 @@ async fn record(
                     });
                 }
             }
+        }
+        for (cf, epoch) in stopped {
+            reporter.stopped("default", &cf, epoch);
         }
         holding = assignments;
         if view.changed().await.is_err() {
@@ -224,6 +227,12 @@ struct Checkpoints {
 }
 
 impl Checkpoints {
+    /// `cf` was deleted and created again: it starts from [`START_TS`] again.
+    fn recreated(&mut self, cf: &str) {
+        self.seen.insert(cf.to_owned(), START_TS);
+        self.ceiling.remove(cf);
+    }
+
     fn observe(&mut self, cf: &str, checkpoint: u64) {
         if self.untracked.contains(cf) {
             return;
@@ -381,6 +390,8 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
     let mut down_members: Vec<(usize, Instant)> = Vec::new();
     let mut partitions: Vec<(usize, Instant)> = Vec::new();
     let mut cycles: Vec<AdminCycle> = Vec::new();
+    // Changefeeds deleted (or maybe deleted) whose creation is still to succeed.
+    let mut recreate: Vec<String> = Vec::new();
     let mut next_fault = Instant::now() + Duration::from_secs(2);
     while started.elapsed() < duration {
         let now = Instant::now();
@@ -437,6 +448,19 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
                 });
             }
         }
+        if !recreate.is_empty() {
+            let admin = &admins[rng.random_range(0..3)];
+            let mut checkpoints = checkpoints.lock().await;
+            let mut left = Vec::new();
+            for cf in recreate.drain(..) {
+                if create_again(admin, &cf, &mut checkpoints).await {
+                    *report.faults.entry("create changefeed again").or_default() += 1;
+                } else {
+                    left.push(cf);
+                }
+            }
+            recreate = left;
+        }
         if now >= next_fault {
             let back = now + Duration::from_millis(rng.random_range(1000..4000));
             let busy: BTreeSet<usize> = down_servers
@@ -445,7 +469,7 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
                 .map(|(i, _)| *i)
                 .collect();
             let server = rng.random_range(0..3);
-            match rng.random_range(0..7) {
+            match rng.random_range(0..9) {
                 // One server at a time: two down would be a different test.
                 0 if busy.is_empty() => {
                     ha.kill(server);
@@ -527,6 +551,43 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
                         }
                     }
                 }
+                // An operator deregisters an executor that is cut off (its
+                // lease still holds: its work must wait for it).
+                7 if !partitions.is_empty() => {
+                    let (n, _) = partitions[rng.random_range(0..partitions.len())];
+                    if let Some(id) = executors[n].view().executor_id {
+                        let admin = &admins[rng.random_range(0..3)];
+                        if admin.deregister(&id, None).await.is_ok() {
+                            *report
+                                .faults
+                                .entry("deregister a cut-off executor")
+                                .or_default() += 1;
+                        }
+                    }
+                }
+                // Delete a changefeed and create it again at once: the old
+                // holder may still run the old one.
+                8 => {
+                    let cf = format!("cf{:04}", rng.random_range(0..CHANGEFEEDS));
+                    if !recreate.contains(&cf) {
+                        let admin = &admins[rng.random_range(0..3)];
+                        let mut checkpoints = checkpoints.lock().await;
+                        match admin.delete_changefeed("default", &cf).await {
+                            Ok(()) => {
+                                *report.faults.entry("delete changefeed").or_default() += 1;
+                                if create_again(admin, &cf, &mut checkpoints).await {
+                                    *report.faults.entry("create changefeed again").or_default() +=
+                                        1;
+                                } else {
+                                    recreate.push(cf);
+                                }
+                            }
+                            // Maybe deleted: created again (or found there) later.
+                            Err(e) if !e.is_client_error() => recreate.push(cf),
+                            Err(_) => {}
+                        }
+                    }
+                }
                 _ => {}
             }
             next_fault = now + Duration::from_millis(rng.random_range(1000..4000));
@@ -553,6 +614,13 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
     }
     let leader = ha.leader(Duration::from_secs(30)).await;
     let admin = ha.client(leader);
+    for cf in recreate.drain(..) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !create_again(&admin, &cf, &mut *checkpoints.lock().await).await {
+            assert!(Instant::now() < deadline, "{cf} not created again");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     for cycle in cycles.drain(..) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !finish_cycle(
@@ -620,16 +688,7 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
     let checkpoints = std::mem::take(&mut *checkpoints.lock().await);
     report.violations.extend(checkpoints.violations);
     report.rewinds_untracked = checkpoints.untracked.len();
-    let seen = seen.lock().unwrap();
-    for ((cf, epoch), executors) in &seen.served {
-        if executors.len() > 1 {
-            report
-                .violations
-                .push(format!("{cf} epoch {epoch} given to {executors:?}"));
-        }
-    }
-    overlaps(&seen, Instant::now(), &mut report);
-    drop(seen);
+    overlaps(&seen.lock().unwrap(), Instant::now(), &mut report);
     let audit = auditor.finish().await;
     report.violations.extend(audit.violations);
     report.audited_writes = audit.writes_by.values().sum();
@@ -653,6 +712,29 @@ async fn create(client: &Client) {
         for result in futures::future::join_all(creates).await {
             result.expect("create changefeed");
         }
+    }
+}
+
+/// Creates `cf` again (after a delete): true once it exists (created now, or
+/// found there: an earlier answer was lost).
+async fn create_again(admin: &Client, cf: &str, checkpoints: &mut Checkpoints) -> bool {
+    let i: usize = cf.trim_start_matches("cf").parse().unwrap_or(0);
+    let request = CreateChangefeed {
+        id: cf.to_owned(),
+        sink_uri: format!("kafka://broker/t{i}"),
+        start_ts: Some(START_TS),
+        ..CreateChangefeed::default()
+    };
+    match admin.create_changefeed("default", &request).await {
+        Ok(_) => {
+            checkpoints.recreated(cf);
+            true
+        }
+        Err(e) if e.status() == Some(409) => {
+            checkpoints.recreated(cf);
+            true
+        }
+        Err(_) => false,
     }
 }
 

@@ -104,7 +104,7 @@ async fn executor_methods_and_their_errors() {
         )
         .await
         .unwrap();
-    assert_eq!(beat.ttl_ms, 60_000);
+    assert_eq!(beat.ttl_ms, 3_000, "clamped to registry.max_ttl");
     assert_eq!(beat.heartbeat_interval_ms, 200);
     assert!(beat.assignments.is_empty());
     // The first heartbeat to this leader is announced: the executor is running.

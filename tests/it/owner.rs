@@ -158,12 +158,25 @@ async fn register(c: &Cluster, name: &str) -> Registration {
 
 /// One heartbeat: the registry, then the owner (as the HTTP handler does).
 async fn beat(c: &Cluster, r: &Registration, progress: Vec<ProgressReport>) -> Work {
+    beat_stopping(c, r, progress, Vec::new()).await
+}
+
+/// One heartbeat that also acknowledges the stop of `stopped`.
+async fn beat_stopping(
+    c: &Cluster,
+    r: &Registration,
+    progress: Vec<ProgressReport>,
+    stopped: Vec<(ChangefeedId, u64)>,
+) -> Work {
     c.registry
         .table
         .heartbeat(&r.executor.id, &TokenHash::of(&r.token), None)
         .expect("heartbeat accepted");
     loop {
-        match c.desk.work(&r.executor.id, progress.clone(), Vec::new()) {
+        match c
+            .desk
+            .work(&r.executor.id, progress.clone(), stopped.clone())
+        {
             Ok(work) => return work,
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
@@ -485,10 +498,17 @@ async fn a_rewind_is_never_undone_by_the_old_epoch_s_progress() {
     assert!(resumed.epoch > epoch, "{resumed:?}");
     assert_eq!(resumed.checkpoint_ts, 5_000);
 
-    // The old epoch's reports go on; the new assignment comes with 5,000.
+    // The old epoch's reports go on (late, after the executor acknowledged its
+    // stop); the new assignment comes with 5,000.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut stopped = Vec::new();
     let assignment = loop {
-        let work = beat(&c, &a, vec![report(900_001, epoch)]).await;
+        let work = beat_stopping(&c, &a, vec![report(900_001, epoch)], stopped).await;
+        stopped = work
+            .revoked
+            .iter()
+            .map(|t| (ChangefeedId::new(&t.namespace, &t.changefeed), t.epoch))
+            .collect();
         match work.assignments.first() {
             Some(assignment) if assignment.epoch > epoch => break assignment.clone(),
             Some(assignment) => assert_eq!(assignment.epoch, epoch),

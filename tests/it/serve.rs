@@ -230,7 +230,10 @@ fn connections_beyond_the_limit_wait_until_one_closes() {
 #[test]
 fn a_restarted_server_revokes_its_previous_lease_and_its_data_dir_takes_one_process() {
     let mut server = FlotillaServer::start(ServerOptions {
-        env: vec![("FLOTILLA_SERVER_SESSION_TTL".into(), "30s".into())],
+        env: vec![
+            ("FLOTILLA_SERVER_SESSION_TTL".into(), "30s".into()),
+            ("FLOTILLA_REGISTRY_FAILOVER_GRACE".into(), "33s".into()),
+        ],
         ..ServerOptions::default()
     });
     let election_keys = |server: &mut FlotillaServer| {

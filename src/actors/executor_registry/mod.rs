@@ -62,8 +62,9 @@ pub struct RegistryConfig {
     /// How often overdue executors are looked for.
     pub keepalive_interval: Duration,
     /// After a start (or a failover), how long every executor loaded from SQL
-    /// may stay silent before it can expire. At least `max_ttl` keeps the lease
-    /// rule through a failover (the new leader does not know the TTLs granted).
+    /// may stay silent before it can expire. At least `max_ttl` + the election's
+    /// session TTL keeps the lease rule through a failover (the new leader does not
+    /// know the TTLs granted, nor when the old leader last answered).
     pub failover_grace: Duration,
     /// Fraction of overdue executors above which expiry is throttled.
     pub mass_expiry_fraction: f64,
@@ -93,9 +94,10 @@ impl Default for RegistryConfig {
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(60),
             keepalive_interval: Duration::from_millis(500),
-            // At least `max_ttl`: a new leader knows no executor's TTL, and must not
-            // expire one whose lease, granted by the old leader, still holds.
-            failover_grace: Duration::from_secs(60),
+            // At least `max_ttl` + `server.session_ttl` (checked by the config): a new
+            // leader knows no executor's TTL, and must not expire one whose lease,
+            // granted by the old leader, still holds.
+            failover_grace: Duration::from_secs(70),
             mass_expiry_fraction: 0.55,
             mass_expiry_rate: 1.0,
             tombstone_retention: Duration::from_secs(600),

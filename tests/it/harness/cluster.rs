@@ -71,6 +71,7 @@ impl Ha {
                     ("FLOTILLA_SERVER_SESSION_TTL", "2s"),
                     ("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "500ms"),
                     ("FLOTILLA_REGISTRY_DEFAULT_TTL", "3s"),
+                    ("FLOTILLA_REGISTRY_MAX_TTL", "6s"),
                     ("FLOTILLA_REGISTRY_FAILOVER_GRACE", "8s"),
                     ("FLOTILLA_ETCD_REQUEST_TIMEOUT", "2s"),
                 ]

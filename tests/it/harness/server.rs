@@ -269,6 +269,9 @@ pub const FAST_TIMINGS: &[(&str, &str)] = &[
     ("FLOTILLA_REGISTRY_HEARTBEAT_INTERVAL", "200ms"),
     ("FLOTILLA_REGISTRY_DEFAULT_TTL", "1500ms"),
     ("FLOTILLA_REGISTRY_MIN_TTL", "500ms"),
+    // The longest lease: what the owner waits for an executor that neither
+    // acknowledges a stop nor goes offline; with the session TTL, within the grace.
+    ("FLOTILLA_REGISTRY_MAX_TTL", "3s"),
     ("FLOTILLA_REGISTRY_KEEPALIVE_INTERVAL", "100ms"),
     ("FLOTILLA_REGISTRY_FAILOVER_GRACE", "5s"),
     ("FLOTILLA_SERVER_SESSION_TTL", "2s"),
