@@ -33,10 +33,13 @@ use tokio::task::JoinHandle;
 
 const AGENTS: usize = 100;
 const CHANGEFEEDS: usize = 1000;
-/// Where every changefeed starts: far enough up that each rewind can go a
-/// billion down, and a billion is more than any run's progress (1 per report).
+/// Where every changefeed's progress starts: far enough above its `start_ts`
+/// ([`CREATE_TS`]) that a rewind can go [`REWIND`] down and still be a valid
+/// resume, and a rewind is more than any run's progress (1 per report).
 const START_TS: u64 = 1_000_000_000_000;
 const REWIND: u64 = 1_000_000_000;
+/// Every changefeed's `start_ts`: its first report jumps to [`START_TS`].
+const CREATE_TS: u64 = START_TS - 2 * REWIND;
 
 /// One stretch of time an executor process held a changefeed.
 #[derive(Debug, Clone)]
@@ -179,7 +182,8 @@ fn close(seen: &mut Seen, cf: &str, agent: usize, at: Instant) {
 }
 
 /// Reports progress for what the agent holds every 250 ms: the assignment's
-/// checkpoint plus one per report, so a run's progress stays far below a rewind.
+/// checkpoint (or [`START_TS`], the first time) plus one per report, so a run's
+/// progress stays far below a rewind.
 async fn report(
     view: tokio::sync::watch::Receiver<AgentView>,
     reporter: flotilla::client::ProgressReporter,
@@ -197,9 +201,16 @@ async fn report(
             .collect();
         made.retain(|k, _| live.contains(k));
         for a in assignments {
+            // A changefeed that never progressed jumps to START_TS at once; one
+            // assigned from anywhere else (a rewind) goes on from there.
+            let from = if a.checkpoint_ts == CREATE_TS {
+                START_TS
+            } else {
+                a.checkpoint_ts
+            };
             let (base, n) = made
                 .entry((a.changefeed.clone(), a.epoch))
-                .or_insert((a.checkpoint_ts, 0));
+                .or_insert((from, 0));
             *n += 1;
             reporter.report(Progress {
                 namespace: a.namespace,
@@ -227,9 +238,9 @@ struct Checkpoints {
 }
 
 impl Checkpoints {
-    /// `cf` was deleted and created again: it starts from [`START_TS`] again.
+    /// `cf` was deleted and created again: it starts from [`CREATE_TS`] again.
     fn recreated(&mut self, cf: &str) {
-        self.seen.insert(cf.to_owned(), START_TS);
+        self.seen.insert(cf.to_owned(), CREATE_TS);
         self.ceiling.remove(cf);
     }
 
@@ -278,8 +289,8 @@ struct Report {
     handoffs: usize,
     /// The summed time two executors held one changefeed at once (0 expected).
     overlap: Duration,
-    /// The shortest time between one executor letting go and the next taking it.
-    min_gap: Option<Duration>,
+    /// Every time between one executor letting go and the next taking it.
+    gaps: Vec<Duration>,
     rewinds: usize,
     /// Rewinds whose answer was lost (no longer checked).
     rewinds_untracked: usize,
@@ -295,9 +306,8 @@ fn overlaps(seen: &Seen, end: Instant, report: &mut Report) {
             // The next stretch of another process: the hand-off.
             if let Some(b) = held[i + 1..].iter().find(|b| b.agent != a.agent) {
                 report.handoffs += 1;
-                let gap = b.from.saturating_duration_since(a_to);
                 if b.from >= a_to {
-                    report.min_gap = Some(report.min_gap.map_or(gap, |g| g.min(gap)));
+                    report.gaps.push(b.from - a_to);
                 }
             }
             for b in &held[i + 1..] {
@@ -697,14 +707,14 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
     report
 }
 
-/// The changefeeds, each from [`START_TS`].
+/// The changefeeds, each from [`CREATE_TS`].
 async fn create(client: &Client) {
     for chunk in (0..CHANGEFEEDS).collect::<Vec<_>>().chunks(50) {
         let creates = chunk.iter().map(|i| async move {
             let request = CreateChangefeed {
                 id: format!("cf{i:04}"),
                 sink_uri: format!("kafka://broker/t{i}"),
-                start_ts: Some(START_TS),
+                start_ts: Some(CREATE_TS),
                 ..CreateChangefeed::default()
             };
             client.create_changefeed("default", &request).await
@@ -722,7 +732,7 @@ async fn create_again(admin: &Client, cf: &str, checkpoints: &mut Checkpoints) -
     let request = CreateChangefeed {
         id: cf.to_owned(),
         sink_uri: format!("kafka://broker/t{i}"),
-        start_ts: Some(START_TS),
+        start_ts: Some(CREATE_TS),
         ..CreateChangefeed::default()
     };
     match admin.create_changefeed("default", &request).await {
@@ -802,9 +812,23 @@ fn print(report: &Report, duration: Duration) {
         "chaos: max time without a leader: {:?}",
         report.max_without_leader
     );
+    let mut gaps = report.gaps.clone();
+    gaps.sort();
+    let at = |q: f64| {
+        gaps.get(((gaps.len() as f64 * q) as usize).min(gaps.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     eprintln!(
-        "chaos: hand-offs between executors: {}, overlap: {:?}, shortest gap: {:?}",
-        report.handoffs, report.overlap, report.min_gap
+        "chaos: hand-offs between executors: {}, overlap: {:?}; gap from a stop to the \
+         next start: min {:?}, median {:?}, p90 {:?}, p99 {:?}, max {:?}",
+        report.handoffs,
+        report.overlap,
+        at(0.0),
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        gaps.last().copied().unwrap_or_default()
     );
     eprintln!(
         "chaos: rewinds: {} ({} answers lost, not checked)",

@@ -321,6 +321,24 @@ async fn every_bad_request_gets_its_code_and_status() {
             "invalid_argument",
         ),
         (
+            heartbeat_req(&id, &token)
+                .set_json(json!({"stopped": [{"changefeed": "a b", "epoch": 1}]})),
+            400,
+            "invalid_argument",
+        ),
+        (
+            heartbeat_req(&id, &token)
+                .set_json(json!({"stopped": [{"changefeed": "a", "epoch": -1}]})),
+            400,
+            "invalid_argument",
+        ),
+        (
+            heartbeat_req(&id, &token)
+                .set_json(json!({"stopped": [{"changefeed": "a", "epoch": 1, "x": 1}]})),
+            400,
+            "invalid_argument",
+        ),
+        (
             heartbeat_req(&id, &token).set_json(json!({"ttl_ms": -5})),
             400,
             "invalid_argument",
@@ -948,4 +966,36 @@ async fn readyz_is_503_while_this_server_is_the_leader_its_roles_not_started() {
     view.send_modify(|v| v.leader = Some(member("other-00000002", "127.0.0.1:8301")));
     let (status, body) = call!(app, readyz());
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// A leader frozen past its election lease (a successor may exist and may have
+/// moved the work) extends no lease and hands out nothing: 503 `no_leader`.
+#[actix_rt::test]
+async fn a_leader_whose_election_lease_lapsed_answers_no_heartbeat() {
+    harness::init_tracing();
+    let dir = TempDir::new().unwrap();
+    let (state, _) = registry_state(sqlite(&dir).await, config(), RegisterLimiter::default()).await;
+    let roles = state.roles.get().expect("fixed roles");
+    let app = app!(web::Data::new(state));
+    let (_, reg) = call!(app, register_req("exec", json!({})));
+    let id = reg["id"].as_str().unwrap().to_owned();
+    let token = reg["token"].as_str().unwrap().to_owned();
+    let (status, _) = call!(app, heartbeat_req(&id, &token));
+    assert_eq!(status, StatusCode::OK);
+
+    let client = crate::harness::app::closed_etcd().await;
+    let lapsed = AppState::new(
+        crate::harness::app::server_info(),
+        EtcdProbe::new(client, Duration::from_millis(100)),
+    )
+    .with_roles(RoleSlot::fixed(Roles {
+        // Default: never extended, so never valid.
+        lease: flotilla::election::LeaseGuard::default(),
+        ..roles
+    }))
+    .with_max_body_bytes(MAX_BODY)
+    .with_max_heartbeat_bytes(MAX_HEARTBEAT);
+    let app = app!(web::Data::new(lapsed));
+    let (status, body) = call!(app, heartbeat_req(&id, &token));
+    assert_error(status, &body, 503, "no_leader");
 }
