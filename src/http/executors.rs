@@ -370,7 +370,11 @@ pub(super) async fn heartbeat(
         // Only while this server's election lease certainly holds: a leader
         // frozen past it may have a successor that moved the work.
         if !roles.lease.is_valid() {
-            return Err(not_leading(&state));
+            return Err(Error::NoLeader(
+                "this server's leadership lease has lapsed (another server may lead now); \
+                 retry"
+                    .into(),
+            ));
         }
         let ack = roles.registry.table.heartbeat(&id, &token, ttl)?;
         Ok((ack, work_for(roles, &id, progress, stopped)?))

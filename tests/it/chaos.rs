@@ -291,25 +291,23 @@ struct Report {
     overlap: Duration,
     /// Every time between one executor letting go and the next taking it.
     gaps: Vec<Duration>,
+    /// The longest of them, described.
+    slowest: Vec<(Duration, String)>,
     rewinds: usize,
     /// Rewinds whose answer was lost (no longer checked).
     rewinds_untracked: usize,
 }
 
-/// Overlaps between executor processes, from what each one held when.
-fn overlaps(seen: &Seen, end: Instant, report: &mut Report) {
+/// Overlaps between executor processes, from what each one held when (every pair
+/// of stretches of two processes), and the hand-offs: consecutive stretches of
+/// two processes, with the gap from the end of everything before to the start
+/// of the next. `t0`: the start of the run, for the descriptions.
+fn overlaps(seen: &Seen, t0: Instant, end: Instant, report: &mut Report) {
     for (cf, held) in &seen.held {
         let mut held: Vec<&Held> = held.iter().collect();
         held.sort_by_key(|h| h.from);
         for (i, a) in held.iter().enumerate() {
             let a_to = a.to.unwrap_or(end);
-            // The next stretch of another process: the hand-off.
-            if let Some(b) = held[i + 1..].iter().find(|b| b.agent != a.agent) {
-                report.handoffs += 1;
-                if b.from >= a_to {
-                    report.gaps.push(b.from - a_to);
-                }
-            }
             for b in &held[i + 1..] {
                 if b.agent == a.agent || b.from >= a_to {
                     continue;
@@ -320,6 +318,35 @@ fn overlaps(seen: &Seen, end: Instant, report: &mut Report) {
                     "{cf}: held by {} (epoch {}) and {} (epoch {}) at once for {overlap:?}",
                     a.executor, a.epoch, b.executor, b.epoch
                 ));
+            }
+        }
+        // Hand-offs: where the holder changes, from the latest end so far.
+        let mut released: Option<(Instant, &Held)> = None;
+        for b in &held {
+            if let Some((at, a)) = released {
+                if a.agent != b.agent && b.from >= at {
+                    report.handoffs += 1;
+                    let gap = b.from - at;
+                    report.gaps.push(gap);
+                    report.slowest.push((
+                        gap,
+                        format!(
+                            "{cf}: {} (epoch {}) let go at {:?}, {} (epoch {}) took it at {:?}",
+                            a.executor,
+                            a.epoch,
+                            at.saturating_duration_since(t0),
+                            b.executor,
+                            b.epoch,
+                            b.from.saturating_duration_since(t0)
+                        ),
+                    ));
+                    report.slowest.sort_by(|x, y| y.0.cmp(&x.0));
+                    report.slowest.truncate(5);
+                }
+            }
+            let b_to = b.to.unwrap_or(end);
+            if released.is_none_or(|(at, _)| b_to >= at) {
+                released = Some((b_to, b));
             }
         }
     }
@@ -698,7 +725,7 @@ async fn chaos(duration: Duration, seed: u64) -> Report {
     let checkpoints = std::mem::take(&mut *checkpoints.lock().await);
     report.violations.extend(checkpoints.violations);
     report.rewinds_untracked = checkpoints.untracked.len();
-    overlaps(&seen.lock().unwrap(), Instant::now(), &mut report);
+    overlaps(&seen.lock().unwrap(), started, Instant::now(), &mut report);
     let audit = auditor.finish().await;
     report.violations.extend(audit.violations);
     report.audited_writes = audit.writes_by.values().sum();
@@ -830,6 +857,9 @@ fn print(report: &Report, duration: Duration) {
         at(0.99),
         gaps.last().copied().unwrap_or_default()
     );
+    for (_, what) in &report.slowest {
+        eprintln!("chaos: slow hand-off: {what}");
+    }
     eprintln!(
         "chaos: rewinds: {} ({} answers lost, not checked)",
         report.rewinds, report.rewinds_untracked

@@ -35,6 +35,14 @@ pub struct ExecutorTable {
 pub(super) struct Tables {
     pub(super) loaded: bool,
     pub(super) executors: HashMap<ExecutorId, Executor>,
+    /// Each live executor's expiry deadline, ordered, so an expiry pass reads
+    /// only the overdue prefix (mini-redis's `expirations`). The id is part of
+    /// the key because deadlines collide (a fleet registered together). Exactly
+    /// one entry per executor in `executors`, equal to its `deadline`: whoever
+    /// changes a deadline removes the old entry before inserting the new one,
+    /// and an insert that replaces an executor removes the replaced one's, so
+    /// no stray entry can expire a live executor early (the expiry pass removes
+    /// by id).
     pub(super) deadlines: BTreeSet<(Instant, ExecutorId)>,
     pub(super) tombstones: HashMap<ExecutorId, ExecutorInfo>,
     pub(super) tombstone_order: VecDeque<(Instant, ExecutorId)>,
@@ -100,14 +108,17 @@ impl Tables {
     }
 
     pub(super) fn insert(&mut self, id: ExecutorId, executor: Executor) {
-        self.deadlines.insert((executor.deadline, id.clone()));
-        if let Some(old) = self.executors.insert(id, executor) {
+        let deadline = executor.deadline;
+        if let Some(old) = self.executors.insert(id.clone(), executor) {
             // Ids are unique (checked before the SQL insert); a reload could
-            // only bring the same row twice if SQL did.
+            // only bring the same row twice if SQL did. Its deadline goes with
+            // it, before the new one is indexed (they may be equal).
+            self.deadlines.remove(&(old.deadline, id.clone()));
             if old.status == ExecutorStatus::Running {
                 self.running -= 1;
             }
         }
+        self.deadlines.insert((deadline, id));
     }
 
     /// Removes a live executor and remembers it as a tombstone.
@@ -155,9 +166,9 @@ impl ExecutorTable {
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Tables> {
         // Nothing under this lock can leave the tables half-changed in a way
-        // a later reader would misread (a stray deadline of a removed
-        // executor is skipped by the expiry pass), so a panic elsewhere while
-        // it was held does not make every later heartbeat fail.
+        // a later reader would misread (every change keeps `deadlines` equal
+        // to the executors' deadlines before it returns), so a panic elsewhere
+        // while it was held does not make every later heartbeat fail.
         self.tables.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -231,4 +242,55 @@ pub(super) fn set_gauges(counts: Counts) {
     m.with_label_values(&["running"]).set(counts.running as i64);
     m.with_label_values(&["tombstone"])
         .set(counts.tombstones as i64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn executor(deadline: Instant) -> Executor {
+        Executor {
+            name: "e".into(),
+            address: "a:1".into(),
+            labels: Box::new([]),
+            token_hash: [7; 32],
+            registered_at: SystemTime::UNIX_EPOCH,
+            status: ExecutorStatus::Initing,
+            last_heartbeat: None,
+            ttl: Duration::from_secs(1),
+            deadline,
+        }
+    }
+
+    /// A row loaded twice (SQL returned a duplicate) must not leave the first
+    /// copy's deadline behind: the expiry pass removes by id, so that stray
+    /// deadline would expire the live executor early.
+    #[test]
+    fn a_row_inserted_twice_leaves_one_deadline_and_no_early_expiry() {
+        let mut tables = Tables::default();
+        let id: ExecutorId = "e-00000001".into();
+        let now = Instant::now();
+        tables.insert(id.clone(), executor(now + Duration::from_secs(1)));
+        tables.insert(id.clone(), executor(now + Duration::from_secs(60)));
+        assert_eq!(
+            tables.deadlines.iter().collect::<Vec<_>>(),
+            [&(now + Duration::from_secs(60), id.clone())]
+        );
+        // What the expiry pass would find overdue 2 s from now: nothing.
+        let overdue = tables
+            .deadlines
+            .iter()
+            .take_while(|(deadline, _)| *deadline <= now + Duration::from_secs(2))
+            .count();
+        assert_eq!(overdue, 0);
+        // A heartbeat moves the one entry; a removal takes it.
+        tables.loaded = true;
+        tables
+            .heartbeat(&id, &[7; 32], Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(tables.deadlines.len(), 1);
+        assert!(tables.remove(&id, Instant::now()));
+        assert!(tables.deadlines.is_empty());
+    }
 }

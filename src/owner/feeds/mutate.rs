@@ -329,7 +329,10 @@ fn bump_epoch(status: &mut ChangefeedStatus, revision: i64) -> Result<()> {
 }
 
 /// Writes the info and the status of a changefeed in one txn, each compared
-/// on the revision it was read at. `keys` are its (info, status) keys.
+/// on the revision it was read at. `keys` are its (info, status) keys. The
+/// status says the API wrote it (an empty `written_by`), whoever wrote the
+/// value it started from: an audit of etcd's history must not take it for a
+/// write of that server's owner.
 fn write_both(
     keys: &(String, String),
     info_raw: &Raw,
@@ -338,6 +341,10 @@ fn write_both(
     status: &ChangefeedStatus,
 ) -> Plan {
     let (info_key, status_key) = keys;
+    let status = &ChangefeedStatus {
+        written_by: String::new(),
+        ..status.clone()
+    };
     Plan::Write {
         compares: vec![
             unchanged(info_key, Some(info_raw)),
