@@ -340,7 +340,7 @@ fn overlaps(seen: &Seen, t0: Instant, end: Instant, report: &mut Report) {
                             b.from.saturating_duration_since(t0)
                         ),
                     ));
-                    report.slowest.sort_by(|x, y| y.0.cmp(&x.0));
+                    report.slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
                     report.slowest.truncate(5);
                 }
             }
