@@ -23,6 +23,12 @@
 //!
 //! A lost or silent watch is opened again from the revision after the last
 //! event delivered (client-go's reflector does the same): nothing is re-read.
+//! Losses back off like errors, and the count carries across a watch that
+//! opened fine and died soon after: it is reset only once a watch stayed up
+//! for [`HEALTHY_AFTER`] (kube-rs's watcher resets after 120 s), so an etcd
+//! member that accepts watches and drops them at once (overloaded, a proxy
+//! cutting HTTP/2 streams, a restart loop) gets a few watches over a minute,
+//! not twenty a second. Lost watches wait up to [`REWATCH_MAX`].
 //! Only a compaction of that revision, a watch etcd canceled, or a watch answer
 //! over the decode limit (re-watching would get the same answer) re-read the
 //! prefix. Progress notifications are forwarded for the lag metric only: they
@@ -32,12 +38,13 @@
 //! request), but etcd-client 0.21 offers no way to ask for it; the decode limit
 //! is raised instead, and an answer over it ends in a re-read, never in a stop.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use etcd_client::{
     EventType, GetOptions, GetResponse, KvClient, WatchClient, WatchOptions, WatchStream,
 };
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::worker::{self, Backoff, WorkerConfig};
@@ -188,6 +195,10 @@ impl EtcdWatcher {
                 progress_interval: config.progress_interval,
                 silence_timeout: config.silence_timeout,
                 backoff: config.backoff(),
+                rewatch_backoff: Backoff {
+                    base: config.backoff_base,
+                    max: config.backoff_max.max(REWATCH_MAX),
+                },
                 page: PageSize::new(config.list_page_keys, config.list_page_bytes),
                 next_revision: 0,
             }),
@@ -228,11 +239,13 @@ enum WatchState {
         reason: Option<RewatchReason>,
         attempt: u32,
     },
-    /// Forward what the watch delivers.
+    /// Forward what the watch delivers. `attempt`: the losses before this
+    /// watch, carried until it has been up for [`HEALTHY_AFTER`].
     Watch {
         stream: Box<WatchStream>,
-        last_response: Instant,
-        last_progress_request: Instant,
+        quiet: QuietTimer,
+        opened: Instant,
+        attempt: u32,
     },
     /// Wait, then do `then` again.
     Backoff { then: Retry, attempt: u32 },
@@ -299,6 +312,66 @@ enum ListError {
 
 const LOST: Retry = Retry::Open(Some(RewatchReason::Lost));
 
+/// A watch up this long counts as healthy: its loss starts the backoff over.
+pub(crate) const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+/// The longest wait before opening a lost watch again.
+pub(crate) const REWATCH_MAX: Duration = Duration::from_secs(10);
+
+/// The attempt a lost watch opened at `opened` after `attempt` losses goes
+/// back off with: the same count, or a fresh start once it was healthy.
+fn after_loss(attempt: u32, opened: Instant) -> u32 {
+    if opened.elapsed() >= HEALTHY_AFTER {
+        0
+    } else {
+        attempt
+    }
+}
+
+/// When a watch's last response came and when progress was last asked for:
+/// decides what a quiet watch does.
+#[derive(Debug, Clone, Copy)]
+struct QuietTimer {
+    last_response: Instant,
+    last_progress_request: Instant,
+}
+
+/// What a watch does after a quiet spell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quiet {
+    /// Nothing yet.
+    Wait,
+    /// Quiet for `progress_interval` (and not asked since): ask etcd for progress.
+    RequestProgress,
+    /// Silent for `silence_timeout` despite the requests: re-create it.
+    Recreate,
+}
+
+impl QuietTimer {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            last_response: now,
+            last_progress_request: now,
+        }
+    }
+
+    /// Sleeps one check interval (the shorter of the two), then says what to do.
+    async fn next(&mut self, progress_interval: Duration, silence_timeout: Duration) -> Quiet {
+        tokio::time::sleep(progress_interval.min(silence_timeout)).await;
+        let quiet = self.last_response.elapsed();
+        if quiet >= silence_timeout {
+            Quiet::Recreate
+        } else if quiet >= progress_interval
+            && self.last_progress_request.elapsed() >= progress_interval
+        {
+            self.last_progress_request = Instant::now();
+            Quiet::RequestProgress
+        } else {
+            Quiet::Wait
+        }
+    }
+}
+
 struct WatchLoop {
     kv: KvClient,
     watch: WatchClient,
@@ -308,6 +381,8 @@ struct WatchLoop {
     progress_interval: Duration,
     silence_timeout: Duration,
     backoff: Backoff,
+    /// For lost watches: from the same base, up to [`REWATCH_MAX`].
+    rewatch_backoff: Backoff,
     page: PageSize,
     /// The revision a new watch starts at: after the list's revision and
     /// after every event delivered.
@@ -331,14 +406,15 @@ impl WatchLoop {
             WatchState::Open { reason, attempt } => self.open(reason, attempt).await,
             WatchState::Watch {
                 stream,
-                last_response,
-                last_progress_request,
-            } => {
-                self.watch(stream, last_response, last_progress_request)
-                    .await
-            }
+                quiet,
+                opened,
+                attempt,
+            } => self.watch(stream, quiet, opened, attempt).await,
             WatchState::Backoff { then, attempt } => {
-                let delay = self.backoff.delay(attempt);
+                let delay = match then {
+                    Retry::Open(Some(_)) => self.rewatch_backoff.delay(attempt),
+                    Retry::Open(None) | Retry::List(_) => self.backoff.delay(attempt),
+                };
                 debug!(?delay, ?then, "watch: backing off");
                 tokio::time::sleep(delay).await;
                 let attempt = attempt.saturating_add(1);
@@ -532,14 +608,12 @@ impl WatchLoop {
             .with_progress_notify();
         let watch = self.watch.watch(self.prefix.as_str(), Some(options));
         match tokio::time::timeout(self.request_timeout, watch).await {
-            Ok(Ok(stream)) => {
-                let now = Instant::now();
-                WatchState::Watch {
-                    stream: Box::new(stream),
-                    last_response: now,
-                    last_progress_request: now,
-                }
-            }
+            Ok(Ok(stream)) => WatchState::Watch {
+                stream: Box::new(stream),
+                quiet: QuietTimer::new(),
+                opened: Instant::now(),
+                attempt,
+            },
             Ok(Err(error)) => self.on_error("watch", error, then, attempt).await,
             Err(_) => {
                 metrics::worker().etcd_retries_total.inc();
@@ -552,43 +626,46 @@ impl WatchLoop {
     async fn watch(
         &mut self,
         mut stream: Box<WatchStream>,
-        mut last_response: Instant,
-        mut last_progress_request: Instant,
+        mut quiet: QuietTimer,
+        opened: Instant,
+        attempt: u32,
     ) -> WatchState {
-        let quiet_check = self.progress_interval.min(self.silence_timeout);
+        let lost = |why: &str| {
+            let attempt = after_loss(attempt, opened);
+            warn!(up = ?opened.elapsed(), attempt, "watch: {why}");
+            WatchState::Backoff {
+                then: LOST,
+                attempt,
+            }
+        };
         let message = tokio::select! {
             message = stream.message() => message,
-            () = tokio::time::sleep(quiet_check) => {
-                let quiet = last_response.elapsed();
-                if quiet >= self.silence_timeout {
-                    warn!(?quiet, "watch: silent for too long, re-creating it");
-                    return WatchState::Open { reason: Some(RewatchReason::Silent), attempt: 0 };
-                }
-                if quiet >= self.progress_interval
-                    && last_progress_request.elapsed() >= self.progress_interval
-                {
-                    last_progress_request = Instant::now();
-                    let request = stream.request_progress();
-                    if let Err(error) = tokio::time::timeout(self.request_timeout, request)
-                        .await
-                        .unwrap_or(Err(etcd_client::Error::WatchError("progress request timed out".into())))
-                    {
-                        warn!(%error, "watch: progress request failed");
-                        return WatchState::Backoff { then: LOST, attempt: 0 };
+            action = quiet.next(self.progress_interval, self.silence_timeout) => {
+                match action {
+                    Quiet::Wait => {}
+                    Quiet::Recreate => {
+                        warn!(quiet = ?quiet.last_response.elapsed(), "watch: silent for too long, re-creating it");
+                        return WatchState::Open {
+                            reason: Some(RewatchReason::Silent),
+                            attempt: after_loss(attempt, opened),
+                        };
+                    }
+                    Quiet::RequestProgress => {
+                        let request = stream.request_progress();
+                        if let Err(error) = tokio::time::timeout(self.request_timeout, request)
+                            .await
+                            .unwrap_or(Err(etcd_client::Error::WatchError("progress request timed out".into())))
+                        {
+                            return lost(&format!("progress request failed: {error}"));
+                        }
                     }
                 }
-                return WatchState::Watch { stream, last_response, last_progress_request };
+                return WatchState::Watch { stream, quiet, opened, attempt };
             }
         };
         let response = match message {
             Ok(Some(response)) => response,
-            Ok(None) => {
-                warn!("watch: stream ended");
-                return WatchState::Backoff {
-                    then: LOST,
-                    attempt: 0,
-                };
-            }
+            Ok(None) => return lost("stream ended"),
             Err(error) if is_too_large(&error) => {
                 warn!(%error, "watch: an answer exceeded the decode limit (max_response_bytes); \
                     re-reading the prefix instead");
@@ -597,15 +674,9 @@ impl WatchLoop {
                     attempt: 0,
                 };
             }
-            Err(error) => {
-                warn!(%error, "watch: stream failed");
-                return WatchState::Backoff {
-                    then: LOST,
-                    attempt: 0,
-                };
-            }
+            Err(error) => return lost(&format!("stream failed: {error}")),
         };
-        last_response = Instant::now();
+        quiet.last_response = Instant::now();
         let header_revision = response.header().map_or(0, |h| h.revision());
         if response.compact_revision() > 0 {
             warn!(
@@ -677,15 +748,66 @@ impl WatchLoop {
         }
         WatchState::Watch {
             stream,
-            last_response,
-            last_progress_request,
+            quiet,
+            opened,
+            attempt,
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::PageSize;
+    use super::{after_loss, PageSize, Quiet, QuietTimer, HEALTHY_AFTER};
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    const PROGRESS: Duration = Duration::from_secs(1);
+    const SILENCE: Duration = Duration::from_secs(10);
+
+    /// As kube-rs tests its watcher's idle timeout: paused time, advanced by
+    /// the sleeps themselves.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_watch_asks_for_progress_each_interval_then_is_re_created() {
+        let mut timer = QuietTimer::new();
+        let start = Instant::now();
+        // One interval of quiet: ask once.
+        assert_eq!(timer.next(PROGRESS, SILENCE).await, Quiet::RequestProgress);
+        assert_eq!(start.elapsed(), PROGRESS);
+        // Asked just now: the next check asks again, an interval later.
+        assert_eq!(timer.next(PROGRESS, SILENCE).await, Quiet::RequestProgress);
+        // A response resets the quiet; then silence: one request per interval
+        // until the timeout, then re-created.
+        timer.last_response = Instant::now();
+        let silent_from = Instant::now();
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            let action = timer.next(PROGRESS, SILENCE).await;
+            seen.push(action);
+            if action == Quiet::Recreate {
+                break;
+            }
+        }
+        assert_eq!(silent_from.elapsed(), SILENCE);
+        assert_eq!(
+            seen.iter()
+                .filter(|a| **a == Quiet::RequestProgress)
+                .count(),
+            9,
+            "{seen:?}"
+        );
+        assert_eq!(seen.last(), Some(&Quiet::Recreate));
+        assert!(timer.last_response.elapsed() >= SILENCE);
+        assert!(timer.last_response.elapsed() < SILENCE + PROGRESS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_lost_soon_after_opening_keeps_its_backoff_count() {
+        let opened = Instant::now();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(after_loss(5, opened), 5, "died at once: no reset");
+        tokio::time::advance(HEALTHY_AFTER).await;
+        assert_eq!(after_loss(5, opened), 0, "healthy for a while: reset");
+    }
 
     #[test]
     fn pages_shrink_to_the_byte_target_and_grow_back_to_the_count() {

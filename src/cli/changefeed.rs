@@ -221,6 +221,13 @@ fn changefeed_fields(f: &Changefeed) -> String {
         ("config", f.config.to_string()),
         ("error", table::or_dash(f.error.as_deref())),
         ("pending", table::or_dash(f.pending_reason.as_deref())),
+        (
+            "releasing",
+            f.releasing.as_ref().map_or_else(
+                || "-".to_owned(),
+                |r| format!("{} epoch {} (by {})", r.executor, r.epoch, r.deadline),
+            ),
+        ),
         ("created", f.create_time.clone()),
     ])
 }

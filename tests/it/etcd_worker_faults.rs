@@ -432,3 +432,48 @@ async fn a_wiped_etcd_ends_the_worker_with_history_reset_instead_of_stalling() {
         other => panic!("expected HistoryReset, got {other:?}"),
     }
 }
+
+/// An etcd that accepts every watch and drops it at once (through a proxy that
+/// resets each connection 100 ms after accepting it): the worker opens the
+/// watch again with a growing backoff, not every 25-50 ms forever. The bound:
+/// with delays from 50 ms doubling (jittered down to half), n attempts take at
+/// least 25 ms x (2^n - 1), so 10 s hold at most log2(10 s / 25 ms + 1) + 1, 9.6:
+/// 12 leaves room for the connections' own 100 ms.
+#[actix_rt::test]
+async fn a_watch_that_dies_at_once_is_opened_again_with_a_growing_backoff() {
+    use crate::harness::proxy::{socket_addr, Link, Proxy};
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let proxy = Proxy::start(vec![socket_addr(&etcd.endpoints()[0])]).await;
+    let client = Client::connect([proxy.url.as_str()], None).await.unwrap();
+    const P: &str = "/flapping";
+    let reactor = FnReactor::new(|_: &mut KvState, _| Ok(()));
+    let handle = actors::start(client, reactor, KvState::default(), config(P));
+    for _ in 0..500 {
+        if handle.stats().await.is_some_and(|s| s.ticks > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = handle.stats().await.expect("running");
+    assert!(before.ticks > 0, "listed and ticking");
+    let rewatched = |s: &flotilla::actors::WorkerStats| s.rewatches.values().sum::<u64>();
+    proxy.set(Link::Flap(Duration::from_millis(100)));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = handle.stats().await.expect("still running");
+    let attempts = rewatched(&after) - rewatched(&before);
+    assert!(
+        (2..=12).contains(&attempts),
+        "{attempts} watches opened in 10 s: {:?}",
+        after.rewatches
+    );
+    // Back to normal: it goes on.
+    proxy.set(Link::Up);
+    let mut c = etcd.client().await;
+    c.put(format!("{P}/k"), "v", None).await.unwrap();
+    handle.stop();
+    tokio::time::timeout(WAIT, handle.wait())
+        .await
+        .expect("in time")
+        .expect("stopped cleanly");
+}

@@ -27,4 +27,5 @@ mod owner;
 mod readme;
 mod serve;
 mod store;
+mod tidy;
 mod tls;

@@ -20,6 +20,9 @@ pub enum Link {
     Drop,
     /// Refused: every connection is reset at once (the host is unreachable).
     Refuse,
+    /// Flapping: each connection is forwarded, then reset this long after it
+    /// was accepted (a peer that accepts work and drops it at once).
+    Flap(Duration),
 }
 
 pub struct Proxy {
@@ -78,11 +81,12 @@ async fn connection(
     mut link: watch::Receiver<Link>,
 ) {
     let now = *link.borrow_and_update();
-    match now {
-        Link::Up => {}
+    let lifetime = match now {
+        Link::Up => None,
+        Link::Flap(lifetime) => Some(lifetime),
         Link::Drop => return hold(inbound, link).await,
         Link::Refuse => return reset(inbound),
-    }
+    };
     let mut outbound = None;
     for k in 0..upstreams.len() {
         let to = upstreams[(start + k) % upstreams.len()];
@@ -98,9 +102,16 @@ async fn connection(
     let Some(mut outbound) = outbound else {
         return reset(inbound);
     };
+    let expiry = async {
+        match lifetime {
+            Some(lifetime) => tokio::time::sleep(lifetime).await,
+            None => std::future::pending().await,
+        }
+    };
     let cut = tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => None,
-        l = link.wait_for(|l| *l != Link::Up) => l.ok().map(|l| *l),
+        l = link.wait_for(|l| *l != now) => l.ok().map(|l| *l),
+        () = expiry => Some(Link::Refuse),
     };
     drop(outbound);
     match cut {
