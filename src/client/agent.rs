@@ -57,10 +57,11 @@
 //! is a fake workload on top.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -218,6 +219,10 @@ impl Agent {
     pub fn spawn(client: Client, config: AgentConfig) -> AgentHandle {
         let (view_tx, view_rx) = watch::channel(AgentView::default());
         let (report_tx, report_rx) = mpsc::unbounded_channel();
+        let reports = ProgressReporter {
+            signals: report_tx,
+            stop_confirmed: Arc::new(Notify::new()),
+        };
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(
             Runner {
@@ -225,6 +230,7 @@ impl Agent {
                 config,
                 view: view_tx,
                 reports: report_rx,
+                stop_confirmed: reports.stop_confirmed.clone(),
                 outbox: Outbox::default(),
                 budget: DEFAULT_BUDGET,
                 running: HashSet::new(),
@@ -234,7 +240,7 @@ impl Agent {
         );
         AgentHandle {
             view: view_rx,
-            reports: report_tx,
+            reports,
             stop: Some(stop_tx),
             task,
         }
@@ -252,7 +258,7 @@ enum Signal {
 /// (which deregisters) without waiting for it.
 pub struct AgentHandle {
     view: watch::Receiver<AgentView>,
-    reports: mpsc::UnboundedSender<Signal>,
+    reports: ProgressReporter,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
 }
@@ -270,13 +276,13 @@ impl AgentHandle {
 
     /// Something that reports progress, for a workload running on its own.
     pub fn reporter(&self) -> ProgressReporter {
-        ProgressReporter(self.reports.clone())
+        self.reports.clone()
     }
 
     /// Queues progress for the next heartbeat; a later report of the same changefeed
     /// replaces it. Progress of a changefeed no longer assigned at that epoch is dropped.
     pub fn report(&self, progress: Progress) {
-        let _ = self.reports.send(Signal::Progress(progress));
+        self.reports.report(progress);
     }
 
     /// The workload has stopped `changefeed` at `epoch` (one that left the view):
@@ -313,11 +319,15 @@ impl AgentHandle {
 
 /// Reports progress to an agent (see [`AgentHandle::report`]); cheap to clone.
 #[derive(Debug, Clone)]
-pub struct ProgressReporter(mpsc::UnboundedSender<Signal>);
+pub struct ProgressReporter {
+    signals: mpsc::UnboundedSender<Signal>,
+    /// Wakes the agent to acknowledge a stop at once, not at the next beat.
+    stop_confirmed: Arc<Notify>,
+}
 
 impl ProgressReporter {
     pub fn report(&self, progress: Progress) {
-        let _ = self.0.send(Signal::Progress(progress));
+        let _ = self.signals.send(Signal::Progress(progress));
     }
 
     /// The workload has stopped `changefeed` at `epoch`, for good (its sink
@@ -326,11 +336,12 @@ impl ProgressReporter {
     /// assignment that leaves the view (taken away, or the lease lapsed); until
     /// then the changefeed runs nowhere else (or only after this executor's lease).
     pub fn stopped(&self, namespace: &str, changefeed: &str, epoch: u64) {
-        let _ = self.0.send(Signal::Stopped(TaskRef {
+        let _ = self.signals.send(Signal::Stopped(TaskRef {
             namespace: namespace.to_owned(),
             changefeed: changefeed.to_owned(),
             epoch,
         }));
+        self.stop_confirmed.notify_one();
     }
 }
 
@@ -345,6 +356,8 @@ struct Runner {
     config: AgentConfig,
     view: watch::Sender<AgentView>,
     reports: mpsc::UnboundedReceiver<Signal>,
+    /// Notified when the workload confirms a stop.
+    stop_confirmed: Arc<Notify>,
     /// The latest report per changefeed, sent until the assignment goes.
     outbox: Outbox,
     /// Bytes of progress one heartbeat may carry.
@@ -373,6 +386,16 @@ impl Runner {
                 () = until(lease) => {
                     lapse(&self.view, &mut lease);
                     continue;
+                }
+                // A stop the server waits for was confirmed: tell it now (the
+                // move completes a heartbeat sooner), unless backing off.
+                () = self.stop_confirmed.notified(), if session.is_some() && failures == 0 => {
+                    while let Ok(signal) = self.reports.try_recv() {
+                        self.signal(signal);
+                    }
+                    if !self.revoked.iter().any(|t| !self.running.contains(t)) {
+                        continue;
+                    }
                 }
             }
             let outcome = match &session {

@@ -262,6 +262,29 @@ pub struct ChangefeedStatus {
     /// from the task keys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub releasing: Option<Releasing>,
+    /// The executor the owner assigned, and at which epoch (written with the
+    /// task, in one txn): the holder while `holder.epoch == epoch`, so reading
+    /// one changefeed's executor is a point read of this key, never a scan of
+    /// the namespace's task keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Holder>,
+}
+
+impl ChangefeedStatus {
+    /// The executor running the current epoch, as the owner recorded it.
+    pub fn current_holder(&self) -> Option<&str> {
+        self.holder
+            .as_ref()
+            .filter(|h| h.epoch == self.epoch && self.epoch > 0)
+            .map(|h| h.executor.as_str())
+    }
+}
+
+/// Who the owner assigned a changefeed to, at which epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Holder {
+    pub executor: String,
+    pub epoch: u64,
 }
 
 /// A task taken away from its executor (a move, a pause, an update, an error

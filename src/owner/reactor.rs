@@ -469,6 +469,7 @@ impl OwnerReactor {
                 wait = Wait::Until(held.deadline);
             }
         }
+        plan.set_holder();
         plan.set_releasing(held.map(|held| Releasing {
             executor: held.executor,
             epoch: held.epoch,
@@ -597,6 +598,7 @@ impl OwnerReactor {
                     json(&task),
                 ));
                 tick.load(state).add(&executor, 1);
+                plan.assigned = Some(executor);
                 plan.status_changed = true;
                 None
             }
@@ -632,7 +634,10 @@ impl OwnerReactor {
             return false;
         }
         let (executor, task) = entry.tasks.iter().next().expect("one task");
-        if task.epoch != status.epoch || !live.contains_key(executor) {
+        if task.epoch != status.epoch
+            || !live.contains_key(executor)
+            || status.current_holder() != Some(executor.as_str())
+        {
             return false;
         }
         let report = progress.get(cf).and_then(|r| r.get(executor));

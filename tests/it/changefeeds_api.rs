@@ -288,17 +288,26 @@ async fn create_get_and_list_by_namespace_and_state() {
     let (_, list) = call!(app, list_req("?state=failed"));
     assert_eq!(list["total"], 0);
 
-    // The executor is the one whose assignment carries the current epoch.
+    // The executor is the holder the owner recorded for the current epoch
+    // (with the task, in one txn): a point read, no task key is read.
     let cf_a = ChangefeedId::new("default", "cf-a");
     f.assign(&cf_a, "exec-1", 1).await;
     f.assign(&cf_a, "exec-2", 2).await;
-    let status = json!({"checkpoint_ts": start_ts + 7, "epoch": 2, "pending_reason": null});
+    let status = json!({"checkpoint_ts": start_ts + 7, "epoch": 2, "pending_reason": null,
+                        "holder": {"executor": "exec-2", "epoch": 2}});
     f.put(&f.keys.status(&cf_a), status.to_string()).await;
     let (_, got) = call!(app, get_req("cf-a", "default"));
     assert_eq!(
         (&got["executor"], &got["epoch"]),
         (&json!("exec-2"), &json!(2))
     );
+    // A holder of an older epoch (the changefeed was paused since) is none.
+    let stale = json!({"checkpoint_ts": start_ts + 7, "epoch": 3,
+                       "holder": {"executor": "exec-2", "epoch": 2}});
+    f.put(&f.keys.status(&cf_a), stale.to_string()).await;
+    let (_, got) = call!(app, get_req("cf-a", "default"));
+    assert_eq!(got["executor"], Value::Null);
+    f.put(&f.keys.status(&cf_a), status.to_string()).await;
     assert_eq!(got["checkpoint_ts"], start_ts + 7);
     let (_, list) = call!(app, list_req("?state=normal"));
     assert_eq!(list["items"][0]["executor"], "exec-2");
@@ -1098,9 +1107,10 @@ async fn reads_span_many_pages() {
             let info = json!({"sink_uri": "kafka://k", "start_ts": 1, "target_ts": 0,
                               "config": {}, "selector": {}, "state": "normal",
                               "create_time": "2024-01-01T00:00:00Z"});
-            let status = json!({"checkpoint_ts": 1, "epoch": 1});
-            let task = json!({"epoch": 1, "assigned_at": "2024-01-01T00:00:00Z"});
             let executor = executor(n * 40 + i);
+            let status = json!({"checkpoint_ts": 1, "epoch": 1,
+                                "holder": {"executor": executor, "epoch": 1}});
+            let task = json!({"epoch": 1, "assigned_at": "2024-01-01T00:00:00Z"});
             ops.push(etcd_client::TxnOp::put(
                 f.keys.info(&cf),
                 info.to_string(),
@@ -1132,6 +1142,9 @@ async fn reads_span_many_pages() {
         .unwrap();
     f.assign(&last, "exec-z", 1).await;
     f.report(&last, "exec-z", 1).await;
+    let status = json!({"checkpoint_ts": 1, "epoch": 1,
+                        "holder": {"executor": "exec-z", "epoch": 1}});
+    f.put(&f.keys.status(&last), status.to_string()).await;
 
     let (status, list) = call!(app, list_req(""));
     assert_eq!(status, StatusCode::OK);
@@ -1145,7 +1158,7 @@ async fn reads_span_many_pages() {
         .all(|item| item["executor"].is_string()));
     assert_eq!(list["items"][count - 1]["executor"], "exec-z");
 
-    // Its assignment is on the last page of the namespace's task keys.
+    // One changefeed: its info and status only.
     let (status, got) = call!(app, get_req("cf-0699", "default"));
     assert_eq!(status, StatusCode::OK, "{got}");
     assert_eq!(got["executor"], "exec-z");

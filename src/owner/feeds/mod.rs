@@ -13,15 +13,13 @@
 //! mutation decides again from them, at most [`MAX_ATTEMPTS`] times, so a
 //! request never acts on a state it has not seen.
 //!
-//! Reads of one changefeed are a single txn of range reads, so the info, the
-//! status and the task keys in an answer are from one revision. The executor
-//! of a changefeed is found among the task status keys of its namespace
-//! (`<p>/<ns>/task/status/<executor>/<id>`: the executor comes first, so there
-//! is no prefix of one changefeed's task keys); a `get` is therefore linear in
-//! the number of assignments in the namespace, which are small values. Pause,
-//! resume, update and delete read only the info and status keys: none of them
-//! needs the executor (a new epoch has none yet, and task keys are the owner's
-//! to delete, once released).
+//! Reads of one changefeed are a single txn of two point reads, its info and its
+//! status, so an answer is from one revision and costs the same whatever the
+//! number of changefeeds: the executor is the holder the owner records in the
+//! status with each assignment (in the same txn as the task key), so no task key
+//! is read. Task keys are the owner's to write and delete (a delete through the
+//! API leaves them to be released). A listing reads the namespace's infos and
+//! statuses.
 //!
 //! Range reads come in pages of [`PAGE_KEYS`] keys; the pages after the first
 //! are read at the first page's revision, so a long listing is still one

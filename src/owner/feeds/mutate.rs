@@ -105,7 +105,7 @@ impl Changefeeds {
         }
         let cf_keys = (self.keys.info(&cf), self.keys.status(&cf));
         let snapshot = self
-            .mutate(&cf, false, |snapshot| {
+            .mutate(&cf, |snapshot| {
                 let (raw, mut info) = info_of(&cf, snapshot, false)?;
                 if info.state != FeedState::Stopped {
                     return Err(Error::NotPaused {
@@ -141,7 +141,7 @@ impl Changefeeds {
         let cf = changefeed_id(namespace, id)?;
         let cf_keys = (self.keys.info(&cf), self.keys.status(&cf));
         let snapshot = self
-            .mutate(&cf, false, |snapshot| {
+            .mutate(&cf, |snapshot| {
                 let (raw, mut info) = info_of(&cf, snapshot, false)?;
                 match info.state {
                     FeedState::Stopped => Ok(Plan::Nothing),
@@ -176,7 +176,7 @@ impl Changefeeds {
         let cf = changefeed_id(namespace, id)?;
         let cf_keys = (self.keys.info(&cf), self.keys.status(&cf));
         let snapshot = self
-            .mutate(&cf, false, |snapshot| {
+            .mutate(&cf, |snapshot| {
                 let replaced = request.checkpoint_ts.is_some();
                 let (raw, mut info) = info_of(&cf, snapshot, replaced)?;
                 match (info.state, request.checkpoint_ts) {
@@ -245,7 +245,7 @@ impl Changefeeds {
     pub async fn delete(&self, namespace: &str, id: &str) -> Result<()> {
         let cf = changefeed_id(namespace, id)?;
         let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
-        self.mutate(&cf, false, |snapshot| {
+        self.mutate(&cf, |snapshot| {
             if snapshot.info.is_none() && snapshot.status.is_none() {
                 return Err(Error::NotFound(cf.clone()));
             }
@@ -270,10 +270,9 @@ impl Changefeeds {
     async fn mutate(
         &self,
         cf: &ChangefeedId,
-        tasks: bool,
         mut plan: impl FnMut(&Snapshot) -> Result<Plan>,
     ) -> Result<Snapshot> {
-        let reads = self.reads(cf, tasks);
+        let reads = self.reads(cf);
         let read_ops = || reads.iter().map(Read::op).collect::<Vec<_>>();
         let mut snapshot = self.read(cf, &reads).await?;
         for _ in 0..MAX_ATTEMPTS {

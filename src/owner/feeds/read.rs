@@ -11,7 +11,7 @@ use super::request::{changefeed_id, validate_id};
 use super::{Changefeeds, Error, Result, PAGE_KEYS};
 use crate::etcd_range::prefix_end;
 use crate::owner::model::{
-    ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Key, Releasing, TaskStatus,
+    ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Key, Releasing,
 };
 
 /// A changefeed as the API shows it: its info, its status, and the executor
@@ -116,13 +116,12 @@ impl Raw {
     }
 }
 
-/// The keys of one changefeed, read at one revision.
+/// The info and status of one changefeed, read at one revision (its task keys
+/// are the owner's: the status names the holder).
 #[derive(Debug, Default)]
 pub(super) struct Snapshot {
     pub(super) info: Option<Raw>,
     pub(super) status: Option<Raw>,
-    /// Task status keys, by executor (read only when asked for).
-    pub(super) tasks: BTreeMap<String, Raw>,
     /// The revision it was read at: a new epoch is above it.
     pub(super) revision: i64,
 }
@@ -131,7 +130,7 @@ impl Changefeeds {
     /// One changefeed, read at one revision.
     pub async fn get(&self, namespace: &str, id: &str) -> Result<ChangefeedView> {
         let cf = changefeed_id(namespace, id)?;
-        let snapshot = self.read(&cf, &self.reads(&cf, true)).await?;
+        let snapshot = self.read(&cf, &self.reads(&cf)).await?;
         self.view_of(&cf, &snapshot)
     }
 
@@ -146,7 +145,6 @@ impl Changefeeds {
         let reads = [
             prefix(self.keys.infos(namespace)),
             prefix(self.keys.statuses(namespace)),
-            prefix(self.keys.task_statuses(namespace)),
         ];
         let response = self
             .txn(Txn::new().and_then(reads.iter().map(Read::op).collect::<Vec<_>>()))
@@ -154,7 +152,6 @@ impl Changefeeds {
         let kvs = self.collect(&reads, &response, 0).await?;
         let mut infos = BTreeMap::new();
         let mut statuses = BTreeMap::new();
-        let mut tasks: BTreeMap<ChangefeedId, BTreeMap<String, Raw>> = BTreeMap::new();
         for kv in kvs {
             let Some(raw) = Raw::from_kv(kv) else {
                 continue;
@@ -166,26 +163,18 @@ impl Changefeeds {
                 Some(Key::ChangefeedStatus(cf)) => {
                     statuses.insert(cf, raw);
                 }
-                Some(Key::TaskStatus {
-                    changefeed,
-                    executor,
-                }) => {
-                    tasks.entry(changefeed).or_default().insert(executor, raw);
-                }
                 _ => {}
             }
         }
-        let no_tasks = BTreeMap::new();
         let mut listing = Listing::default();
         for (cf, info) in infos {
-            let assigned = tasks.get(&cf).unwrap_or(&no_tasks);
             // Filtered on the info alone: the status and the tasks of a
             // changefeed left out are never decoded.
             let built = info.decode::<ChangefeedInfo>().and_then(|decoded| {
                 if state.is_some_and(|state| decoded.state != state) {
                     return Ok(None);
                 }
-                build_view(&cf, decoded, statuses.get(&cf), assigned).map(Some)
+                build_view(&cf, decoded, statuses.get(&cf)).map(Some)
             });
             match built {
                 Ok(Some(view)) => listing.items.push(view),
@@ -214,20 +203,12 @@ impl Changefeeds {
         Ok(self.snapshot(cf, kvs, revision_of(&response)))
     }
 
-    /// The range reads that make a [`Snapshot`] of `cf`: its info and status,
-    /// and with `tasks` its task keys.
-    pub(super) fn reads(&self, cf: &ChangefeedId, tasks: bool) -> Vec<Read> {
-        let mut reads = vec![
+    /// The point reads that make a [`Snapshot`] of `cf`: its info and status.
+    pub(super) fn reads(&self, cf: &ChangefeedId) -> Vec<Read> {
+        vec![
             Read::Key(self.keys.info(cf)),
             Read::Key(self.keys.status(cf)),
-        ];
-        if tasks {
-            reads.push(Read::Prefix {
-                prefix: self.keys.task_statuses(&cf.namespace),
-                keys_only: false,
-            });
-        }
-        reads
+        ]
     }
 
     /// The key-values `reads` found: the first pages are the txn's responses
@@ -282,12 +263,6 @@ impl Changefeeds {
             match self.keys.parse(&raw.key) {
                 Some(Key::ChangefeedInfo(id)) if id == *cf => snapshot.info = Some(raw),
                 Some(Key::ChangefeedStatus(id)) if id == *cf => snapshot.status = Some(raw),
-                Some(Key::TaskStatus {
-                    changefeed,
-                    executor,
-                }) if changefeed == *cf => {
-                    snapshot.tasks.insert(executor, raw);
-                }
                 _ => {}
             }
         }
@@ -299,36 +274,23 @@ impl Changefeeds {
             .info
             .as_ref()
             .ok_or_else(|| Error::NotFound(cf.clone()))?;
-        build_view(
-            cf,
-            info.decode()?,
-            snapshot.status.as_ref(),
-            &snapshot.tasks,
-        )
+        build_view(cf, info.decode()?, snapshot.status.as_ref())
     }
 }
 
+/// The view of one changefeed from its info and status alone: the executor is
+/// the holder the owner recorded in the status for the current epoch (written
+/// in the same txn as the task), so no task key is read.
 fn build_view(
     cf: &ChangefeedId,
     info: ChangefeedInfo,
     status: Option<&Raw>,
-    tasks: &BTreeMap<String, Raw>,
 ) -> Result<ChangefeedView> {
     let status: Option<ChangefeedStatus> = status.map(Raw::decode).transpose()?;
-    let epoch = status.as_ref().map(|s| s.epoch);
-    let executor = epoch.filter(|&e| e > 0).and_then(|epoch| {
-        tasks.iter().find_map(|(executor, raw)| {
-            // A malformed assignment only hides the executor; the owner
-            // reports and replaces it.
-            match raw.decode::<TaskStatus>() {
-                Ok(task) => (task.epoch == epoch).then(|| executor.clone()),
-                Err(e) => {
-                    tracing::warn!(changefeed = %cf, error = %e, "malformed task status");
-                    None
-                }
-            }
-        })
-    });
+    let executor = status
+        .as_ref()
+        .and_then(ChangefeedStatus::current_holder)
+        .map(str::to_owned);
     Ok(view(cf, info, status, executor))
 }
 

@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use super::super::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Releasing};
+use super::super::model::{
+    ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Holder, Releasing,
+};
 use super::super::state::{ChangefeedEntry, GlobalState};
 use super::release::{Releases, Verdict};
 use super::{json, LiveExecutor};
@@ -176,6 +178,25 @@ impl<'a> Plan<'a> {
             self.entry,
             self.current.as_deref(),
         )
+    }
+
+    /// Records the executor of the current assignment in the status (what the
+    /// API reads instead of scanning task keys): set when it runs somewhere,
+    /// cleared when the status would otherwise still name one for this epoch.
+    pub(super) fn set_holder(&mut self) {
+        let desired = self
+            .assigned
+            .as_ref()
+            .filter(|_| self.still_running())
+            .map(|executor| Holder {
+                executor: executor.clone(),
+                epoch: self.status.epoch,
+            });
+        let shown = self.status.current_holder().is_some();
+        if self.status.holder != desired && (desired.is_some() || shown) {
+            self.status.holder = desired;
+            self.status_changed = true;
+        }
     }
 
     /// Shows the task being released (`None`: nothing is) in the status.

@@ -1038,3 +1038,42 @@ fn the_sweep_visits_every_changefeed_once_per_interval_a_slice_per_tick() {
     }
     assert!(h.assignment(cf).is_some(), "the sweep reassigned it");
 }
+
+/// The status names the executor of the current assignment (what the API
+/// reads instead of the task keys): set with the task, moved with it, cleared
+/// while nobody runs it.
+#[test]
+fn the_status_names_the_holder_of_the_current_epoch() {
+    let mut h = Harness::new();
+    h.executors(&[("e1", &[]), ("e2", &[])]);
+    let cf = h.create("a", &[]);
+    h.tick();
+    let holder = |h: &Harness| {
+        h.entry(&cf)
+            .status
+            .as_ref()
+            .unwrap()
+            .current_holder()
+            .map(str::to_owned)
+    };
+    let (first, _) = h.assignment(&cf).unwrap();
+    assert_eq!(holder(&h), Some(first.clone()));
+    // Paused: the epoch moved on, so nobody is named.
+    h.set_state(&cf, FeedState::Stopped);
+    h.tick();
+    assert_eq!(holder(&h), None);
+    let (_, epoch) = h.task(&cf).unwrap();
+    h.released(&first, &cf, epoch);
+    h.set_state(&cf, FeedState::Normal);
+    h.tick();
+    let (second, _) = h.assignment(&cf).unwrap();
+    assert_eq!(holder(&h), Some(second.clone()));
+    // Its executor deregistered with lease left: nobody runs it meanwhile.
+    h.deregistered(&second, Duration::from_secs(5));
+    h.tick();
+    assert_eq!(holder(&h), None);
+    advance(Duration::from_secs(5));
+    h.tick();
+    let (third, _) = h.assignment(&cf).unwrap();
+    assert_eq!(holder(&h), Some(third));
+}
