@@ -87,7 +87,8 @@ pub enum ClientCommand {
 /// How to reach the server; every client subcommand takes these.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
-    /// Server URL
+    /// Server URL, or several separated by commas (any server answers; when one
+    /// cannot be reached the next is tried)
     #[arg(
         long,
         global = true,

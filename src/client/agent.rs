@@ -6,7 +6,10 @@
 //!   random so a fleet started together does not beat in lockstep;
 //! - after a failure (no answer, a timeout, a 5xx/503): a doubling backoff with jitter
 //!   (`Retry-After` respected), keeping the current assignments while the lease holds
-//!   (below), with one last try a heartbeat interval before it lapses;
+//!   (below), with one last try a heartbeat interval before it lapses; while it holds
+//!   a lease the backoff never exceeds one heartbeat interval, so after a failover or
+//!   a restart of the server it is back within an interval, not after a long sleep
+//!   (and logs how long the server was unreachable);
 //! - after 404 (unknown), 410 (tombstone) or 401 (token no longer valid): the
 //!   assignments are dropped (the server moves them elsewhere) and the agent registers
 //!   again at once.
@@ -373,6 +376,8 @@ impl Runner {
     async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Result<()> {
         let mut session: Option<Session> = None;
         let mut failures: u32 = 0;
+        // When the current run of failures began.
+        let mut failing_since: Option<Instant> = None;
         let mut next = Instant::now();
         // The end of the lease on the current assignments; `None`: no lease.
         let mut lease: Option<LeaseClock> = None;
@@ -428,6 +433,13 @@ impl Runner {
             let now = Instant::now();
             next = match outcome {
                 Ok(delay) => {
+                    if let Some(since) = failing_since.take() {
+                        info!(
+                            unreachable_for = ?now.saturating_duration_since(since),
+                            failures,
+                            "server answering again"
+                        );
+                    }
                     failures = 0;
                     now + delay
                 }
@@ -462,18 +474,21 @@ impl Runner {
                         budget = self.budget,
                         "heartbeat too large; sending less progress"
                     );
+                    let holding = lease.map(|_| interval);
                     next_attempt(
                         now,
-                        self.backoff(failures, &e),
+                        self.backoff(failures, &e, holding),
                         lease.map(LeaseClock::to_tokio),
                         interval,
                     )
                 }
                 Err(e) => {
                     failures += 1;
+                    failing_since.get_or_insert(now);
+                    let holding = lease.map(|_| interval);
                     let at = next_attempt(
                         now,
-                        self.backoff(failures, &e),
+                        self.backoff(failures, &e, holding),
                         lease.map(LeaseClock::to_tokio),
                         interval,
                     );
@@ -669,13 +684,14 @@ impl Runner {
         });
     }
 
-    fn backoff(&self, failures: u32, error: &Error) -> Duration {
+    /// `holding`: the heartbeat interval, while a lease is held.
+    fn backoff(&self, failures: u32, error: &Error, holding: Option<Duration>) -> Duration {
         let retry_after = match error {
             Error::Api { retry_after, .. } => *retry_after,
             _ => None,
         };
         let jitter = rand::rng().random_range(0.5..=1.0);
-        backoff(&self.config, failures, retry_after, jitter)
+        backoff(&self.config, failures, retry_after, jitter, holding)
     }
 }
 
@@ -732,21 +748,24 @@ fn lapse(view: &watch::Sender<AgentView>, lease: &mut Option<LeaseClock>) {
 /// The delay after `failures` failures in a row: `min_backoff` doubling up to
 /// `max_backoff`, times `jitter` (0.5..=1: a fleet that lost the server together does
 /// not come back together), at least the server's `Retry-After` but never above
-/// `max_backoff`.
+/// `max_backoff`. While a lease is held (`holding`: the heartbeat interval) never above
+/// one interval either: the work it holds is worth a try every interval, and a server
+/// that comes back (a failover, a restart) is heard from within one.
 fn backoff(
     config: &AgentConfig,
     failures: u32,
     retry_after: Option<Duration>,
     jitter: f64,
+    holding: Option<Duration>,
 ) -> Duration {
+    let cap = holding.map_or(config.max_backoff, |interval| {
+        config.max_backoff.min(interval)
+    });
     let exponent = failures.saturating_sub(1).min(16);
-    let base = config
-        .min_backoff
-        .saturating_mul(1 << exponent)
-        .min(config.max_backoff);
+    let base = config.min_backoff.saturating_mul(1 << exponent).min(cap);
     let delay = base.mul_f64(jitter);
     match retry_after {
-        Some(after) => delay.max(after).min(config.max_backoff),
+        Some(after) => delay.max(after).min(cap),
         None => delay,
     }
 }
@@ -814,6 +833,7 @@ mod tests {
                 failures,
                 retry_after.map(Duration::from_millis),
                 jitter,
+                None,
             )
             .as_millis()
         };
@@ -824,5 +844,31 @@ mod tests {
         assert_eq!(ms(1000, None, 1.0), 10_000, "no overflow");
         assert_eq!(ms(1, Some(3000), 1.0), 3000, "Retry-After is respected");
         assert_eq!(ms(1, Some(60_000), 1.0), 10_000, "but capped");
+    }
+
+    /// While it holds a lease an agent that lost the server keeps trying about
+    /// once a heartbeat interval: 0.2 + 0.4 + 0.8 + 1 + 1 ... s, never the 10 s a
+    /// long outage would reach, so it is back within an interval of the server.
+    #[test]
+    fn while_a_lease_is_held_the_backoff_stays_within_one_interval() {
+        let config = AgentConfig::new("a", "b");
+        let interval = Duration::from_secs(1);
+        let delay = |failures, retry_after: Option<u64>| {
+            backoff(
+                &config,
+                failures,
+                retry_after.map(Duration::from_millis),
+                1.0,
+                Some(interval),
+            )
+        };
+        let delays: Vec<u128> = (1..=8).map(|n| delay(n, None).as_millis()).collect();
+        assert_eq!(delays, [200, 400, 800, 1000, 1000, 1000, 1000, 1000]);
+        assert_eq!(delay(3, Some(5_000)), interval, "Retry-After capped too");
+        // The lease lost: the long backoff again.
+        assert_eq!(
+            backoff(&config, 8, None, 1.0, None),
+            Duration::from_secs(10)
+        );
     }
 }

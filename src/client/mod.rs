@@ -16,6 +16,8 @@ pub mod sse;
 mod types;
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -121,12 +123,17 @@ struct ApiErrorBody {
 
 type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
-/// An API client for one server. Clones share the connection pool.
+/// An API client for one server, or several (any of them answers: followers forward
+/// to the leader): it talks to one at a time and moves to the next when that one
+/// cannot be reached or does not answer in time. Clones share the connection pool and
+/// the current server.
 #[derive(Clone)]
 pub struct Client {
     http: HttpClient,
-    /// `http://host:port`, without a trailing slash.
-    server: String,
+    /// `http://host:port` each, without a trailing slash.
+    servers: Arc<[String]>,
+    /// Index (modulo the count) of the server requests go to.
+    current: Arc<AtomicUsize>,
     admin_token: Option<String>,
     timeout: Duration,
 }
@@ -135,7 +142,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The admin token stays out of logs.
         f.debug_struct("Client")
-            .field("server", &self.server)
+            .field("servers", &self.servers)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
             .field("timeout", &self.timeout)
             .finish()
@@ -144,38 +151,19 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// A client of the server at `server` (`http://host:port`; a missing scheme means
-    /// `http://`).
+    /// `http://`), or of several: `URL,URL,...`, tried in turn.
     pub fn new(server: &str) -> Result<Client> {
-        let invalid = |reason: &str| Error::InvalidUrl {
-            url: server.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let trimmed = server.trim();
-        let with_scheme = if trimmed.contains("://") {
-            trimmed.to_owned()
-        } else {
-            format!("http://{trimmed}")
-        };
-        let uri: Uri = with_scheme
-            .parse()
-            .map_err(|e: hyper::http::uri::InvalidUri| invalid(&e.to_string()))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => return Err(invalid("https is not supported; use http://")),
-            _ => return Err(invalid("the scheme must be http://")),
-        }
-        let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
-            return Err(invalid("no host"));
-        };
-        if uri.path() != "/" && !uri.path().is_empty() {
-            return Err(invalid("give the server only, without a path"));
-        }
+        let servers = server
+            .split(',')
+            .map(parse_server)
+            .collect::<Result<Vec<_>>>()?;
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build_http();
         Ok(Client {
             http,
-            server: format!("http://{authority}"),
+            servers: servers.into(),
+            current: Arc::default(),
             admin_token: None,
             timeout: DEFAULT_TIMEOUT,
         })
@@ -194,9 +182,28 @@ impl Client {
         self
     }
 
-    /// The server this client talks to.
+    /// The server this client talks to now.
     pub fn server(&self) -> &str {
-        &self.server
+        &self.servers[self.current.load(Ordering::Relaxed) % self.servers.len()]
+    }
+
+    /// Every server this client may talk to, in order.
+    pub fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    /// `server` did not answer: the next requests go to the next server (unless
+    /// another request moved on already).
+    fn next_server_after(&self, server: &str) {
+        let n = self.current.load(Ordering::Relaxed);
+        if self.servers.len() > 1 && self.servers[n % self.servers.len()] == server {
+            let _ = self.current.compare_exchange(
+                n,
+                n.wrapping_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     // ---- executors ----
@@ -252,14 +259,23 @@ impl Client {
     /// connection drops (an error item). Opening the stream is bounded by the timeout;
     /// the stream itself is not.
     pub async fn watch_executors(&self) -> Result<WatchStream> {
-        let request = self.request(Method::GET, "/api/v1/executors/watch", None, None::<&()>)?;
-        let response = self.send(request).await?;
+        let server = self.server().to_owned();
+        let request = self.request(
+            &server,
+            Method::GET,
+            "/api/v1/executors/watch",
+            None,
+            None::<&()>,
+        )?;
+        let response = self
+            .send(&server, request)
+            .await
+            .inspect_err(|e| self.on_error(&server, e))?;
         let status = response.status();
         if !status.is_success() {
-            let body = self.read_body(response.into_body()).await?;
-            return Err(self.error_from(status, None, &body));
+            let body = self.read_body(&server, response.into_body()).await?;
+            return Err(self.error_from(&server, status, None, &body));
         }
-        let server = self.server.clone();
         let state = WatchState {
             body: Some(response.into_body()),
             parser: sse::SseParser::default(),
@@ -392,7 +408,7 @@ impl Client {
     ) -> Result<T> {
         let (status, bytes) = self.exchange(method, path, token, body).await?;
         serde_json::from_slice(&bytes).map_err(|e| Error::Unexpected {
-            server: self.server.clone(),
+            server: self.server().to_owned(),
             status: status.as_u16(),
             detail: format!("{e} in {}", snippet(&bytes)),
         })
@@ -418,9 +434,41 @@ impl Client {
         token: Option<&str>,
         body: Option<&impl Serialize>,
     ) -> Result<(StatusCode, Bytes)> {
-        let request = self.request(method, path, token, body)?;
+        // A server refusing the connection never saw the request: the next one is
+        // asked at once, each server once. Any other failure is the caller's to
+        // retry (the request may have been handled).
+        let mut left = self.servers.len();
+        loop {
+            left -= 1;
+            let server = self.server().to_owned();
+            match self
+                .exchange_with(&server, method.clone(), path, token, body)
+                .await
+            {
+                Err(Error::Unreachable { ref source, .. })
+                    if left > 0
+                        && source
+                            .downcast_ref::<hyper_util::client::legacy::Error>()
+                            .is_some_and(hyper_util::client::legacy::Error::is_connect) =>
+                {
+                    self.next_server_after(&server);
+                }
+                result => return result.inspect_err(|e| self.on_error(&server, e)),
+            }
+        }
+    }
+
+    async fn exchange_with(
+        &self,
+        server: &str,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&impl Serialize>,
+    ) -> Result<(StatusCode, Bytes)> {
+        let request = self.request(server, method, path, token, body)?;
         let exchange = async {
-            let response = self.send(request).await?;
+            let response = self.send(server, request).await?;
             let status = response.status();
             let retry_after = response
                 .headers()
@@ -428,29 +476,39 @@ impl Client {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let bytes = self.read_body(response.into_body()).await?;
+            let bytes = self.read_body(server, response.into_body()).await?;
             if status.is_success() {
                 Ok((status, bytes))
             } else {
-                Err(self.error_from(status, retry_after, &bytes))
+                Err(self.error_from(server, status, retry_after, &bytes))
             }
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| Error::Timeout {
-                server: self.server.clone(),
+                server: server.to_owned(),
                 timeout: self.timeout,
-            })?
+            })
+            .and_then(|r| r)
+    }
+
+    /// A server that cannot be reached or did not answer in time: the next
+    /// request goes to the next one.
+    fn on_error(&self, server: &str, error: &Error) {
+        if matches!(error, Error::Unreachable { .. } | Error::Timeout { .. }) {
+            self.next_server_after(server);
+        }
     }
 
     fn request(
         &self,
+        server: &str,
         method: Method,
         path: &str,
         token: Option<&str>,
         body: Option<&impl Serialize>,
     ) -> Result<Request<Full<Bytes>>> {
-        let uri = format!("{}{path}", self.server);
+        let uri = format!("{server}{path}");
         let mut builder = Request::builder().method(method).uri(&uri);
         if let Some(token) = token {
             let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
@@ -479,26 +537,33 @@ impl Client {
 
     async fn send(
         &self,
+        server: &str,
         request: Request<Full<Bytes>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let sending = self.http.request(request);
         tokio::time::timeout(self.timeout, sending)
             .await
             .map_err(|_| Error::Timeout {
-                server: self.server.clone(),
+                server: server.to_owned(),
                 timeout: self.timeout,
             })?
-            .map_err(|e| unreachable_error(&self.server, e))
+            .map_err(|e| unreachable_error(server, e))
     }
 
-    async fn read_body(&self, body: hyper::body::Incoming) -> Result<Bytes> {
+    async fn read_body(&self, server: &str, body: hyper::body::Incoming) -> Result<Bytes> {
         body.collect()
             .await
             .map(|collected| collected.to_bytes())
-            .map_err(|e| unreachable_error(&self.server, e))
+            .map_err(|e| unreachable_error(server, e))
     }
 
-    fn error_from(&self, status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Error {
+    fn error_from(
+        &self,
+        server: &str,
+        status: StatusCode,
+        retry_after: Option<Duration>,
+        body: &[u8],
+    ) -> Error {
         match serde_json::from_slice::<ApiErrorBody>(body) {
             Ok(ApiErrorBody { code, message }) => Error::Api {
                 status: status.as_u16(),
@@ -508,7 +573,7 @@ impl Client {
             },
             // Not one of ours: a proxy, or another program on that port.
             Err(_) => Error::Unexpected {
-                server: self.server.clone(),
+                server: server.to_owned(),
                 status: status.as_u16(),
                 detail: snippet(body),
             },
@@ -579,6 +644,36 @@ fn watch_event(server: &str, event: sse::SseEvent) -> Result<Option<WatchEvent>>
         status: 200,
         detail: format!("bad {} event: {e}", event.event),
     })
+}
+
+/// One server URL (`http://host:port`; a missing scheme means `http://`) as
+/// `http://host:port`.
+fn parse_server(server: &str) -> Result<String> {
+    let invalid = |reason: &str| Error::InvalidUrl {
+        url: server.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let trimmed = server.trim();
+    let with_scheme = if trimmed.contains("://") {
+        trimmed.to_owned()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let uri: Uri = with_scheme
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| invalid(&e.to_string()))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(invalid("https is not supported; use http://")),
+        _ => return Err(invalid("the scheme must be http://")),
+    }
+    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
+        return Err(invalid("no host"));
+    };
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(invalid("give the server only, without a path"));
+    }
+    Ok(format!("http://{authority}"))
 }
 
 fn unreachable_error(server: &str, error: impl std::error::Error + Send + Sync + 'static) -> Error {

@@ -415,6 +415,47 @@ async fn no_server_is_unreachable_and_retryable() {
     assert_eq!(message.lines().count(), 1, "{message}");
 }
 
+/// Several servers (`URL,URL`): one that refuses the connection never saw the
+/// request, so the next is asked at once; the client stays with the one that
+/// answered. An agent pointed at a dead server and a live one registers and runs.
+#[tokio::test]
+async fn a_client_of_several_servers_moves_past_one_that_is_down() {
+    harness::init_tracing();
+    let server = FlotillaServer::start(ServerOptions::default());
+    let dead = harness::server::free_port();
+    let list = format!("127.0.0.1:{dead},{}", server.url());
+    let client = Client::new(&list).unwrap();
+    assert_eq!(client.servers().len(), 2);
+    assert_eq!(client.server(), format!("http://127.0.0.1:{dead}"));
+    client
+        .status()
+        .await
+        .expect("answered by the second server");
+    assert_eq!(client.server(), server.url().trim_end_matches('/'));
+    // Both down: the last error is the caller's.
+    let other = harness::server::free_port();
+    let none = Client::new(&format!("127.0.0.1:{dead},127.0.0.1:{other}")).unwrap();
+    assert!(matches!(
+        none.status().await,
+        Err(Error::Unreachable { .. })
+    ));
+    assert!(
+        Client::new(&format!("127.0.0.1:{dead},,")).is_err(),
+        "an empty entry"
+    );
+
+    let handle = flotilla::client::Agent::spawn(
+        Client::new(&list).unwrap(),
+        flotilla::client::AgentConfig::new("listed", "127.0.0.1:9300"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handle.view().heartbeats == 0 {
+        assert!(Instant::now() < deadline, "no heartbeat answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    handle.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_silent_server_times_out() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
