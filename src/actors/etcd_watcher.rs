@@ -13,13 +13,18 @@
 //!    |   \          +---- lost / silent (from the next revision, nothing re-read)
 //!    +---- compacted / canceled / an answer over the decode limit
 //! ```
-//! The list reads the prefix in pages at one revision (the first page's), as
-//! Kubernetes' pager does: at most `list_page_keys` keys per page, fewer when
-//! the values are large (the page shrinks to keep near `list_page_bytes`, and
-//! halves when an answer still exceeds the client's `max_response_bytes`), and
-//! starts over at a new revision if that one is compacted meanwhile. It is sent
-//! as one [`Resync`]: the ticker diffs it against its own map, so the reactor
-//! never misses a key and never stops.
+//! The list reads the whole prefix in one range by default (`list_page_keys`
+//! 0): etcd 3.4 walks every remaining key of a range for each limited page it
+//! answers (etcd-io/etcd#11057), so reading 300,000 keys in pages of 1,000 is
+//! quadratic (7.3 s at 100,000 changefeeds), one range is linear. An answer over
+//! the client's `max_response_bytes` falls back to pages, as does a configured
+//! page size: pages at one revision (the first page's), as Kubernetes' pager
+//! reads, at most `list_page_keys` keys (1,000 after a fallback), fewer when the
+//! values are large (the page shrinks to keep near `list_page_bytes`, and halves
+//! when an answer still exceeds the limit). Either starts over at a new revision
+//! if that one is compacted meanwhile. It is sent as one [`Resync`]: the ticker
+//! diffs it against its own map, so the reactor never misses a key and never
+//! stops.
 //!
 //! A lost or silent watch is opened again from the revision after the last
 //! event delivered (client-go's reflector does the same): nothing is re-read.
@@ -260,20 +265,27 @@ enum Retry {
     Open(Option<RewatchReason>),
 }
 
-/// Keys per page of a list: shrinks when values are large, grows back when
-/// they are small, never above the configured count.
+/// Keys per page of a list: the whole prefix at once (`keys` 0, no limit)
+/// until an answer is too large; then pages that shrink when values are large
+/// and grow back when they are small, never above the configured count.
 #[derive(Debug, Clone, Copy)]
 struct PageSize {
+    /// 0: no limit (one range).
     keys: i64,
     max_keys: i64,
     target_bytes: usize,
 }
 
+/// Keys per page once the whole prefix did not fit one answer.
+const FALLBACK_PAGE_KEYS: i64 = 1000;
+
 impl PageSize {
+    /// `max_keys` 0: the whole prefix in one range.
     fn new(max_keys: i64, target_bytes: usize) -> Self {
-        let max_keys = max_keys.max(1);
+        let whole = max_keys <= 0;
+        let max_keys = if whole { FALLBACK_PAGE_KEYS } else { max_keys };
         Self {
-            keys: max_keys,
+            keys: if whole { 0 } else { max_keys },
             max_keys,
             target_bytes: target_bytes.max(1),
         }
@@ -281,7 +293,7 @@ impl PageSize {
 
     /// After a page of `keys` keys holding `bytes` bytes.
     fn observe(&mut self, keys: usize, bytes: usize) {
-        if keys == 0 {
+        if keys == 0 || self.keys == 0 {
             return;
         }
         if bytes > self.target_bytes {
@@ -294,6 +306,11 @@ impl PageSize {
 
     /// After an answer over the decode limit; `false` if a page is one key already.
     fn halve(&mut self) -> bool {
+        if self.keys == 0 {
+            // The whole prefix did not fit: pages from now on.
+            self.keys = self.max_keys;
+            return true;
+        }
         if self.keys <= 1 {
             return false;
         }
@@ -829,6 +846,18 @@ mod tests {
     }
 
     #[test]
+    fn the_whole_prefix_is_one_range_until_it_is_too_large() {
+        let mut page = PageSize::new(0, 2 << 20);
+        assert_eq!(page.keys, 0, "no limit");
+        page.observe(300_000, 100 << 20);
+        assert_eq!(page.keys, 0, "a whole read does not shrink");
+        assert!(page.halve());
+        assert_eq!(page.keys, 1000, "too large: pages of the fallback size");
+        assert!(page.halve());
+        assert_eq!(page.keys, 500);
+    }
+
+    #[test]
     fn halving_stops_at_one_key() {
         let mut page = PageSize::new(5, 1 << 20);
         assert!(page.halve());
@@ -836,6 +865,6 @@ mod tests {
         assert!(page.halve());
         assert_eq!(page.keys, 1);
         assert!(!page.halve());
-        assert_eq!(PageSize::new(0, 0).keys, 1);
+        assert_eq!(PageSize::new(-1, 0).keys, 0, "no page size: one range");
     }
 }

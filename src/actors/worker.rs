@@ -43,7 +43,8 @@ pub struct WorkerConfig {
     /// Deadline of one etcd request (txn, one page of a range read, progress
     /// request).
     pub request_timeout: Duration,
-    /// At most this many keys per page of the prefix's list.
+    /// At most this many keys per page of the prefix's list; 0: the whole
+    /// prefix in one range (pages only if it exceeds `max_response_bytes`).
     pub list_page_keys: i64,
     /// Pages shrink to stay near this many bytes of keys and values.
     pub list_page_bytes: usize,
@@ -73,7 +74,7 @@ impl WorkerConfig {
             max_txn_bytes: 1_310_720,
             fence: None,
             request_timeout: Duration::from_secs(5),
-            list_page_keys: 1000,
+            list_page_keys: 0,
             list_page_bytes: 2 << 20,
             max_response_bytes: 256 << 20,
             progress_interval: Duration::from_secs(1),

@@ -667,8 +667,15 @@ async fn a_prefix_over_the_decode_limit_is_read_in_pages_and_ticks() {
         .await
         .unwrap();
     let expected = VALUES * (64 << 10) + (1 << 20);
-    for limit in [WorkerConfig::new(P).max_response_bytes, 3 << 20] {
-        let seen = format!("{P}/seen/{limit}");
+    let cases = [
+        (WorkerConfig::new(P).max_response_bytes, 100),
+        (3 << 20, 100),
+        // One range (the default), falling back to pages when it is too large.
+        (WorkerConfig::new(P).max_response_bytes, 0),
+        (3 << 20, 0),
+    ];
+    for (limit, page_keys) in cases {
+        let seen = format!("{P}/seen/{limit}-{page_keys}");
         let key = seen.clone();
         let reactor = FnReactor::new(move |state: &mut KvState, _| {
             let bytes: usize = state
@@ -685,7 +692,7 @@ async fn a_prefix_over_the_decode_limit_is_read_in_pages_and_ticks() {
         });
         let config = WorkerConfig {
             max_response_bytes: limit,
-            list_page_keys: 100,
+            list_page_keys: page_keys,
             ..config(P)
         };
         run_with(&client, config, reactor)
