@@ -293,8 +293,10 @@ pub(super) struct Held {
 
 /// Queues the deletes of `cf`'s task keys other than `current`'s that are
 /// released (a position without a task goes at once), at most
-/// [`MAX_STALE_TASKS_PER_TICK`] executors' worth; returns the held task with the
-/// latest deadline, if any (the changefeed waits for all of them).
+/// [`MAX_STALE_TASKS_PER_TICK`] executors' worth (the rest next tick); returns the
+/// held task with the latest deadline, if any (the changefeed waits for all of
+/// them). Every task is checked, those past the cap too: one held beyond it still
+/// holds the changefeed back.
 pub(super) fn release_tasks(
     group: &mut PatchGroup,
     state: &GlobalState,
@@ -306,7 +308,7 @@ pub(super) fn release_tasks(
     let mut held: Option<Held> = None;
     let mut deleted = 0;
     for executor in entry.task_holders() {
-        if Some(executor.as_str()) == current || deleted == MAX_STALE_TASKS_PER_TICK {
+        if Some(executor.as_str()) == current {
             continue;
         }
         if let Some(task) = entry.tasks.get(executor) {
@@ -324,10 +326,16 @@ pub(super) fn release_tasks(
                 Verdict::Acknowledged => "acknowledged",
                 Verdict::Lapsed => "lapsed",
             };
+            if deleted == MAX_STALE_TASKS_PER_TICK {
+                // Released, deleted next tick: it no longer holds anything back.
+                continue;
+            }
             crate::metrics::owner()
                 .released_total
                 .with_label_values(&[how])
                 .inc();
+        } else if deleted == MAX_STALE_TASKS_PER_TICK {
+            continue;
         }
         delete_task(group, state, cf, entry, executor);
         deleted += 1;

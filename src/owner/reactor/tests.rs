@@ -1077,3 +1077,39 @@ fn the_status_names_the_holder_of_the_current_epoch() {
     let (third, _) = h.assignment(&cf).unwrap();
     assert_eq!(holder(&h), Some(third));
 }
+
+/// More stale tasks than one tick deletes, one of them (past the cap) still
+/// held: the changefeed is not assigned while it is.
+#[test]
+fn a_task_held_beyond_the_per_tick_cap_still_holds_the_changefeed_back() {
+    let mut h = Harness::new();
+    h.executors(&[("zz-live", &[])]);
+    let cf = h.create("a", &[]);
+    h.tick();
+    let (holder, epoch) = h.assignment(&cf).unwrap();
+    // Many released leftovers (executors this owner saw go: lapsed)...
+    write_stale_tasks(&mut h, &cf, MAX_STALE_TASKS_PER_TICK + 5);
+    for i in 0..MAX_STALE_TASKS_PER_TICK + 5 {
+        h.offline(&format!("gone-{i:03}"));
+    }
+    // ...and the live holder's task taken away (sorted after them: past the cap).
+    assert!(holder.as_str() > "gone-", "{holder}");
+    h.set_state(&cf, FeedState::Stopped);
+    h.set_state(&cf, FeedState::Normal);
+    for _ in 0..3 {
+        h.tick();
+        assert!(
+            h.entry(&cf).tasks.contains_key(&holder),
+            "the live holder's task is held"
+        );
+        assert_eq!(
+            h.entry(&cf).status.as_ref().unwrap().current_holder(),
+            None,
+            "not assigned while it is held"
+        );
+    }
+    h.released(&holder, &cf, epoch);
+    h.tick();
+    h.tick();
+    assert!(h.assignment(&cf).is_some());
+}
