@@ -180,6 +180,8 @@ pub struct OwnerReactor {
     last_tick: TickStats,
     config: OwnerConfig,
     now_ms: fn() -> u64,
+    /// Monotonic ms, for release deadlines.
+    mono_ms: fn() -> u64,
 }
 
 /// What a tick's sweep visits.
@@ -210,6 +212,14 @@ pub struct TickStats {
     pub full: bool,
     /// Changefeeds it visited.
     pub visited: usize,
+}
+
+/// Milliseconds on the monotonic clock since this process first asked.
+fn monotonic_ms() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 fn unix_now_ms() -> u64 {
@@ -256,12 +266,14 @@ impl OwnerReactor {
             last_tick: TickStats::default(),
             config,
             now_ms: unix_now_ms,
+            mono_ms: monotonic_ms,
         }
     }
 
     /// Uses another clock (tests).
     pub fn with_clock(mut self, now_ms: fn() -> u64) -> Self {
         self.now_ms = now_ms;
+        self.mono_ms = now_ms;
         self
     }
 
@@ -318,7 +330,7 @@ impl OwnerReactor {
                     executor: id,
                     lease_left,
                 } => {
-                    let now = (self.now_ms)();
+                    let now = (self.mono_ms)();
                     let lease_ends = now.saturating_add(lease_left.as_millis() as u64);
                     let pending = self.releases.offline(&id, lease_ends, now);
                     self.dirty.extend(pending);
@@ -334,7 +346,7 @@ impl OwnerReactor {
                     changefeed,
                     epoch,
                 } => {
-                    let now = (self.now_ms)();
+                    let now = (self.mono_ms)();
                     self.releases
                         .acknowledged(&changefeed, &executor, epoch, now);
                     self.dirty.insert(changefeed);
@@ -863,9 +875,10 @@ impl Reactor for OwnerReactor {
         }
         let touched = state.take_touched();
         let initing = std::mem::take(&mut self.initing);
+        let mono = (self.mono_ms)();
         let mut releases = std::mem::take(&mut self.releases);
-        releases.prune(now);
-        let mut tick = Tick::new(&live, &initing, &mut releases, now);
+        releases.prune(mono);
+        let mut tick = Tick::new(&live, &initing, &mut releases, now, mono);
         let mut out = Visits::default();
         if let Sweep::Slice(swept, _) = sweep {
             let mut visit = touched;

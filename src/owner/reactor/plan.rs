@@ -33,7 +33,10 @@ pub(super) struct Tick<'a> {
     pub(super) load: Option<Load>,
     /// The hand-off rule's state: tasks taken away, not released yet.
     pub(super) releases: &'a mut Releases,
+    /// Wall-clock ms (what is written and shown).
     pub(super) now: u64,
+    /// Monotonic ms (what release deadlines are counted on).
+    pub(super) mono: u64,
 }
 
 impl<'a> Tick<'a> {
@@ -42,6 +45,7 @@ impl<'a> Tick<'a> {
         initing: &'a HashSet<String>,
         releases: &'a mut Releases,
         now: u64,
+        mono: u64,
     ) -> Self {
         Self {
             live,
@@ -49,6 +53,7 @@ impl<'a> Tick<'a> {
             load: None,
             releases,
             now,
+            mono,
         }
     }
 
@@ -287,7 +292,8 @@ pub(super) struct Scheduled {
 pub(super) struct Held {
     pub(super) executor: String,
     pub(super) epoch: u64,
-    /// When its executor's lease has certainly lapsed (ms).
+    /// When its executor's lease has certainly lapsed (wall-clock ms, for the
+    /// status and the wake-up; the rule itself counts on the monotonic clock).
     pub(super) deadline: u64,
 }
 
@@ -312,13 +318,16 @@ pub(super) fn release_tasks(
             continue;
         }
         if let Some(task) = entry.tasks.get(executor) {
-            let how = match tick.releases.check(cf, executor, task.epoch, tick.now) {
-                Verdict::Wait { deadline } => {
-                    if held.as_ref().is_none_or(|h| h.deadline < deadline) {
+            let how = match tick
+                .releases
+                .check(cf, executor, task.epoch, tick.mono, tick.now)
+            {
+                Verdict::Wait { wall, .. } => {
+                    if held.as_ref().is_none_or(|h| h.deadline < wall) {
                         held = Some(Held {
                             executor: executor.clone(),
                             epoch: task.epoch,
-                            deadline,
+                            deadline: wall,
                         });
                     }
                     continue;

@@ -22,7 +22,10 @@
 //!
 //! Nothing here is persisted: a new owner starts with nothing pending and
 //! derives the rest from the task keys, which stay in etcd until released.
-//! The one assumption is the lease's: clocks run at nearly the same rate.
+//! The one assumption is the lease's: clocks run at nearly the same rate. Times
+//! here are on the owner's monotonic clock (a step of the wall clock cannot
+//! release anything early); each wait also keeps its deadline on the wall
+//! clock, fixed when the wait starts, for operators.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -35,16 +38,19 @@ pub(super) enum Verdict {
     Acknowledged,
     /// Released: its lease has certainly ended.
     Lapsed,
-    /// Not before `deadline` (ms), unless the executor acknowledges earlier.
-    Wait { deadline: u64 },
+    /// Not before `deadline` (monotonic ms; `wall`: the same on the wall clock),
+    /// unless the executor acknowledges earlier.
+    Wait { deadline: u64, wall: u64 },
 }
 
 /// A task this owner saw taken away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pending {
     epoch: u64,
-    /// `max_lease` after this owner first saw it taken away.
+    /// `max_lease` after this owner first saw it taken away (monotonic ms).
     deadline: u64,
+    /// `deadline` on the wall clock, as of when the wait started.
+    wall: u64,
     acked: bool,
 }
 
@@ -84,6 +90,7 @@ impl Releases {
             .or_insert(Pending {
                 epoch,
                 deadline,
+                wall: 0,
                 acked: false,
             });
         if slot.epoch == epoch {
@@ -93,6 +100,7 @@ impl Releases {
             *slot = Pending {
                 epoch,
                 deadline,
+                wall: 0,
                 acked: true,
             };
         }
@@ -120,17 +128,20 @@ impl Releases {
     }
 
     /// Whether `executor`'s task of `cf` at `epoch`, taken away, is released;
-    /// the first call for a task starts its wait.
+    /// the first call for a task starts its wait. `now`: monotonic ms;
+    /// `wall_now`: the wall clock's, for the deadline shown.
     pub(super) fn check(
         &mut self,
         cf: &ChangefeedId,
         executor: &str,
         epoch: u64,
         now: u64,
+        wall_now: u64,
     ) -> Verdict {
         let fresh = Pending {
             epoch,
             deadline: now.saturating_add(self.max_lease_ms),
+            wall: wall_now.saturating_add(self.max_lease_ms),
             acked: false,
         };
         let slot = self
@@ -157,7 +168,10 @@ impl Releases {
         if now >= deadline {
             Verdict::Lapsed
         } else {
-            Verdict::Wait { deadline }
+            Verdict::Wait {
+                deadline,
+                wall: pending.wall.saturating_sub(pending.deadline - deadline),
+            }
         }
     }
 
@@ -215,45 +229,57 @@ mod tests {
     fn a_task_waits_for_the_longest_lease_unless_acknowledged() {
         let mut r = Releases::new(60_000);
         assert_eq!(
-            r.check(&cf(), "e1", 3, 1_000),
-            Verdict::Wait { deadline: 61_000 }
+            r.check(&cf(), "e1", 3, 1_000, 1_000),
+            Verdict::Wait {
+                deadline: 61_000,
+                wall: 61_000
+            }
         );
         // The deadline is from when the task was first seen taken away.
         assert_eq!(
-            r.check(&cf(), "e1", 3, 30_000),
-            Verdict::Wait { deadline: 61_000 }
+            r.check(&cf(), "e1", 3, 30_000, 30_000),
+            Verdict::Wait {
+                deadline: 61_000,
+                wall: 61_000
+            }
         );
-        assert_eq!(r.check(&cf(), "e1", 3, 61_000), Verdict::Lapsed);
+        assert_eq!(r.check(&cf(), "e1", 3, 61_000, 61_000), Verdict::Lapsed);
         let mut r = Releases::new(60_000);
-        r.check(&cf(), "e1", 3, 1_000);
+        r.check(&cf(), "e1", 3, 1_000, 1_000);
         // An ack of another epoch releases nothing of this one.
         r.acknowledged(&cf(), "e2", 3, 2_000);
         assert!(matches!(
-            r.check(&cf(), "e1", 3, 2_000),
+            r.check(&cf(), "e1", 3, 2_000, 2_000),
             Verdict::Wait { .. }
         ));
         r.acknowledged(&cf(), "e1", 3, 2_000);
-        assert_eq!(r.check(&cf(), "e1", 3, 2_000), Verdict::Acknowledged);
+        assert_eq!(r.check(&cf(), "e1", 3, 2_000, 2_000), Verdict::Acknowledged);
     }
 
     #[test]
     fn an_offline_executor_s_lease_end_shortens_the_wait() {
         let mut r = Releases::new(60_000);
-        r.check(&cf(), "e1", 3, 1_000);
+        r.check(&cf(), "e1", 3, 1_000, 1_000);
         assert_eq!(r.offline("e1", 9_000, 2_000), vec![cf()]);
         assert_eq!(
-            r.check(&cf(), "e1", 3, 2_000),
-            Verdict::Wait { deadline: 9_000 }
+            r.check(&cf(), "e1", 3, 2_000, 2_000),
+            Verdict::Wait {
+                deadline: 9_000,
+                wall: 9_000
+            }
         );
-        assert_eq!(r.check(&cf(), "e1", 3, 9_000), Verdict::Lapsed);
+        assert_eq!(r.check(&cf(), "e1", 3, 9_000, 9_000), Verdict::Lapsed);
         // Expired: lapsed already.
         r.offline("e2", 2_000, 2_000);
-        assert_eq!(r.check(&cf(), "e2", 7, 2_000), Verdict::Lapsed);
+        assert_eq!(r.check(&cf(), "e2", 7, 2_000, 2_000), Verdict::Lapsed);
         // Forgotten a longest lease later; a task seen after that waits its own.
         r.prune(62_001);
         assert_eq!(
-            r.check(&cf(), "e3", 1, 62_001),
-            Verdict::Wait { deadline: 122_001 }
+            r.check(&cf(), "e3", 1, 62_001, 62_001),
+            Verdict::Wait {
+                deadline: 122_001,
+                wall: 122_001
+            }
         );
     }
 
@@ -261,8 +287,14 @@ mod tests {
     fn a_new_task_of_the_same_executor_starts_a_new_wait() {
         let mut r = Releases::new(10);
         r.acknowledged(&cf(), "e1", 3, 0);
-        assert_eq!(r.check(&cf(), "e1", 3, 0), Verdict::Acknowledged);
-        assert_eq!(r.check(&cf(), "e1", 5, 0), Verdict::Wait { deadline: 10 });
+        assert_eq!(r.check(&cf(), "e1", 3, 0, 0), Verdict::Acknowledged);
+        assert_eq!(
+            r.check(&cf(), "e1", 5, 0, 0),
+            Verdict::Wait {
+                deadline: 10,
+                wall: 10
+            }
+        );
         r.forget(&cf(), |_, _| false);
         assert_eq!(r.len(), 0);
         assert!(r.by_executor.is_empty());
