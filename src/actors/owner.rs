@@ -88,10 +88,11 @@ impl WorkDesk {
         executor: &str,
         progress: Vec<ProgressReport>,
         stopped: Vec<(ChangefeedId, u64)>,
+        known: Option<u64>,
     ) -> Result<Work, Error> {
         let (work, accepted) = self
             .board
-            .work_for(executor, progress, stopped)
+            .work_for(executor, progress, stopped, known)
             .ok_or(Error::NotRunning)?;
         if !accepted.progress.is_empty() || !accepted.stopped.is_empty() {
             let inputs = self.inputs.read().unwrap_or_else(PoisonError::into_inner);

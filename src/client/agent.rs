@@ -238,6 +238,7 @@ impl Agent {
                 budget: DEFAULT_BUDGET,
                 running: HashSet::new(),
                 revoked: Vec::new(),
+                known: None,
             }
             .run(stop_rx),
         );
@@ -370,6 +371,9 @@ struct Runner {
     running: HashSet<TaskRef>,
     /// The last answer's tasks taken away, to acknowledge once stopped.
     revoked: Vec<TaskRef>,
+    /// The generation of the lists last received and the assignments of it: an
+    /// `unchanged` answer means these still hold.
+    known: Option<(u64, Vec<Assignment>)>,
 }
 
 impl Runner {
@@ -455,6 +459,7 @@ impl Runner {
                     // (by its lease); the new one starts with none.
                     self.running.clear();
                     self.revoked.clear();
+                    self.known = None;
                     lease = None;
                     self.view.send_modify(|v| {
                         v.executor_id = None;
@@ -623,6 +628,7 @@ impl Runner {
             ttl_ms: self.config.ttl.map(|ttl| ttl.as_millis() as u64),
             progress: self.outbox.pack(self.budget),
             stopped,
+            generation: self.known.as_ref().map(|(generation, _)| *generation),
         };
         (request, LeaseClock::now())
     }
@@ -631,10 +637,27 @@ impl Runner {
     /// lease. An answer that arrives after the lease it grants has ended grants nothing.
     fn take(
         &mut self,
-        answer: HeartbeatResponse,
+        mut answer: HeartbeatResponse,
         sent: LeaseClock,
         lease: &mut Option<LeaseClock>,
     ) {
+        // "Unchanged": the lists of the generation it named still hold.
+        match (&self.known, answer.unchanged, answer.generation) {
+            (Some((known, assignments)), true, Some(generation)) if *known == generation => {
+                answer.assignments = assignments.clone();
+                answer.revoked = self.revoked.clone();
+            }
+            (_, true, _) => {
+                // Not the generation it has: take nothing, ask for the lists.
+                warn!("the server answered unchanged to an unknown generation; asking again");
+                self.known = None;
+                return;
+            }
+            (_, false, Some(generation)) => {
+                self.known = Some((generation, answer.assignments.clone()));
+            }
+            (_, false, None) => self.known = None,
+        }
         // Progress of work this executor no longer has at that epoch is stale.
         let current: HashMap<(&str, &str), u64> = answer
             .assignments

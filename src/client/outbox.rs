@@ -119,6 +119,7 @@ mod tests {
             assert_eq!(packed.len(), 30);
             let body = serde_json::to_vec(&HeartbeatRequest {
                 stopped: Vec::new(),
+                generation: Some(u64::MAX),
                 ttl_ms: Some(10_000),
                 progress: packed.clone(),
             })

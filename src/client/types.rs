@@ -70,6 +70,10 @@ pub struct HeartbeatRequest {
     /// workload confirmed it): each releases its changefeed to run elsewhere.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stopped: Vec<TaskRef>,
+    /// The `generation` of the last answer whose lists this executor took: while
+    /// it is current the answer is `unchanged` and carries no lists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// One task: a changefeed at an epoch.
@@ -115,6 +119,14 @@ pub struct HeartbeatResponse {
     /// until this executor's lease lapses).
     #[serde(default)]
     pub revoked: Vec<TaskRef>,
+    /// The generation of `assignments` and `revoked` (`None`: a server that does
+    /// not say).
+    #[serde(default)]
+    pub generation: Option<u64>,
+    /// The request's `generation` is current: the lists are left out and the
+    /// ones of that generation still hold.
+    #[serde(default)]
+    pub unchanged: bool,
 }
 
 /// A changefeed an executor must run.

@@ -191,6 +191,10 @@ pub(super) struct HeartbeatRequest {
     #[serde(default)]
     #[schema(max_items = 10000)]
     stopped: Vec<StoppedItem>,
+    /// The `generation` of the last answer whose lists this executor took:
+    /// while it is current the answer says `unchanged` and leaves the lists out.
+    #[schema(minimum = 0)]
+    generation: Option<u64>,
 }
 
 /// A task an executor has stopped (from `revoked`).
@@ -273,6 +277,13 @@ pub(super) struct HeartbeatResponse {
     /// the changefeed is not assigned to anyone: no two executors ever run it
     /// at once.
     revoked: Vec<Revoked>,
+    /// The generation of `assignments` and `revoked`: send it back as the
+    /// request's `generation`.
+    generation: u64,
+    /// The request's `generation` is current: `assignments` and `revoked` are
+    /// empty here and the executor's own lists still hold (the lease is
+    /// extended all the same).
+    unchanged: bool,
 }
 
 /// Heartbeat: keep the executor alive, report progress, learn assignments.
@@ -351,7 +362,7 @@ pub(super) async fn heartbeat(
     if !small {
         authenticate()?;
     }
-    let (progress, stopped, ttl) =
+    let (progress, stopped, known, ttl) =
         match heartbeat_request(&req, body, state.max_heartbeat_bytes).await {
             Ok(request) => request,
             Err(error) => {
@@ -377,7 +388,7 @@ pub(super) async fn heartbeat(
             ));
         }
         let ack = roles.registry.table.heartbeat(&id, &token, ttl)?;
-        Ok((ack, work_for(roles, &id, progress, stopped)?))
+        Ok((ack, work_for(roles, &id, progress, stopped, known)?))
     })?;
     Ok(HttpResponse::Ok().json(HeartbeatResponse {
         ttl_ms: ack.ttl.as_millis() as u64,
@@ -386,6 +397,8 @@ pub(super) async fn heartbeat(
         assignments: work.assignments,
         rejected: work.rejected,
         revoked: work.revoked,
+        generation: work.generation,
+        unchanged: work.unchanged,
     }))
 }
 
@@ -398,6 +411,7 @@ async fn heartbeat_request(
 ) -> Result<(
     Vec<ProgressReport>,
     Vec<(ChangefeedId, u64)>,
+    Option<u64>,
     Option<Duration>,
 )> {
     let request: HeartbeatRequest = json_body(req, body, limit).await?.unwrap_or_default();
@@ -443,7 +457,7 @@ async fn heartbeat_request(
         Some(ms) => Some(Duration::from_millis(ms)),
         None => None,
     };
-    Ok((progress, stopped, ttl))
+    Ok((progress, stopped, request.generation, ttl))
 }
 
 /// The owner's answer to a heartbeat the registry accepted.
@@ -452,19 +466,22 @@ fn work_for(
     id: &str,
     progress: Vec<ProgressReport>,
     stopped: Vec<(ChangefeedId, u64)>,
+    known: Option<u64>,
 ) -> Result<Work> {
     Ok(match &roles.owner {
         // If the owner cannot answer after the heartbeat counted, a 503
         // tells the executor to keep its current work and ask again (an
         // empty list would stop everything).
         Some(owner) => owner
-            .work(id, progress, stopped)
+            .work(id, progress, stopped, known)
             .map_err(|e| Error::Unavailable(e.to_string()))?,
         // A server built without an owner (registry-only tests) has no work
         // to hand out and takes no progress.
         None => Work {
             assignments: Vec::new(),
             revoked: Vec::new(),
+            generation: 0,
+            unchanged: false,
             rejected: progress
                 .into_iter()
                 .map(|p| Rejected {

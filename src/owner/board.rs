@@ -9,6 +9,14 @@
 //! Until the worker's first tick (the first consistent snapshot of etcd) and
 //! after the worker stops, the board is not ready and answers nothing: an
 //! empty list would tell every executor to stop its work.
+//!
+//! Each executor's work has a generation, changed whenever what it must run or
+//! stop changes (not when only a persisted checkpoint moves: that matters only
+//! where an assignment starts). An executor that sends the generation it last
+//! saw gets "unchanged" instead of its whole list while it is current: an
+//! answer of a few bytes, not one per assignment, every heartbeat. Generations
+//! start at a random base per board, so a new leader's cannot be mistaken for
+//! the last one's, and the base itself always means "nothing".
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,6 +67,11 @@ pub struct Work {
     pub assignments: Vec<Assignment>,
     pub rejected: Vec<Rejected>,
     pub revoked: Vec<Revoked>,
+    /// The generation of `assignments` and `revoked`.
+    pub generation: u64,
+    /// The executor's known generation is current: `assignments` and `revoked`
+    /// are left out (empty), the ones it has still hold.
+    pub unchanged: bool,
 }
 
 /// What the owner takes from a heartbeat: the progress of current assignments,
@@ -102,6 +115,48 @@ struct Tables {
     by_executor: HashMap<String, BTreeMap<ChangefeedId, Slot>>,
     /// Every changefeed with at least one key.
     feeds: HashMap<ChangefeedId, Current>,
+    /// The generation of each executor's slots; `base` for one with none.
+    generations: HashMap<String, u64>,
+    /// This board's first generation (random), and the next one to hand out.
+    base: u64,
+    next: u64,
+}
+
+impl Tables {
+    fn fresh() -> Self {
+        let base = rand::random::<u64>() >> 1;
+        Tables {
+            base,
+            next: base.wrapping_add(1),
+            ..Tables::default()
+        }
+    }
+
+    /// `executor`'s work changed: a new generation.
+    fn bump(&mut self, executor: &str) {
+        let generation = self.next;
+        self.next = self.next.wrapping_add(1);
+        if self.next == self.base {
+            self.next = self.next.wrapping_add(1);
+        }
+        self.generations.insert(executor.to_owned(), generation);
+    }
+
+    fn generation(&self, executor: &str) -> u64 {
+        self.generations.get(executor).copied().unwrap_or(self.base)
+    }
+}
+
+/// Whether two slots ask the same of their executor (a moved checkpoint
+/// alone does not: it matters only where an assignment starts).
+fn same_work(a: &Slot, b: &Slot) -> bool {
+    let strip = |s: &Slot| {
+        s.assignment.as_ref().map(|a| Assignment {
+            checkpoint_ts: 0,
+            ..a.clone()
+        })
+    };
+    a.epoch == b.epoch && strip(a) == strip(b)
 }
 
 /// See the module documentation.
@@ -126,7 +181,7 @@ impl WorkBoard {
     /// Forgets everything (a new worker starts from an empty state).
     pub fn clear(&self) {
         self.ready.store(false, Ordering::Release);
-        *self.write() = Tables::default();
+        *self.write() = Tables::fresh();
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Tables> {
@@ -200,8 +255,15 @@ impl WorkBoard {
                 assignment,
             };
             let slots = tables.by_executor.entry(executor.clone()).or_default();
-            if slots.get(cf) != Some(&slot) {
-                slots.insert(cf.clone(), slot);
+            match slots.get(cf) {
+                Some(old) if *old == slot => {}
+                Some(old) if same_work(old, &slot) => {
+                    slots.insert(cf.clone(), slot);
+                }
+                _ => {
+                    slots.insert(cf.clone(), slot);
+                    tables.bump(executor);
+                }
             }
         }
     }
@@ -234,14 +296,21 @@ impl WorkBoard {
         executor: &str,
         progress: Vec<ProgressReport>,
         stopped: Vec<(ChangefeedId, u64)>,
+        known: Option<u64>,
     ) -> Option<(Work, Accepted)> {
         if !self.is_ready() {
             return None;
         }
         let tables = self.read();
         let slots = tables.by_executor.get(executor);
-        let mut work = Work::default();
-        for (cf, slot) in slots.into_iter().flatten() {
+        let generation = tables.generation(executor);
+        let mut work = Work {
+            generation,
+            unchanged: known == Some(generation),
+            ..Work::default()
+        };
+        let listed = if work.unchanged { None } else { slots };
+        for (cf, slot) in listed.into_iter().flatten() {
             match &slot.assignment {
                 Some(assignment) => work.assignments.push(assignment.clone()),
                 None => work.revoked.push(Revoked {
@@ -300,9 +369,14 @@ impl WorkBoard {
 
 fn remove_slot(tables: &mut Tables, executor: &str, cf: &ChangefeedId) {
     if let Some(slots) = tables.by_executor.get_mut(executor) {
-        slots.remove(cf);
-        if slots.is_empty() {
-            tables.by_executor.remove(executor);
+        if slots.remove(cf).is_some() {
+            if slots.is_empty() {
+                // Nothing left: the base generation, which means nothing.
+                tables.by_executor.remove(executor);
+                tables.generations.remove(executor);
+            } else {
+                tables.bump(executor);
+            }
         }
     }
 }

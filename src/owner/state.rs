@@ -393,7 +393,7 @@ mod tests {
             .unwrap()
         };
         assert!(
-            board.work_for("e1", vec![], vec![]).is_none(),
+            board.work_for("e1", vec![], vec![], None).is_none(),
             "not ready before the first tick"
         );
         board.set_ready();
@@ -404,20 +404,34 @@ mod tests {
         );
         put(&mut state, keys.status(&cf), status(1, 5));
         put(&mut state, keys.task_status(&cf, "e1"), task(1));
-        let (work, accepted) = board.work_for("e1", vec![report(&cf, 1)], vec![]).unwrap();
+        let (work, accepted) = board
+            .work_for("e1", vec![report(&cf, 1)], vec![], None)
+            .unwrap();
         assert_eq!(work.assignments.len(), 1);
         assert_eq!(work.assignments[0].epoch, 1);
         assert_eq!(work.assignments[0].checkpoint_ts, 5);
         assert_eq!(accepted.progress, vec![report(&cf, 1)]);
         assert!(work.rejected.is_empty());
 
-        // The checkpoint moves: the assignment says where to resume from.
+        // The checkpoint moves: the assignment says where to resume from. The
+        // work is the same: an executor that knows this generation gets
+        // "unchanged" and no list.
+        let before = work.generation;
         put(&mut state, keys.status(&cf), status(1, 9));
-        let (work, _) = board.work_for("e1", vec![], vec![]).unwrap();
+        let (work, _) = board.work_for("e1", vec![], vec![], None).unwrap();
         assert_eq!(work.assignments[0].checkpoint_ts, 9);
+        assert_eq!(work.generation, before, "a checkpoint alone is no change");
+        let (same, _) = board.work_for("e1", vec![], vec![], Some(before)).unwrap();
+        assert!(same.unchanged && same.assignments.is_empty() && same.revoked.is_empty());
+        let (old, _) = board
+            .work_for("e1", vec![], vec![], Some(before.wrapping_sub(1)))
+            .unwrap();
+        assert!(!old.unchanged && old.assignments.len() == 1);
 
         // A stop acknowledged of a task still assigned releases nothing.
-        let (_, accepted) = board.work_for("e1", vec![], vec![(cf.clone(), 1)]).unwrap();
+        let (_, accepted) = board
+            .work_for("e1", vec![], vec![(cf.clone(), 1)], None)
+            .unwrap();
         assert!(accepted.stopped.is_empty());
 
         // Moved to e2 at epoch 2: e1's report is stale, e1 runs nothing and is
@@ -430,9 +444,11 @@ mod tests {
                 "e1",
                 vec![report(&cf, 1)],
                 vec![(cf.clone(), 1), (cf.clone(), 7)],
+                None,
             )
             .unwrap();
         assert!(work.assignments.is_empty());
+        assert_ne!(work.generation, before, "moved away: a new generation");
         assert!(accepted.progress.is_empty());
         assert_eq!(accepted.stopped, vec![(cf.clone(), 1)]);
         assert_eq!(
@@ -450,7 +466,7 @@ mod tests {
         state
             .update(&keys.task_status(&cf, "e1"), None, false)
             .unwrap();
-        let (work, _) = board.work_for("e2", vec![], vec![]).unwrap();
+        let (work, _) = board.work_for("e2", vec![], vec![], None).unwrap();
         assert_eq!(work.assignments[0].epoch, 2);
 
         // Paused: still e2's task, but nothing to run.
@@ -461,7 +477,9 @@ mod tests {
             keys.info(&cf),
             serde_json::to_vec(&paused).unwrap(),
         );
-        let (work, accepted) = board.work_for("e2", vec![report(&cf, 2)], vec![]).unwrap();
+        let (work, accepted) = board
+            .work_for("e2", vec![report(&cf, 2)], vec![], None)
+            .unwrap();
         assert!(work.assignments.is_empty());
         assert_eq!(
             work.revoked.len(),
@@ -482,11 +500,13 @@ mod tests {
         ] {
             state.update(&key, None, false).unwrap();
         }
-        let (work, _) = board.work_for("e2", vec![report(&cf, 2)], vec![]).unwrap();
+        let (work, _) = board
+            .work_for("e2", vec![report(&cf, 2)], vec![], None)
+            .unwrap();
         assert_eq!(work.rejected[0].reason, "unknown_changefeed");
 
         // A new state (a restarted worker) starts from an empty board.
         let _fresh = GlobalState::with_board(keys, board.clone());
-        assert!(board.work_for("e2", vec![], vec![]).is_none());
+        assert!(board.work_for("e2", vec![], vec![], None).is_none());
     }
 }

@@ -571,10 +571,14 @@ async fn a_lease_longer_than_a_failover_keeps_the_work_running_through_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_waits_for_the_old_workload_to_confirm_its_stop() {
     harness::init_tracing();
-    // The longest lease (the wait without an acknowledgement) is 3 s here.
+    // The longest lease (the wait without an acknowledgement) is 10 s here: far
+    // beyond what an acknowledged move takes, so the two cannot be mistaken.
     let server = FlotillaServer::start(ServerOptions {
         admin_token: Some(ADMIN.into()),
-        ..ServerOptions::default()
+        env: vec![
+            ("FLOTILLA_REGISTRY_MAX_TTL".into(), "10s".into()),
+            ("FLOTILLA_REGISTRY_FAILOVER_GRACE".into(), "12s".into()),
+        ],
     });
     let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
     let mut config = AgentConfig::new("alpha", "127.0.0.1:9100");
@@ -627,7 +631,7 @@ async fn a_move_waits_for_the_old_workload_to_confirm_its_stop() {
         (alpha.as_str(), first.epoch)
     );
     // Alpha's workload has not confirmed: beta gets nothing, for well over a
-    // heartbeat (200 ms) and short of the longest lease (3 s).
+    // heartbeat (200 ms) and short of the longest lease (10 s).
     let until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < until {
         assert!(
@@ -645,8 +649,9 @@ async fn a_move_waits_for_the_old_workload_to_confirm_its_stop() {
     })
     .await;
     assert!(moved.epoch > first.epoch);
+    // The lease would have released it 8.5 s from now at the earliest.
     assert!(
-        confirmed.elapsed() < Duration::from_secs(2),
+        confirmed.elapsed() < Duration::from_secs(5),
         "released by the acknowledgement, not the lease: {:?}",
         confirmed.elapsed()
     );

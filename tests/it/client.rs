@@ -100,6 +100,7 @@ async fn executor_methods_and_their_errors() {
                 ttl_ms: Some(60_000),
                 progress: vec![],
                 stopped: vec![],
+                generation: None,
             },
         )
         .await
@@ -296,6 +297,7 @@ async fn changefeed_methods_with_the_admin_token_and_progress() {
     let report = |epoch, checkpoint_ts| HeartbeatRequest {
         ttl_ms: None,
         stopped: vec![],
+        generation: None,
         progress: vec![Progress {
             namespace: ns.into(),
             changefeed: "orders".into(),
@@ -499,4 +501,93 @@ async fn an_answer_that_is_not_ours_is_unexpected() {
     }
     assert!(error.is_retryable());
     proxy.join().unwrap();
+}
+
+/// An executor that sends back the generation it last saw gets "unchanged" and
+/// no lists while nothing changed (a small answer however much it runs); a
+/// change (a pause) brings the lists again, with the change in them.
+#[tokio::test]
+async fn an_unchanged_heartbeat_answer_is_small_and_a_change_brings_the_lists() {
+    harness::init_tracing();
+    let server = FlotillaServer::start(ServerOptions {
+        admin_token: Some(ADMIN.into()),
+        ..ServerOptions::default()
+    });
+    let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
+    let reg = admin
+        .register(&register_request("big", "z1"))
+        .await
+        .unwrap();
+    let id = reg.executor.id.clone();
+    const N: usize = 200;
+    for i in 0..N {
+        let create = CreateChangefeed {
+            id: format!("cf{i:03}"),
+            sink_uri: format!("kafka://broker/{i}"),
+            ..CreateChangefeed::default()
+        };
+        admin
+            .create_changefeed(DEFAULT_NAMESPACE, &create)
+            .await
+            .unwrap();
+    }
+    let beat = |generation: Option<u64>| {
+        let body = match generation {
+            Some(g) => serde_json::json!({ "generation": g }),
+            None => serde_json::json!({}),
+        };
+        crate::harness::http::request(
+            server.port(),
+            "POST",
+            &format!("/api/v1/executors/{id}/heartbeat"),
+            Some(&reg.token),
+            Some(&body),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let full = loop {
+        let answer = beat(None);
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let json: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        if json["assignments"].as_array().unwrap().len() == N {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all assigned: {}",
+            answer.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let json: serde_json::Value = serde_json::from_str(&full.body).unwrap();
+    let generation = json["generation"].as_u64().unwrap();
+    assert_eq!(json["unchanged"], false);
+    let same = beat(Some(generation));
+    let same_json: serde_json::Value = serde_json::from_str(&same.body).unwrap();
+    assert_eq!(same_json["unchanged"], true, "{}", same.body);
+    assert!(same_json["assignments"].as_array().unwrap().is_empty());
+    assert!(
+        same.body.len() < 1024 && full.body.len() > 10 * 1024,
+        "unchanged {} bytes, full {} bytes",
+        same.body.len(),
+        full.body.len()
+    );
+
+    admin
+        .pause_changefeed(DEFAULT_NAMESPACE, "cf007")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let changed = loop {
+        let answer = beat(Some(generation));
+        let json: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        if json["unchanged"] == false {
+            break json;
+        }
+        assert!(Instant::now() < deadline, "the pause never showed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(changed["generation"].as_u64(), Some(generation));
+    assert_eq!(changed["assignments"].as_array().unwrap().len(), N - 1);
+    assert_eq!(changed["revoked"][0]["changefeed"], "cf007");
 }

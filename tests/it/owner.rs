@@ -175,7 +175,7 @@ async fn beat_stopping(
     loop {
         match c
             .desk
-            .work(&r.executor.id, progress.clone(), stopped.clone())
+            .work(&r.executor.id, progress.clone(), stopped.clone(), None)
         {
             Ok(work) => return work,
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,

@@ -303,6 +303,7 @@ impl Fleet {
                         ttl_ms: None,
                         progress: progress.clone(),
                         stopped: std::mem::take(&mut stopped),
+                        generation: None,
                     };
                     match client.heartbeat(&id, &registration.token, &request).await {
                         Ok(answer) => {
