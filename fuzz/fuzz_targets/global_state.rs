@@ -8,8 +8,10 @@
 //!   values it accepted, index and work board included (order does not matter);
 //! - `unreadable` is exactly the changefeeds whose info key holds a value
 //!   that does not decode;
-//! - a tick never moves a checkpoint or an epoch backward, and leaves every
-//!   readable changefeed with at most one task, at its current epoch.
+//! - a tick never moves a checkpoint or an epoch backward, leaves every
+//!   readable changefeed with at most one task at its current epoch (others
+//!   wait to be released), removes a deleted one's status, and assigns a
+//!   changefeed only when no other task of it remains (the hand-off).
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -282,7 +284,14 @@ impl Run {
             "rejected groups: {:?}",
             plan.rejected
         );
+        // Changefeeds this tick assigned (a task key put).
+        let mut assigned: BTreeSet<ChangefeedId> = BTreeSet::new();
         for write in plan.txns.into_iter().flat_map(|txn| txn.writes) {
+            if let (Some(Key::TaskStatus { changefeed, .. }), Some(_)) =
+                (self.keys.parse(&write.key), &write.value)
+            {
+                assigned.insert(changefeed);
+            }
             match write.value {
                 Some(value) => self.accepted.insert(write.key, value),
                 None => self.accepted.remove(&write.key),
@@ -305,14 +314,29 @@ impl Run {
             if state.unreadable.contains(cf) {
                 continue;
             }
-            assert!(
-                entry.info.is_some(),
-                "{cf}: leftovers not removed: {entry:?}"
-            );
-            assert!(entry.tasks.len() <= 1, "{cf}: several tasks: {entry:?}");
-            if let Some(task) = entry.tasks.values().next() {
-                let epoch = entry.status.as_ref().map(|s| s.epoch);
-                assert_eq!(Some(task.epoch), epoch, "{cf}: task off its epoch");
+            // A deleted changefeed's status goes at once; its task keys stay
+            // until released (their executors may still run it).
+            if entry.info.is_none() {
+                assert!(
+                    entry.status.is_none(),
+                    "{cf}: leftovers not removed: {entry:?}"
+                );
+            }
+            let epoch = entry.status.as_ref().map(|s| s.epoch);
+            let current = entry
+                .tasks
+                .values()
+                .filter(|t| Some(t.epoch) == epoch)
+                .count();
+            assert!(current <= 1, "{cf}: several tasks at its epoch: {entry:?}");
+            // The hand-off: a tick assigns a changefeed only once every other
+            // task of it is gone (released and deleted in the same txn).
+            if assigned.contains(cf) {
+                assert_eq!(
+                    entry.tasks.len(),
+                    1,
+                    "{cf}: assigned while another task is held: {entry:?}"
+                );
             }
         }
     }
