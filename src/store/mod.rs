@@ -339,16 +339,53 @@ async fn open(url: &str, target: &Target, options: &StoreOptions) -> Result<Data
     }
     // sea-orm hands `connect_timeout` to sqlx as the acquire timeout (the later
     // setting wins), so the first connection is bounded here instead.
-    match tokio::time::timeout(options.connect_timeout, Database::connect(connect)).await {
-        Ok(connected) => connected.map_err(unavailable(OPERATION)),
-        Err(_) => Err(Error::Unavailable {
-            operation: OPERATION,
-            source: DbErr::Conn(RuntimeErr::Internal(format!(
-                "no connection within the connect timeout ({:?})",
-                options.connect_timeout
-            ))),
-        }),
+    let deadline = tokio::time::Instant::now() + options.connect_timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, Database::connect(connect.clone())).await {
+            // Servers opening one new SQLite file together: switching it to WAL
+            // takes an exclusive lock that SQLite's busy handler does not wait for
+            // (SQLITE_BUSY at once, seen under load). That one is retried, within
+            // the connect timeout.
+            Ok(Err(error))
+                if matches!(target, Target::SqliteFile(_))
+                    && is_sqlite_busy(&error)
+                    && tokio::time::Instant::now() + SQLITE_BUSY_RETRY < deadline =>
+            {
+                debug!(%error, "SQLite file busy while opening; trying again");
+                tokio::time::sleep(SQLITE_BUSY_RETRY).await;
+            }
+            Ok(connected) => return connected.map_err(unavailable(OPERATION)),
+            Err(_) => {
+                return Err(Error::Unavailable {
+                    operation: OPERATION,
+                    source: DbErr::Conn(RuntimeErr::Internal(format!(
+                        "no connection within the connect timeout ({:?})",
+                        options.connect_timeout
+                    ))),
+                })
+            }
+        }
     }
+}
+
+/// The wait before opening a busy SQLite file again.
+const SQLITE_BUSY_RETRY: Duration = Duration::from_millis(50);
+
+/// SQLITE_BUSY or SQLITE_LOCKED (primary codes 5 and 6, under any extended code).
+fn is_sqlite_busy(error: &DbErr) -> bool {
+    let (DbErr::Conn(RuntimeErr::SqlxError(e))
+    | DbErr::Exec(RuntimeErr::SqlxError(e))
+    | DbErr::Query(RuntimeErr::SqlxError(e))) = error
+    else {
+        return false;
+    };
+    let sea_orm::sqlx::Error::Database(database) = &**e else {
+        return false;
+    };
+    database
+        .code()
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
 }
 
 async fn create_parent_dir(file: &Path) -> Result<()> {
