@@ -52,6 +52,7 @@ async fn killing_the_leader_under_load_expires_no_executor_and_moves_no_changefe
         .list_executors(&ExecutorFilter::default())
         .await
         .unwrap();
+    let ids = fleet.ids.clone();
     let observed = fleet.stop().await;
 
     assert!(
@@ -60,11 +61,23 @@ async fn killing_the_leader_under_load_expires_no_executor_and_moves_no_changefe
         observed.refused
     );
     assert!(first_ok_after_kill.is_some_and(|t| t > killed));
-    assert_eq!(live.total, 200, "every executor is still registered");
-    assert!(
-        live.items.iter().all(|e| e.status == "running"),
-        "no executor expired"
-    );
+    // Every fleet executor is still registered and running. Anything else
+    // listed is the row of a registration that timed out under load and was
+    // retried (its insert had landed): `initing`, with no work.
+    for id in &ids {
+        let executor = live.items.iter().find(|e| &e.id == id);
+        assert!(
+            executor.is_some_and(|e| e.status == "running"),
+            "{id} expired or is not running: {executor:?}"
+        );
+    }
+    for ghost in live.items.iter().filter(|e| !ids.contains(&e.id)) {
+        assert_eq!(ghost.status, "initing", "{ghost:?}");
+        assert!(
+            ghost.changefeeds.as_ref().is_none_or(Vec::is_empty),
+            "{ghost:?}"
+        );
+    }
     let listed: usize = live
         .items
         .iter()

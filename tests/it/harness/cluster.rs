@@ -262,6 +262,8 @@ pub struct Fleet {
     pub stop: Arc<AtomicBool>,
     pub observed: Arc<Mutex<Observed>>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The executor id each member registered as.
+    pub ids: BTreeSet<String>,
 }
 
 impl Fleet {
@@ -269,6 +271,7 @@ impl Fleet {
         let stop = Arc::new(AtomicBool::new(false));
         let observed = Arc::new(Mutex::new(Observed::default()));
         let mut tasks = Vec::new();
+        let mut ids = BTreeSet::new();
         for i in 0..n {
             let client = Client::new(&urls[i % urls.len()])
                 .unwrap()
@@ -289,6 +292,7 @@ impl Fleet {
                     Err(e) => panic!("register: {e}"),
                 }
             };
+            ids.insert(registration.executor.id.clone());
             let (stop, observed) = (stop.clone(), observed.clone());
             tasks.push(tokio::spawn(async move {
                 let id = registration.executor.id;
@@ -339,6 +343,7 @@ impl Fleet {
             stop,
             observed,
             tasks,
+            ids,
         }
     }
 
