@@ -160,10 +160,22 @@ fn same_work(a: &Slot, b: &Slot) -> bool {
 }
 
 /// See the module documentation.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkBoard {
     ready: AtomicBool,
     tables: RwLock<Tables>,
+}
+
+/// Not derived: `Tables::default()` has base 0 and next 0, so its first
+/// generation would equal the base ("nothing") and an executor that saw it
+/// empty would be told "unchanged" about its first assignment.
+impl Default for WorkBoard {
+    fn default() -> Self {
+        Self {
+            ready: AtomicBool::new(false),
+            tables: RwLock::new(Tables::fresh()),
+        }
+    }
 }
 
 impl WorkBoard {
@@ -377,6 +389,40 @@ fn remove_slot(tables: &mut Tables, executor: &str, cf: &ChangefeedId) {
             } else {
                 tables.bump(executor);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever way a board is made, an executor's first slot is a new
+    /// generation, never the base an empty executor was told.
+    #[test]
+    fn a_first_assignment_is_never_the_empty_generation() {
+        for board in [WorkBoard::default(), {
+            let b = WorkBoard::default();
+            b.clear();
+            b
+        }] {
+            board.set_ready();
+            let (empty, _) = board.work_for("e1", vec![], vec![], None).unwrap();
+            let mut tables = board.write();
+            tables.by_executor.entry("e1".into()).or_default().insert(
+                ChangefeedId::new("default", "a"),
+                Slot {
+                    epoch: 1,
+                    assignment: None,
+                },
+            );
+            tables.bump("e1");
+            drop(tables);
+            let (after, _) = board
+                .work_for("e1", vec![], vec![], Some(empty.generation))
+                .unwrap();
+            assert!(!after.unchanged, "the first slot must be a change");
+            assert_eq!(after.revoked.len(), 1);
         }
     }
 }
