@@ -7,14 +7,17 @@
 //! They are published in a [`RoleSlot`] that the HTTP layer reads on every
 //! request: a server whose slot is empty forwards leader-only requests.
 //!
-//! The owner and its worker run on an arbiter (thread) of their own; the
-//! registry, the compactor and this actor share the server's.
+//! The owner runs on every server, on an arbiter (thread) of its own: on a
+//! follower it stands by (its worker follows the prefix, so its state stays
+//! current, and writes nothing); elected, it starts ticking from that state
+//! at once instead of reading the prefix from cold. The registry, the
+//! compactor and this actor share the server's thread.
 //!
 //! On deposition the slot is emptied first (no request reaches the old
-//! actors any more), then the owner is stopped (and its arbiter once its
-//! worker has ended), then the registry. A new
-//! election starts a fresh registry, which loads the executors from SQL with
-//! a grace period, and a fresh owner, which continues from etcd.
+//! actors any more), then the owner's active worker is stopped (its
+//! in-flight commit finishes, fenced) and a standby one starts, then the
+//! registry stops. A new election starts a fresh registry, which loads the
+//! executors from SQL with a grace period, and activates the standby owner.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -25,7 +28,7 @@ use tracing::{info, warn};
 
 use super::compactor::{Compactor, CompactorConfig, StopCompactor};
 use super::executor_registry::{ExecutorRegistry, RegistryConfig, RegistryHandle, StopRegistry};
-use super::owner::{Owner, OwnerSettings, StopOwner, WorkDesk};
+use super::owner::{Follow, Lead, Owner, OwnerSettings, StopOwner, WorkDesk};
 use crate::election::{Leadership, LeaseGuard};
 use crate::owner::model::Keys;
 use crate::store::Store;
@@ -107,11 +110,16 @@ pub struct StepDown;
 
 struct Running {
     registry: Addr<ExecutorRegistry>,
-    owner: Addr<Owner>,
-    /// The owner's and its worker's own thread, stopped after the owner.
-    owner_arbiter: Arbiter,
     /// `None` while compaction is off.
     compactor: Option<Addr<Compactor>>,
+}
+
+/// The owner, leading or standing by, for the server's whole life.
+struct StandingOwner {
+    addr: Addr<Owner>,
+    desk: WorkDesk,
+    /// The owner's and its worker's own thread, stopped after the owner.
+    arbiter: Arbiter,
 }
 
 pub struct LeaderRoles {
@@ -119,6 +127,8 @@ pub struct LeaderRoles {
     compaction: CompactorConfig,
     slot: RoleSlot,
     running: Option<Running>,
+    /// Started with this actor, stopped by [`StepDown`].
+    owner: Option<StandingOwner>,
 }
 
 impl LeaderRoles {
@@ -134,6 +144,7 @@ impl LeaderRoles {
             compaction,
             slot,
             running: None,
+            owner: None,
         }
     }
 
@@ -143,61 +154,96 @@ impl LeaderRoles {
         self
     }
 
+    /// Starts the owner standing by, on its own thread: a long tick must not
+    /// delay heartbeats, expiry or the election's keep-alive, which run on
+    /// this one. Its worker's actors start on that arbiter too
+    /// (`actors::start` uses the current one).
+    fn start_owner(&mut self) {
+        let owner = Owner::standby(
+            self.settings.client.clone(),
+            self.settings.keys.clone(),
+            self.settings.owner.clone(),
+        );
+        let desk = owner.desk();
+        let arbiter = Arbiter::new();
+        let addr = Owner::start_in_arbiter(&arbiter.handle(), move |_| owner);
+        self.owner = Some(StandingOwner {
+            addr,
+            desk,
+            arbiter,
+        });
+    }
+
     fn start_roles(&mut self, fence: super::worker::Fence, guard: LeaseGuard) {
         if self.running.is_some() {
             warn!("elected while the leader roles still run; restarting them");
-            actix_rt::spawn(self.stop_roles());
+            actix_rt::spawn(self.stop_roles(false));
         }
+        let Some(owner) = &self.owner else {
+            warn!("elected while shutting down; not starting the leader roles");
+            return;
+        };
         let registry =
             ExecutorRegistry::new(self.settings.registry.clone(), self.settings.store.clone())
                 .with_lease_guard(guard.clone())
                 .start_with_table();
-        let mut owner_settings = self.settings.owner.clone();
-        owner_settings.worker.fence = Some(fence);
-        let owner = Owner::new(
-            registry.addr.clone(),
-            self.settings.client.clone(),
-            self.settings.keys.clone(),
-            owner_settings,
-        );
-        let desk = owner.desk();
-        // Its own thread: a long tick must not delay heartbeats, expiry or the
-        // election's keep-alive, which run on this one. The worker's actors start
-        // on the owner's arbiter too (`actors::start` uses the current one).
-        let owner_arbiter = Arbiter::new();
-        let owner = Owner::start_in_arbiter(&owner_arbiter.handle(), move |_| owner);
+        // Queued after the `Follow` of `stop_roles` above, if any.
+        owner.addr.do_send(Lead {
+            registry: registry.addr.clone(),
+            fence,
+        });
         let compactor = (!self.compaction.interval.is_zero())
             .then(|| Compactor::new(self.settings.client.clone(), self.compaction).start());
         self.running = Some(Running {
             registry: registry.addr.clone(),
-            owner,
-            owner_arbiter,
             compactor,
         });
         self.slot.set(Some(Roles {
             registry,
-            owner: Some(desk),
+            owner: Some(owner.desk.clone()),
             lease: guard,
         }));
         info!("leader roles started: executor registry, changefeed owner and etcd compactor");
     }
 
-    /// Empties the slot now and returns the stop of the actors, in order:
-    /// the owner's worker finishes its in-flight commit (fenced) while the
-    /// registry still answers it, then the registry stops.
-    fn stop_roles(&mut self) -> impl std::future::Future<Output = ()> + 'static {
+    /// Empties the slot now and returns the stop of the leader roles, in
+    /// order: the owner's active worker finishes its in-flight commit
+    /// (fenced) while the registry still answers it, then the registry
+    /// stops. The owner is told before this returns: to stand by again
+    /// (`Follow`), or on `shutdown` to stop for good (and its thread with it).
+    fn stop_roles(&mut self, shutdown: bool) -> impl std::future::Future<Output = ()> + 'static {
         // Emptied first: from now on requests are forwarded (or refused),
         // none reaches the old actors.
         self.slot.set(None);
         let running = self.running.take();
-        async move {
-            if let Some(running) = running {
-                if let Some(compactor) = running.compactor {
-                    let _ = compactor.send(StopCompactor).await;
+        let owner: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> = if shutdown {
+            self.owner.take().map(|owner| {
+                let stopped = owner.addr.send(StopOwner);
+                Box::pin(async move {
+                    // Answers once its worker has ended; only then may its thread go.
+                    let _ = stopped.await;
+                    owner.arbiter.stop();
+                }) as _
+            })
+        } else {
+            match (&running, &self.owner) {
+                (Some(_), Some(owner)) => {
+                    let followed = owner.addr.send(Follow);
+                    Some(Box::pin(async move {
+                        let _ = followed.await;
+                    }) as _)
                 }
-                // Answers once the worker has ended; only then may its thread go.
-                let _ = running.owner.send(StopOwner).await;
-                running.owner_arbiter.stop();
+                _ => None,
+            }
+        };
+        async move {
+            if let Some(compactor) = running.as_ref().and_then(|r| r.compactor.clone()) {
+                let _ = compactor.send(StopCompactor).await;
+            }
+            if let Some(owner) = owner {
+                owner.await;
+            }
+            if let Some(running) = running {
                 let _ = running.registry.send(StopRegistry).await;
                 info!("leader roles stopped");
             }
@@ -207,6 +253,10 @@ impl LeaderRoles {
 
 impl Actor for LeaderRoles {
     type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Self::Context) {
+        self.start_owner();
+    }
 }
 
 impl Handler<Leadership> for LeaderRoles {
@@ -217,7 +267,7 @@ impl Handler<Leadership> for LeaderRoles {
             Leadership::Elected { fence, guard } => self.start_roles(fence, guard),
             Leadership::Deposed { reason } => {
                 warn!(%reason, "deposed: stopping the leader roles");
-                actix_rt::spawn(self.stop_roles());
+                actix_rt::spawn(self.stop_roles(false));
             }
         }
     }
@@ -227,6 +277,6 @@ impl Handler<StepDown> for LeaderRoles {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: StepDown, _: &mut Self::Context) -> Self::Result {
-        Box::pin(self.stop_roles())
+        Box::pin(self.stop_roles(true))
     }
 }

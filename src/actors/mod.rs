@@ -12,4 +12,4 @@ pub mod txn_committer;
 pub mod worker;
 
 pub use ticker::WorkerStats;
-pub use worker::{start, Fence, WorkerConfig, WorkerHandle};
+pub use worker::{start, start_standby, Fence, WorkerConfig, WorkerHandle};

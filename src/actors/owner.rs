@@ -28,8 +28,8 @@ use tracing::{error, info, warn};
 use super::executor_registry::{
     ExecutorEvent, ExecutorInfo, ExecutorRegistry, ExecutorStatus, Subscribe,
 };
-use super::ticker::StopWorker;
-use super::worker::{start, WorkerConfig};
+use super::ticker::{Activate, StopWorker};
+use super::worker::{start, start_standby, Fence, WorkerConfig};
 use crate::owner::board::WorkBoard;
 pub use crate::owner::board::{Assignment, Rejected, Revoked, Work};
 use crate::owner::model::ChangefeedId;
@@ -126,6 +126,22 @@ impl WorkDesk {
 #[rtype(result = "()")]
 pub struct StopOwner;
 
+/// This server leads from now on: the standby worker becomes active (its
+/// txns fenced on `fence`) and the owner follows `registry`'s feed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Lead {
+    pub registry: Addr<ExecutorRegistry>,
+    pub fence: Fence,
+}
+
+/// This server no longer leads: the active worker stops (its in-flight
+/// commit finishes, fenced) and a standby one starts in its place. Answers
+/// once the active worker has ended (or [`STOP_WAIT`] passed).
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Follow;
+
 /// One item of a registry subscription, tagged with the subscription.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -134,15 +150,39 @@ struct Feed {
     event: Option<ExecutorEvent>,
 }
 
+/// What the owner does now.
+enum Mode {
+    /// A follower's: the worker keeps the snapshot current, ticks nothing,
+    /// writes nothing.
+    Standby,
+    /// The leader's: the worker ticks, fenced on `fence`, and the reactor
+    /// follows `registry`'s feed.
+    Leading {
+        registry: Addr<ExecutorRegistry>,
+        fence: Option<Fence>,
+    },
+}
+
+/// The running worker, as the owner controls it.
+struct Running {
+    stop: Recipient<StopWorker>,
+    activate: Recipient<Activate>,
+    /// Whether it was started (or since made) active.
+    active: bool,
+}
+
 pub struct Owner {
-    registry: Addr<ExecutorRegistry>,
+    mode: Mode,
     client: Client,
     keys: Keys,
     settings: OwnerSettings,
     inputs: Option<mpsc::UnboundedSender<OwnerInput>>,
     desk: WorkDesk,
-    stopper: Option<Recipient<StopWorker>>,
-    /// [`StopOwner`]s waiting for the running worker's end.
+    /// `None` while no worker runs (restarting, stopping).
+    worker: Option<Running>,
+    /// Each started worker's number; the end of an older one is ignored.
+    generation: u64,
+    /// [`StopOwner`]s and [`Follow`]s waiting for the running worker's end.
     stop_waiters: Vec<oneshot::Sender<()>>,
     /// Current subscription; events of older ones are ignored.
     subscription: u64,
@@ -150,15 +190,27 @@ pub struct Owner {
 }
 
 impl Owner {
-    /// `keys` must be the cluster prefix `settings.worker.prefix` watches.
+    /// An owner that leads from the start (fenced on `settings.worker.fence`
+    /// if any) and follows `registry`. `keys` must be the cluster prefix
+    /// `settings.worker.prefix` watches.
     pub fn new(
         registry: Addr<ExecutorRegistry>,
         client: Client,
         keys: Keys,
         settings: OwnerSettings,
     ) -> Self {
+        let fence = settings.worker.fence.clone();
+        Self::with_mode(Mode::Leading { registry, fence }, client, keys, settings)
+    }
+
+    /// An owner that stands by until [`Lead`]: a follower's hot standby.
+    pub fn standby(client: Client, keys: Keys, settings: OwnerSettings) -> Self {
+        Self::with_mode(Mode::Standby, client, keys, settings)
+    }
+
+    fn with_mode(mode: Mode, client: Client, keys: Keys, settings: OwnerSettings) -> Self {
         Self {
-            registry,
+            mode,
             client,
             keys,
             settings,
@@ -167,7 +219,8 @@ impl Owner {
                 board: Arc::default(),
                 inputs: Arc::default(),
             },
-            stopper: None,
+            worker: None,
+            generation: 0,
             stop_waiters: Vec::new(),
             subscription: 0,
             stopping: false,
@@ -188,35 +241,65 @@ impl Owner {
         self.inputs = inputs;
     }
 
+    /// Starts a worker: active (fenced) while leading, standing by otherwise.
     fn start_worker(&mut self, ctx: &mut Context<Self>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let reactor = OwnerReactor::new(rx, self.settings.owner.clone());
-        let handle = start(
-            self.client.clone(),
-            reactor,
-            GlobalState::with_board(self.keys.clone(), self.desk.board.clone()),
-            self.settings.worker.clone(),
-        );
+        let state = GlobalState::with_board(self.keys.clone(), self.desk.board.clone());
+        let mut config = self.settings.worker.clone();
+        let (handle, active) = match &self.mode {
+            Mode::Leading { fence, .. } => {
+                config.fence = fence.clone();
+                (start(self.client.clone(), reactor, state, config), true)
+            }
+            Mode::Standby => {
+                config.fence = None;
+                (
+                    start_standby(self.client.clone(), reactor, state, config),
+                    false,
+                )
+            }
+        };
         self.set_inputs(Some(tx));
-        self.stopper = Some(handle.stopper());
-        info!(prefix = %self.settings.worker.prefix, "changefeed owner started");
-        ctx.spawn(handle.wait().into_actor(self).map(|result, act, ctx| {
+        self.generation += 1;
+        let generation = self.generation;
+        self.worker = Some(Running {
+            stop: handle.stopper(),
+            activate: handle.activator(),
+            active,
+        });
+        if active {
+            info!(prefix = %self.settings.worker.prefix, "changefeed owner started");
+        } else {
+            info!(prefix = %self.settings.worker.prefix, "changefeed owner standing by (following the prefix)");
+        }
+        ctx.spawn(handle.wait().into_actor(self).map(move |result, act, ctx| {
+            if generation != act.generation {
+                return;
+            }
+            act.worker = None;
             act.set_inputs(None);
-            act.stopper = None;
             // No answer is better than one from a state nobody updates.
             act.desk.board.clear();
+            let waited = !act.stop_waiters.is_empty();
+            for waiter in act.stop_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
             if act.stopping {
-                for waiter in act.stop_waiters.drain(..) {
-                    let _ = waiter.send(());
-                }
+                return;
+            }
+            if waited {
+                // Stopped on purpose (a step down): the next one starts at once.
+                act.start_worker(ctx);
+                act.subscribe(ctx);
                 return;
             }
             match result {
                 Ok(()) => warn!("the owner's worker stopped; restarting it"),
                 Err(e) => error!(error = %e, backoff = ?act.settings.restart_backoff, "the owner's worker failed; restarting it"),
             }
-            ctx.run_later(act.settings.restart_backoff, |act, ctx| {
-                if !act.stopping {
+            ctx.run_later(act.settings.restart_backoff, move |act, ctx| {
+                if !act.stopping && act.worker.is_none() {
                     act.start_worker(ctx);
                     act.subscribe(ctx);
                 }
@@ -224,11 +307,24 @@ impl Owner {
         }));
     }
 
+    /// Asks the running worker to stop; the returned receiver answers at its end.
+    fn stop_worker(&mut self) -> Option<oneshot::Receiver<()>> {
+        let running = self.worker.as_ref()?;
+        let (tx, rx) = oneshot::channel();
+        self.stop_waiters.push(tx);
+        running.stop.do_send(StopWorker);
+        Some(rx)
+    }
+
+    /// Follows the registry's feed while leading; does nothing standing by.
     fn subscribe(&mut self, ctx: &mut Context<Self>) {
         self.subscription += 1;
         let id = self.subscription;
+        let Mode::Leading { registry, .. } = &self.mode else {
+            return;
+        };
         ctx.spawn(
-            self.registry
+            registry
                 .send(Subscribe)
                 .into_actor(self)
                 .map(move |result, act, ctx| {
@@ -267,8 +363,10 @@ impl Owner {
                         Ok(Err(e)) => {
                             // The registry is still loading: try again soon.
                             warn!(error = %e, "owner: cannot subscribe to the registry yet");
-                            ctx.run_later(Duration::from_millis(200), |act, ctx| {
-                                act.subscribe(ctx)
+                            ctx.run_later(Duration::from_millis(200), move |act, ctx| {
+                                if id == act.subscription {
+                                    act.subscribe(ctx)
+                                }
                             });
                         }
                         Err(e) => error!(error = %e, "owner: the registry is gone"),
@@ -323,13 +421,77 @@ impl StreamHandler<Feed> for Owner {
             }),
             Some(ExecutorEvent::Resync) | None => {
                 warn!("owner: the executor feed ended; subscribing again");
-                ctx.run_later(Duration::from_millis(100), |act, ctx| act.subscribe(ctx));
+                let id = self.subscription;
+                ctx.run_later(Duration::from_millis(100), move |act, ctx| {
+                    if id == act.subscription {
+                        act.subscribe(ctx)
+                    }
+                });
             }
         }
     }
 
     // One subscription ending is not the owner's end.
     fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+impl Handler<Lead> for Owner {
+    type Result = ();
+
+    fn handle(&mut self, msg: Lead, ctx: &mut Self::Context) {
+        if self.stopping {
+            return;
+        }
+        let fence = Some(msg.fence);
+        self.mode = Mode::Leading {
+            registry: msg.registry,
+            fence: fence.clone(),
+        };
+        let stopping = !self.stop_waiters.is_empty();
+        match &mut self.worker {
+            // The hot standby: its snapshot is current, it only starts ticking.
+            Some(running) if !running.active && !stopping => {
+                running.activate.do_send(Activate { fence });
+                running.active = true;
+                info!(prefix = %self.settings.worker.prefix, "changefeed owner started from its standby state");
+            }
+            // Active on another fence (elected again without a step down in
+            // between): stopped, the next one starts on this fence.
+            Some(running) if running.active && !stopping => {
+                let _ = self.stop_worker();
+            }
+            // A worker of an earlier leadership still stopping, or none
+            // (restarting): the next one starts active, on this fence.
+            _ => {}
+        }
+        self.subscribe(ctx);
+    }
+}
+
+impl Handler<Follow> for Owner {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Follow, _: &mut Self::Context) -> Self::Result {
+        let was_leading = matches!(self.mode, Mode::Leading { .. });
+        self.mode = Mode::Standby;
+        // Events of the old registry's feed are ignored from now on.
+        self.subscription += 1;
+        let ended = if was_leading {
+            self.stop_worker()
+        } else {
+            None
+        };
+        Box::pin(
+            async move {
+                if let Some(ended) = ended {
+                    if tokio::time::timeout(STOP_WAIT, ended).await.is_err() {
+                        warn!(wait = ?STOP_WAIT, "the owner's worker did not stop in time");
+                    }
+                }
+            }
+            .into_actor(self),
+        )
+    }
 }
 
 impl Handler<StopOwner> for Owner {
@@ -340,12 +502,7 @@ impl Handler<StopOwner> for Owner {
 
     fn handle(&mut self, _: StopOwner, _: &mut Self::Context) -> Self::Result {
         self.stopping = true;
-        let ended = self.stopper.take().map(|stopper| {
-            let (tx, rx) = oneshot::channel();
-            self.stop_waiters.push(tx);
-            stopper.do_send(StopWorker);
-            rx
-        });
+        let ended = self.stop_worker();
         Box::pin(
             async move {
                 if let Some(ended) = ended {

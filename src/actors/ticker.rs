@@ -13,6 +13,10 @@
 //! - At most one tick per tick interval; events in between are batched into
 //!   the next tick. With nothing happening the reactor still ticks once per
 //!   interval.
+//! - A standby worker (a follower's) keeps the snapshot current and never
+//!   ticks nor writes until [`Activate`]d; its first tick then waits for the
+//!   barrier raised to the fence's create revision, so it sees every write of
+//!   the leaders before it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -25,7 +29,7 @@ use super::etcd_watcher::{
     EtcdWatcher, Resync, Rewatched, StopWatcher, WatchEvents, WatchProgress, WatcherFailed,
 };
 use super::txn_committer::{Commit, CommitOutcome, StopCommitter, TxnCommitter};
-use super::worker::{self, Backoff, WorkerConfig};
+use super::worker::{self, Backoff, Fence, WorkerConfig};
 use crate::metrics;
 use crate::state::{
     self as state, plan_commit, reactor, CommitPlan, RawEntry, RawState, Reactor, ReactorState,
@@ -36,6 +40,16 @@ use crate::state::{
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct StopWorker;
+
+/// Makes a standby worker active: from now on its reactor ticks and every
+/// txn it commits is fenced on `fence`. Ignored by an active worker. The
+/// fence key should lie under the worker's prefix (the election key does):
+/// the first tick then waits until the watch has delivered its creation.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Activate {
+    pub fence: Option<Fence>,
+}
 
 /// Asks for the worker's counters.
 #[derive(Message, Debug)]
@@ -78,6 +92,11 @@ pub struct ReactorTicker<R: Reactor> {
     raw: RawState,
     prefix: String,
     limits: TxnLimits,
+    /// Compared by every txn (see [`Commit::fence`]).
+    fence: Option<Fence>,
+    /// `false` while the worker stands by: it applies what it watches but
+    /// does not tick.
+    active: bool,
     tick_interval: Duration,
     slow_threshold: Duration,
     backoff: Backoff,
@@ -103,10 +122,12 @@ pub struct ReactorTicker<R: Reactor> {
 }
 
 impl<R: Reactor> ReactorTicker<R> {
+    /// `active: false` starts it standing by (see [`Activate`]).
     pub fn new(
         reactor: R,
         state: R::State,
         config: WorkerConfig,
+        active: bool,
         watcher: Addr<EtcdWatcher>,
         committer: Addr<TxnCommitter>,
         done: oneshot::Sender<Result<(), worker::Error>>,
@@ -116,6 +137,8 @@ impl<R: Reactor> ReactorTicker<R> {
             state: Box::new(state),
             raw: RawState::new(),
             limits: config.txn_limits(),
+            fence: config.fence.clone(),
+            active,
             backoff: config.backoff(),
             prefix: config.prefix,
             tick_interval: config.tick_interval,
@@ -206,15 +229,12 @@ where
                 self.update_state(&key, None, false);
                 changed += 1;
             }
-            let updates: Vec<(String, Vec<u8>)> = self
-                .raw
-                .iter()
-                .filter(|(k, e)| old.get(*k).map(|o| o.mod_revision) != Some(e.mod_revision))
-                .map(|(k, e)| (k.clone(), e.value.clone()))
-                .collect();
-            changed += updates.len();
-            for (key, value) in updates {
-                self.update_state(&key, Some(&value), false);
+            // The state reads the values where they are: no copy.
+            for (key, entry) in &self.raw {
+                if old.get(key).map(|o| o.mod_revision) != Some(entry.mod_revision) {
+                    skip_rejected(key, self.state.update(key, Some(&entry.value), false));
+                    changed += 1;
+                }
             }
             info!(
                 revision = resync.revision,
@@ -223,13 +243,8 @@ where
                 "resync applied"
             );
         } else {
-            let entries: Vec<(String, Vec<u8>)> = self
-                .raw
-                .iter()
-                .map(|(k, e)| (k.clone(), e.value.clone()))
-                .collect();
-            for (key, value) in entries {
-                self.update_state(&key, Some(&value), true);
+            for (key, entry) in &self.raw {
+                skip_rejected(key, self.state.update(key, Some(&entry.value), true));
             }
             self.initialized = true;
         }
@@ -271,7 +286,7 @@ where
 
     /// Arms the tick timer for the earliest instant the rate limit allows.
     fn schedule_tick(&mut self, ctx: &mut Context<Self>) {
-        if self.tick_timer.is_some() || self.committing || self.done.is_none() {
+        if !self.active || self.tick_timer.is_some() || self.committing || self.done.is_none() {
             return;
         }
         let now = Instant::now();
@@ -288,7 +303,7 @@ where
     }
 
     fn try_tick(&mut self, ctx: &mut Context<Self>) {
-        if !self.initialized || self.committing || self.done.is_none() {
+        if !self.active || !self.initialized || self.committing || self.done.is_none() {
             return;
         }
         if self.applied_revision < self.barrier {
@@ -350,7 +365,10 @@ where
             return;
         }
         self.committing = true;
-        let commit = self.committer.send(Commit { plan });
+        let commit = self.committer.send(Commit {
+            plan,
+            fence: self.fence.clone(),
+        });
         ctx.spawn(
             commit
                 .into_actor(self)
@@ -531,6 +549,49 @@ where
         if !self.committing {
             self.finish(Ok(()), ctx);
         }
+    }
+}
+
+impl<R> Handler<Activate> for ReactorTicker<R>
+where
+    R: Reactor + 'static,
+    R::State: 'static,
+{
+    type Result = ();
+
+    fn handle(&mut self, msg: Activate, ctx: &mut Self::Context) {
+        if self.active {
+            warn!("activate: the worker is active already; ignored");
+            return;
+        }
+        if let Some(fence) = &msg.fence {
+            if fence.key.starts_with(&self.prefix) {
+                // Every write of an earlier leader was fenced on its own
+                // election key, which was gone before this one was created: a
+                // snapshot at this revision holds all of them. The watch
+                // delivers the key's creation, so the barrier is reached.
+                self.barrier = self.barrier.max(fence.create_revision);
+            } else {
+                error!(
+                    key = %fence.key,
+                    prefix = %self.prefix,
+                    "activate: the fence key is outside the watched prefix; the first tick \
+                     may miss the last writes of an earlier leader (its txns then fail their \
+                     compares and are decided again)"
+                );
+            }
+        }
+        self.limits.extra_compares = usize::from(msg.fence.is_some());
+        self.fence = msg.fence;
+        self.active = true;
+        info!(
+            prefix = %self.prefix,
+            applied = self.applied_revision,
+            barrier = self.barrier,
+            keys = self.raw.len(),
+            "standby worker activated"
+        );
+        self.schedule_tick(ctx);
     }
 }
 

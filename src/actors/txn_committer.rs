@@ -25,6 +25,9 @@ use crate::state::{CommitPlan, PlannedTxn};
 #[rtype(result = "CommitOutcome")]
 pub struct Commit {
     pub plan: CommitPlan,
+    /// Every txn of the plan also compares this key's create_revision: the
+    /// leader's election key (a deposed leader's txns fail on it).
+    pub fence: Option<Fence>,
 }
 
 /// How a commit ended.
@@ -57,7 +60,6 @@ pub struct StopCommitter;
 
 pub struct TxnCommitter {
     client: Client,
-    fence: Option<Fence>,
     request_timeout: std::time::Duration,
     slow_threshold: std::time::Duration,
 }
@@ -66,7 +68,6 @@ impl TxnCommitter {
     pub fn new(client: Client, config: &WorkerConfig) -> Self {
         Self {
             client,
-            fence: config.fence.clone(),
             request_timeout: config.request_timeout,
             slow_threshold: config.slow_threshold,
         }
@@ -93,7 +94,7 @@ impl Handler<Commit> for TxnCommitter {
     fn handle(&mut self, msg: Commit, _: &mut Self::Context) -> Self::Result {
         let sender = TxnSender {
             client: self.client.clone(),
-            fence: self.fence.clone(),
+            fence: msg.fence,
             request_timeout: self.request_timeout,
             slow_threshold: self.slow_threshold,
         };

@@ -14,7 +14,7 @@ use rand::Rng;
 use tokio::sync::oneshot;
 
 use super::etcd_watcher::{EtcdWatcher, WatchSink};
-use super::ticker::{GetWorkerStats, ReactorTicker, StopWorker, WorkerStats};
+use super::ticker::{Activate, GetWorkerStats, ReactorTicker, StopWorker, WorkerStats};
 use super::txn_committer::TxnCommitter;
 use crate::state::{plan, Reactor, TxnLimits};
 
@@ -157,6 +157,7 @@ impl Backoff {
 /// A running worker.
 pub struct WorkerHandle {
     stop: Recipient<StopWorker>,
+    activate: Recipient<Activate>,
     stats: Recipient<GetWorkerStats>,
     done: oneshot::Receiver<Result<(), Error>>,
 }
@@ -165,6 +166,18 @@ impl WorkerHandle {
     /// Asks the worker to stop after its in-flight commit, if any.
     pub fn stop(&self) {
         self.stop.do_send(StopWorker);
+    }
+
+    /// Makes a worker started by [`start_standby`] active: its reactor ticks
+    /// from now on, every txn fenced on `fence`.
+    pub fn activate(&self, fence: Option<Fence>) {
+        self.activate.do_send(Activate { fence });
+    }
+
+    /// A recipient that activates the worker, for callers that keep the
+    /// handle elsewhere (see [`Self::activate`]).
+    pub fn activator(&self) -> Recipient<Activate> {
+        self.activate.clone()
     }
 
     /// The worker's counters, `None` once it has stopped.
@@ -195,6 +208,37 @@ where
     R: Reactor + 'static,
     R::State: 'static,
 {
+    spawn(client, reactor, state, config, true)
+}
+
+/// Starts a worker that stands by: it reads the prefix and follows it, so its
+/// state stays current, but its reactor does not tick and it writes nothing
+/// until [`WorkerHandle::activate`] (a follower's hot standby: a new leader
+/// starts from memory instead of reading the prefix from cold).
+pub fn start_standby<R>(
+    client: Client,
+    reactor: R,
+    state: R::State,
+    config: WorkerConfig,
+) -> WorkerHandle
+where
+    R: Reactor + 'static,
+    R::State: 'static,
+{
+    spawn(client, reactor, state, config, false)
+}
+
+fn spawn<R>(
+    client: Client,
+    reactor: R,
+    state: R::State,
+    config: WorkerConfig,
+    active: bool,
+) -> WorkerHandle
+where
+    R: Reactor + 'static,
+    R::State: 'static,
+{
     let (done_tx, done_rx) = oneshot::channel();
     let committer = TxnCommitter::new(client.clone(), &config).start();
     let ticker = ReactorTicker::create(move |ctx| {
@@ -207,10 +251,11 @@ where
             failed: me.recipient(),
         };
         let watcher = EtcdWatcher::new(client, &config, sink).start();
-        ReactorTicker::new(reactor, state, config, watcher, committer, done_tx)
+        ReactorTicker::new(reactor, state, config, active, watcher, committer, done_tx)
     });
     WorkerHandle {
         stop: ticker.clone().recipient(),
+        activate: ticker.clone().recipient(),
         stats: ticker.recipient(),
         done: done_rx,
     }

@@ -13,8 +13,8 @@ use crate::harness::cluster::{
     SESSION_TTL,
 };
 use flotilla::client::{
-    Client, CreateChangefeed, Error as ClientError, ExecutorFilter, HeartbeatRequest,
-    RegisterRequest,
+    Agent, AgentConfig, AgentHandle, AgentView, Client, CreateChangefeed, Error as ClientError,
+    ExecutorFilter, HeartbeatRequest, RegisterRequest,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,6 +27,22 @@ async fn killing_the_leader_under_load_expires_no_executor_and_moves_no_changefe
     let urls: Vec<String> = followers.iter().map(|i| ha.url(*i)).collect();
 
     let fleet = Fleet::start(&urls, 200).await;
+    // Real agents too, given every server with the leader first: they talk
+    // to it until it dies, then move on to the next address by themselves.
+    let every_server: Vec<String> = std::iter::once(leader)
+        .chain(followers.iter().copied())
+        .map(|i| ha.url(i))
+        .collect();
+    let agents: Vec<AgentHandle> = (0..4)
+        .map(|n| {
+            let client = Client::new(&every_server.join(","))
+                .unwrap()
+                .with_timeout(Duration::from_secs(1));
+            let mut config = AgentConfig::new(format!("agent{n}"), format!("10.8.0.{n}:9000"));
+            config.ttl = Some(Duration::from_secs(6));
+            Agent::spawn(client, config)
+        })
+        .collect();
     let admin = ha.client(followers[0]);
     create_changefeeds(&admin, 1000).await;
     let before = assignments(&admin, 1000, Duration::from_secs(60)).await;
@@ -54,6 +70,16 @@ async fn killing_the_leader_under_load_expires_no_executor_and_moves_no_changefe
         .unwrap();
     let ids = fleet.ids.clone();
     let observed = fleet.stop().await;
+    // No agent's lease lapsed: nothing they ran stopped for the failover.
+    let views: Vec<AgentView> = agents.iter().map(AgentHandle::view).collect();
+    for handle in agents {
+        let _ = tokio::time::timeout(Duration::from_secs(5), handle.stop()).await;
+    }
+    for view in &views {
+        assert_eq!(view.lease_lapses, 0, "an agent's lease lapsed: {view:?}");
+        assert_eq!(view.registrations, 1, "{view:?}");
+        assert!(!view.assignments.is_empty(), "{view:?}");
+    }
 
     assert!(
         observed.refused.is_empty(),
@@ -71,7 +97,22 @@ async fn killing_the_leader_under_load_expires_no_executor_and_moves_no_changefe
             "{id} expired or is not running: {executor:?}"
         );
     }
-    for ghost in live.items.iter().filter(|e| !ids.contains(&e.id)) {
+    let agent_ids: Vec<&String> = views
+        .iter()
+        .filter_map(|v| v.executor_id.as_ref())
+        .collect();
+    for id in &agent_ids {
+        let executor = live.items.iter().find(|e| &&e.id == id);
+        assert!(
+            executor.is_some_and(|e| e.status == "running"),
+            "agent {id} expired or is not running: {executor:?}"
+        );
+    }
+    for ghost in live
+        .items
+        .iter()
+        .filter(|e| !ids.contains(&e.id) && !agent_ids.contains(&&e.id))
+    {
         assert_eq!(ghost.status, "initing", "{ghost:?}");
         assert!(
             ghost.changefeeds.as_ref().is_none_or(Vec::is_empty),

@@ -13,8 +13,8 @@ use flotilla::actors::executor_registry::{
     ExecutorRegistry, GetRegistryStats, Register, Registration, RegistryConfig, RegistryHandle,
     TokenHash,
 };
-use flotilla::actors::owner::{Assignment, Owner, OwnerSettings, StopOwner, Work, WorkDesk};
-use flotilla::actors::WorkerConfig;
+use flotilla::actors::owner::{Assignment, Lead, Owner, OwnerSettings, StopOwner, Work, WorkDesk};
+use flotilla::actors::{Fence, WorkerConfig};
 use flotilla::owner::model::{
     ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Keys, TaskStatus,
 };
@@ -380,6 +380,82 @@ async fn a_restarted_owner_moves_nothing() {
         assert_eq!(before, after, "no changefeed moved because of a restart");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A follower's owner stands by: it follows the prefix without writing, and
+/// told to lead it answers from the state it holds (no read of the prefix),
+/// with the very assignments of the leader before it, and moves nothing.
+#[actix_rt::test]
+async fn a_standby_owner_takes_over_from_memory_and_moves_nothing() {
+    let c = cluster().await;
+    let ranges_at_start = c._etcd.ranges_served(0);
+    let standby = Owner::standby(c.client.clone(), c.keys.clone(), owner_settings());
+    let standby_desk = standby.desk();
+    let standby = standby.start();
+    // A stream of changes while it stands by: creations, assignments, an
+    // executor going silent and its changefeeds moving, more creations.
+    let a = register(&c, "a").await;
+    let b = register(&c, "b").await;
+    let silent = register(&c, "silent").await;
+    let ids: Vec<String> = (0..12).map(|i| format!("s{i:02}")).collect();
+    create(&c, &ids).await;
+    beat_until_assigned(&c, &[&a, &b, &silent], 12, Duration::from_secs(10)).await;
+    let more: Vec<String> = (12..20).map(|i| format!("s{i:02}")).collect();
+    create(&c, &more).await;
+    let before = beat_until_assigned(&c, &[&a, &b], 20, Duration::from_secs(10)).await;
+    assert!(
+        standby_desk
+            .work(&a.executor.id, vec![], vec![], None)
+            .is_err(),
+        "a standby answers nothing"
+    );
+    let mut client = c.client.clone();
+    let revision = |r: etcd_client::GetResponse| r.header().expect("a header").revision();
+    let before_revision = revision(client.get("/nothing", None).await.unwrap());
+
+    // The leader goes; the standby leads, fenced on an election key created
+    // now (under the prefix, as the election's is).
+    c.owner.send(StopOwner).await.unwrap();
+    let fence_key = format!("{PREFIX}/__meta__/owner/standby-test");
+    client.put(fence_key.as_str(), "", None).await.unwrap();
+    let fence = client.get(fence_key.as_str(), None).await.unwrap().kvs()[0].create_revision();
+    // The test's own reads end here.
+    let standby_read = c._etcd.ranges_served(0);
+    assert!(
+        standby_read > ranges_at_start,
+        "the standby read the prefix when it started"
+    );
+    standby
+        .send(Lead {
+            registry: c.registry.addr.clone(),
+            fence: Fence {
+                key: fence_key.clone(),
+                create_revision: fence,
+            },
+        })
+        .await
+        .unwrap();
+    let c = Cluster {
+        owner: standby,
+        desk: standby_desk,
+        ..c
+    };
+    for _ in 0..5 {
+        let after = beat_until_assigned(&c, &[&a, &b], 20, Duration::from_secs(10)).await;
+        assert_eq!(before, after, "the same assignments, at the same epochs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        c._etcd.ranges_served(0),
+        standby_read,
+        "the new leader did not read the prefix again"
+    );
+    let after_revision = revision(client.get("/nothing", None).await.unwrap());
+    assert_eq!(
+        after_revision,
+        before_revision + 1,
+        "nothing written but the fence key"
+    );
 }
 
 #[actix_rt::test]

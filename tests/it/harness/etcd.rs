@@ -304,6 +304,30 @@ impl EtcdCluster {
         self.connect(&[self.endpoint(i)]).await
     }
 
+    /// Range requests member `i` has answered so far (OK ones), from its own
+    /// `/metrics`: how a test counts the reads a piece of code made.
+    pub fn ranges_served(&self, i: usize) -> u64 {
+        let body = super::http::try_request(
+            self.member(i).client_port,
+            "GET",
+            "/metrics",
+            None,
+            None,
+            Duration::from_secs(5),
+        )
+        .map(|r| r.body)
+        .expect("etcd's /metrics answers");
+        body.lines()
+            .filter(|l| {
+                l.starts_with("grpc_server_handled_total")
+                    && l.contains("grpc_method=\"Range\"")
+                    && l.contains("grpc_code=\"OK\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+
     /// Physically compacts the key-value history up to `rev` (the call returns once
     /// the compaction is applied). Panics on error.
     pub async fn compact(&self, rev: i64) {
