@@ -139,7 +139,16 @@ impl LeaseGuard {
 #[rtype(result = "()")]
 pub enum Leadership {
     /// This server leads; every txn of its worker must carry `fence`.
-    Elected { fence: Fence, guard: LeaseGuard },
+    /// `revision`: a rewrite of this server's key once it saw no member before
+    /// it, so after the deletion of the previous leader's key: every write of
+    /// an earlier leader (each fenced on its own key) is below it, and it is a
+    /// change of the cluster prefix a standby's watch delivers. A standby
+    /// state must reach it before deciding anything.
+    Elected {
+        fence: Fence,
+        guard: LeaseGuard,
+        revision: i64,
+    },
     /// This server no longer leads: stop leader-only work now.
     Deposed { reason: String },
 }
@@ -195,6 +204,8 @@ struct Session {
     lease: i64,
     ttl: Duration,
     key: String,
+    /// What the key holds (this server's [`Candidate`]).
+    value: Vec<u8>,
     create_revision: i64,
     keeper: LeaseKeeper,
     keepalives: LeaseKeepAliveStream,
@@ -414,7 +425,7 @@ impl Campaign {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
                 key.clone(),
-                value,
+                value.clone(),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
         let put = self.timed("election key put", client.txn(txn)).await;
@@ -446,6 +457,7 @@ impl Campaign {
             lease,
             ttl,
             key,
+            value,
             create_revision,
             keeper,
             keepalives,
@@ -681,6 +693,29 @@ impl Campaign {
             is_leader: leading,
         };
         if leading && !session.leading {
+            // Rewritten (same value, same lease) to learn a revision after
+            // the previous leader's key went: its every write is below it,
+            // and the watch on the prefix delivers this one.
+            let touch = Txn::new()
+                .when([Compare::create_revision(
+                    session.key.clone(),
+                    CompareOp::Equal,
+                    session.create_revision,
+                )])
+                .and_then([TxnOp::put(
+                    session.key.clone(),
+                    session.value.clone(),
+                    Some(PutOptions::new().with_lease(session.lease)),
+                )]);
+            let revision = match client.txn(touch).await {
+                Ok(touched) if touched.succeeded() => touched.header().map_or(0, |h| h.revision()),
+                Ok(_) => return Err(Lost::KeyDeleted),
+                Err(e) => {
+                    warn!(error = %e, "election: cannot confirm the leadership yet; trying again");
+                    self.view.send_replace(view);
+                    return Ok(());
+                }
+            };
             session.leading = true;
             info!(key = session.key, "election: this server is the leader");
             metrics::is_leader().set(1);
@@ -691,6 +726,7 @@ impl Campaign {
                     create_revision: session.create_revision,
                 },
                 guard: self.guard.clone(),
+                revision,
             });
         }
         self.view.send_replace(view);

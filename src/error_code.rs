@@ -55,6 +55,8 @@ error_codes! {
     ChangefeedWrongState => "changefeed_wrong_state",
     /// A concurrent change won; retry.
     Conflict => "conflict",
+    /// A listing's `continue` token outlived its revision (compacted): list again.
+    ExpiredContinue => "expired_continue",
     /// The SQL store failed.
     StoreUnavailable => "store_unavailable",
     /// The registry is still loading.

@@ -174,7 +174,7 @@ impl LeaderRoles {
         });
     }
 
-    fn start_roles(&mut self, fence: super::worker::Fence, guard: LeaseGuard) {
+    fn start_roles(&mut self, fence: super::worker::Fence, guard: LeaseGuard, revision: i64) {
         if self.running.is_some() {
             warn!("elected while the leader roles still run; restarting them");
             actix_rt::spawn(self.stop_roles(false));
@@ -191,6 +191,7 @@ impl LeaderRoles {
         owner.addr.do_send(Lead {
             registry: registry.addr.clone(),
             fence,
+            revision,
         });
         let compactor = (!self.compaction.interval.is_zero())
             .then(|| Compactor::new(self.settings.client.clone(), self.compaction).start());
@@ -264,7 +265,11 @@ impl Handler<Leadership> for LeaderRoles {
 
     fn handle(&mut self, msg: Leadership, _: &mut Self::Context) {
         match msg {
-            Leadership::Elected { fence, guard } => self.start_roles(fence, guard),
+            Leadership::Elected {
+                fence,
+                guard,
+                revision,
+            } => self.start_roles(fence, guard, revision),
             Leadership::Deposed { reason } => {
                 warn!(%reason, "deposed: stopping the leader roles");
                 actix_rt::spawn(self.stop_roles(false));

@@ -127,12 +127,15 @@ impl WorkDesk {
 pub struct StopOwner;
 
 /// This server leads from now on: the standby worker becomes active (its
-/// txns fenced on `fence`) and the owner follows `registry`'s feed.
+/// txns fenced on `fence`; its first tick once its state reached `revision`,
+/// see [`crate::election::Leadership::Elected`]) and the owner follows
+/// `registry`'s feed.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Lead {
     pub registry: Addr<ExecutorRegistry>,
     pub fence: Fence,
+    pub revision: i64,
 }
 
 /// This server no longer leads: the active worker stops (its in-flight
@@ -451,7 +454,10 @@ impl Handler<Lead> for Owner {
         match &mut self.worker {
             // The hot standby: its snapshot is current, it only starts ticking.
             Some(running) if !running.active && !stopping => {
-                running.activate.do_send(Activate { fence });
+                running.activate.do_send(Activate {
+                    fence,
+                    barrier: msg.revision,
+                });
                 running.active = true;
                 info!(prefix = %self.settings.worker.prefix, "changefeed owner started from its standby state");
             }

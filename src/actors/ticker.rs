@@ -15,8 +15,8 @@
 //!   interval.
 //! - A standby worker (a follower's) keeps the snapshot current and never
 //!   ticks nor writes until [`Activate`]d; its first tick then waits for the
-//!   barrier raised to the fence's create revision, so it sees every write of
-//!   the leaders before it.
+//!   barrier the activation raises, so it sees every write of the leaders
+//!   before it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -42,13 +42,15 @@ use crate::state::{
 pub struct StopWorker;
 
 /// Makes a standby worker active: from now on its reactor ticks and every
-/// txn it commits is fenced on `fence`. Ignored by an active worker. The
-/// fence key should lie under the worker's prefix (the election key does):
-/// the first tick then waits until the watch has delivered its creation.
+/// txn it commits is fenced on `fence`, the first one once the state has
+/// reached `barrier`: a revision of the prefix after every earlier leader's
+/// last write (the election's [`crate::election::Leadership::Elected`]); one
+/// outside the prefix would never be reached. Ignored by an active worker.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Activate {
     pub fence: Option<Fence>,
+    pub barrier: i64,
 }
 
 /// Asks for the worker's counters.
@@ -564,23 +566,9 @@ where
             warn!("activate: the worker is active already; ignored");
             return;
         }
-        if let Some(fence) = &msg.fence {
-            if fence.key.starts_with(&self.prefix) {
-                // Every write of an earlier leader was fenced on its own
-                // election key, which was gone before this one was created: a
-                // snapshot at this revision holds all of them. The watch
-                // delivers the key's creation, so the barrier is reached.
-                self.barrier = self.barrier.max(fence.create_revision);
-            } else {
-                error!(
-                    key = %fence.key,
-                    prefix = %self.prefix,
-                    "activate: the fence key is outside the watched prefix; the first tick \
-                     may miss the last writes of an earlier leader (its txns then fail their \
-                     compares and are decided again)"
-                );
-            }
-        }
+        // A revision of the prefix (the election's rewrite of its key): the
+        // watch delivers it.
+        self.barrier = self.barrier.max(msg.barrier);
         self.limits.extra_compares = usize::from(msg.fence.is_some());
         self.fence = msg.fence;
         self.active = true;

@@ -169,9 +169,10 @@ impl WorkerHandle {
     }
 
     /// Makes a worker started by [`start_standby`] active: its reactor ticks
-    /// from now on, every txn fenced on `fence`.
-    pub fn activate(&self, fence: Option<Fence>) {
-        self.activate.do_send(Activate { fence });
+    /// from now on, once its state reached `barrier`, every txn fenced on
+    /// `fence` (see [`Activate`]).
+    pub fn activate(&self, fence: Option<Fence>, barrier: i64) {
+        self.activate.do_send(Activate { fence, barrier });
     }
 
     /// A recipient that activates the worker, for callers that keep the

@@ -46,11 +46,23 @@ enum ChangefeedCommand {
         #[arg(long = "selector", value_name = "KEY=VALUE", value_parser = parse_pair)]
         selector: Vec<(String, String)>,
     },
-    /// List changefeeds
+    /// List changefeeds, a page at a time (the first page unless --all)
     List {
         /// Only changefeeds in this state
         #[arg(long, value_parser = ["normal", "stopped", "failed", "finished"])]
         state: Option<String>,
+        /// Only changefeeds whose current assignment this executor holds
+        #[arg(long, value_name = "ID")]
+        executor: Option<String>,
+        /// Changefeeds per page (server default 500, at most 5000)
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Every page, printed as it arrives
+        #[arg(long)]
+        all: bool,
+        /// The page after the one that printed this token
+        #[arg(long = "continue", value_name = "TOKEN")]
+        continue_token: Option<String>,
     },
     /// Show one changefeed
     Get { id: String },
@@ -106,18 +118,38 @@ pub(super) async fn run(args: ChangefeedArgs) -> CliResult {
             let feed = client.create_changefeed(ns, &request).await?;
             connect.print(&feed, changefeed_fields);
         }
-        ChangefeedCommand::List { state } => {
-            let list = client.list_changefeeds(ns, state.as_deref()).await?;
-            connect.print(&list, |list| {
-                let mut out = changefeed_table(&list.items);
-                for bad in &list.unreadable {
-                    out.push_str(&format!(
-                        "unreadable: {} ({}): {}\n",
-                        bad.id, bad.key, bad.message
-                    ));
+        ChangefeedCommand::List {
+            state,
+            executor,
+            limit,
+            all,
+            continue_token,
+        } => {
+            let mut query = client::ListChangefeeds {
+                state,
+                executor,
+                limit,
+                continue_token,
+            };
+            let mut shown = 0;
+            loop {
+                let page = client.list_changefeeds_page(ns, &query).await?;
+                let first = shown == 0;
+                shown += page.items.len();
+                if all && connect.output == Output::Json {
+                    // One JSON document per page, one per line.
+                    println!(
+                        "{}",
+                        serde_json::to_string(&page).expect("API types serialize")
+                    );
+                } else {
+                    connect.print(&page, |page| list_page(page, first, all, shown));
                 }
-                out
-            });
+                match page.continue_token {
+                    Some(token) if all => query.continue_token = Some(token),
+                    _ => break,
+                }
+            }
         }
         ChangefeedCommand::Get { id } => {
             let feed = client.get_changefeed(ns, &id).await?;
@@ -165,6 +197,30 @@ pub(super) async fn run(args: ChangefeedArgs) -> CliResult {
         }
     }
     Ok(())
+}
+
+/// One page of `changefeed list` as a table: the header on the first page only;
+/// without `--all`, a last line says how to get the next page.
+fn list_page(page: &client::ChangefeedList, first: bool, all: bool, shown: usize) -> String {
+    let mut out = changefeed_table(&page.items);
+    if !first {
+        out = out
+            .split_once('\n')
+            .map_or_else(String::new, |(_, rows)| rows.to_owned());
+    }
+    for bad in &page.unreadable {
+        out.push_str(&format!(
+            "unreadable: {} ({}): {}\n",
+            bad.id, bad.key, bad.message
+        ));
+    }
+    if let (Some(token), false) = (&page.continue_token, all) {
+        out.push_str(&format!(
+            "({shown} of {} shown; the next page: --continue {token}, or --all for every page)\n",
+            page.total
+        ));
+    }
+    out
 }
 
 fn changefeed_table(feeds: &[Changefeed]) -> String {

@@ -121,7 +121,8 @@ pub struct ConnectArgs {
 enum Output {
     /// Human-readable tables
     Table,
-    /// JSON with the API's field names (one document; `executors watch` prints one per line)
+    /// JSON with the API's field names (one document; `executors watch` and `changefeed
+    /// list --all` print one per line)
     Json,
 }
 

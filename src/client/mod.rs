@@ -324,17 +324,53 @@ impl Client {
         self.call(Method::POST, &path, token, Some(request)).await
     }
 
-    /// `GET /api/v1/changefeeds?namespace=&state=`.
+    /// Every changefeed of `namespace` (optionally only those in `state`):
+    /// [`Self::list_changefeeds_page`] until the last page, merged. For a
+    /// large namespace prefer the pages: this holds all of them in memory.
     pub async fn list_changefeeds(
         &self,
         namespace: &str,
         state: Option<&str>,
     ) -> Result<ChangefeedList> {
-        let mut query = vec![namespace_query(namespace)];
-        if let Some(state) = state {
-            query.push(format!("state={}", encode(state)));
+        let mut query = ListChangefeeds {
+            state: state.map(str::to_owned),
+            limit: Some(MAX_LIST_LIMIT),
+            ..ListChangefeeds::default()
+        };
+        let mut all = ChangefeedList::default();
+        loop {
+            let mut page = self.list_changefeeds_page(namespace, &query).await?;
+            all.items.append(&mut page.items);
+            all.unreadable.append(&mut page.unreadable);
+            all.total = page.total;
+            match page.continue_token {
+                Some(token) => query.continue_token = Some(token),
+                None => return Ok(all),
+            }
         }
-        let path = with_query("/api/v1/changefeeds", &query);
+    }
+
+    /// `GET /api/v1/changefeeds?namespace=&state=&executor=&limit=&continue=`:
+    /// one page; pass its `continue_token` back for the next.
+    pub async fn list_changefeeds_page(
+        &self,
+        namespace: &str,
+        query: &ListChangefeeds,
+    ) -> Result<ChangefeedList> {
+        let mut params = vec![namespace_query(namespace)];
+        if let Some(state) = &query.state {
+            params.push(format!("state={}", encode(state)));
+        }
+        if let Some(executor) = &query.executor {
+            params.push(format!("executor={}", encode(executor)));
+        }
+        if let Some(limit) = query.limit {
+            params.push(format!("limit={limit}"));
+        }
+        if let Some(token) = &query.continue_token {
+            params.push(format!("continue={}", encode(token)));
+        }
+        let path = with_query("/api/v1/changefeeds", &params);
         self.call(Method::GET, &path, None, None::<&()>).await
     }
 

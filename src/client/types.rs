@@ -242,12 +242,34 @@ pub struct Releasing {
 }
 
 /// `GET /api/v1/changefeeds`: the listing, and the changefeeds that could not be read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChangefeedList {
     pub items: Vec<Changefeed>,
+    /// Changefeeds in the namespace when the listing began, before filters.
     pub total: usize,
     #[serde(default)]
     pub unreadable: Vec<Unreadable>,
+    /// The next page's token; `None` on the last page.
+    #[serde(rename = "continue", default, skip_serializing_if = "Option::is_none")]
+    pub continue_token: Option<String>,
+}
+
+/// Default items per page of a listing (the server's).
+pub const DEFAULT_LIST_LIMIT: usize = 500;
+/// Most items per page of a listing.
+pub const MAX_LIST_LIMIT: usize = 5000;
+
+/// What one page of `GET /api/v1/changefeeds` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListChangefeeds {
+    /// Only changefeeds in this state (`normal`, `stopped`, ...).
+    pub state: Option<String>,
+    /// Only changefeeds whose current assignment this executor holds.
+    pub executor: Option<String>,
+    /// Items per page; `None`: the server's default ([`DEFAULT_LIST_LIMIT`]).
+    pub limit: Option<usize>,
+    /// The previous page's `continue_token`.
+    pub continue_token: Option<String>,
 }
 
 /// A changefeed whose stored value is malformed.

@@ -79,12 +79,16 @@ fn query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T> {
         .map_err(|e| Error::InvalidArgument(format!("invalid query string: {e}")))
 }
 
-/// `?namespace=&state=` of the listing.
+/// `?namespace=&state=&executor=&limit=&continue=` of the listing.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     namespace: Option<String>,
     state: Option<String>,
+    executor: Option<String>,
+    limit: Option<String>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
 }
 
 /// A body that must be empty or `{}` (pause).
@@ -97,8 +101,15 @@ pub(super) struct NoFields {}
 #[schema(as = ChangefeedList)]
 pub(super) struct ListResponse {
     items: Vec<ChangefeedView>,
+    /// Changefeeds in the namespace when the listing's first page was read,
+    /// before the filters (the same on every page).
     total: usize,
     unreadable: Vec<Unreadable>,
+    /// Pass it as `continue` for the next page; absent on the last page. A
+    /// page may hold fewer than `limit` items (a filter matched few) and still
+    /// have a next one.
+    #[serde(rename = "continue", skip_serializing_if = "Option::is_none")]
+    continue_token: Option<String>,
 }
 
 /// Create a changefeed.
@@ -159,19 +170,31 @@ pub(super) async fn create(
         .json(view))
 }
 
-/// List the changefeeds of a namespace, sorted by id.
+/// List the changefeeds of a namespace, a page at a time, sorted by id.
 ///
-/// `GET /api/v1/changefeeds?namespace=default&state=normal`. Changefeeds whose
-/// stored values cannot be decoded are named under `unreadable`.
+/// `GET /api/v1/changefeeds?namespace=default&state=normal&executor=E&limit=500`,
+/// then `&continue=<the previous page's continue>` until an answer has no
+/// `continue`. Every page of one listing is read at the revision of its first
+/// page: a walk sees each changefeed that existed then exactly once. A token
+/// older than etcd's compaction is `410 expired_continue`: list again. The
+/// filters apply on the server; changefeeds whose stored values cannot be
+/// decoded are named under `unreadable`.
 #[utoipa::path(
     get,
     path = "/api/v1/changefeeds",
     operation_id = "list_changefeeds",
     tag = "changefeeds",
-    params(("namespace" = Option<String>, Query, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "Default `default`"), ("state" = Option<FeedState>, Query, description = "Only changefeeds in this state")),
+    params(
+        ("namespace" = Option<String>, Query, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "Default `default`"),
+        ("state" = Option<FeedState>, Query, description = "Only changefeeds in this state"),
+        ("executor" = Option<String>, Query, description = "Only changefeeds whose current assignment this executor holds"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 5000, description = "Items per page: default 500, at most 5000"),
+        ("continue" = Option<String>, Query, description = "The `continue` of the previous page"),
+    ),
     responses(
-        (status = 200, description = "The changefeeds", body = ListResponse),
-        (status = 400, description = "`invalid_argument`", body = ErrorBody),
+        (status = 200, description = "A page of changefeeds", body = ListResponse),
+        (status = 400, description = "`invalid_argument` (a bad filter, limit or continue token)", body = ErrorBody),
+        (status = 410, description = "`expired_continue`: the listing's revision was compacted; list again", body = ErrorBody),
         (status = 500, description = "`corrupt_value` (a malformed value in etcd, named) or `etcd_error`", body = ErrorBody),
         (status = 503, description = "`etcd_unavailable`, `unavailable` or `no_leader`", body = ErrorBody,
          headers(("Retry-After" = String))),
@@ -179,13 +202,31 @@ pub(super) async fn create(
 )]
 pub(super) async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse> {
     let query: ListQuery = query(&req)?;
-    let filter = query.state.as_deref().map(feeds::parse_state).transpose()?;
+    let limit = query
+        .limit
+        .as_deref()
+        .map(|limit| {
+            limit.parse::<usize>().map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "limit must be a whole number between 1 and {}, not {limit:?}",
+                    feeds::MAX_LIST_LIMIT
+                ))
+            })
+        })
+        .transpose()?;
+    let options = feeds::ListOptions {
+        state: query.state.as_deref().map(feeds::parse_state).transpose()?,
+        executor: query.executor,
+        limit,
+        continue_token: query.continue_token,
+    };
     let namespace = query.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
-    let listing = changefeeds(&state)?.list(namespace, filter).await?;
+    let listing = changefeeds(&state)?.list(namespace, &options).await?;
     Ok(HttpResponse::Ok().json(ListResponse {
-        total: listing.items.len(),
+        total: listing.total,
         items: listing.items,
         unreadable: listing.unreadable,
+        continue_token: listing.continue_token,
     }))
 }
 

@@ -154,6 +154,7 @@ impl ResponseError for Error {
                     F::Exists(_) | F::NotPaused { .. } | F::WrongState { .. } | F::Conflict(_) => {
                         StatusCode::CONFLICT
                     }
+                    F::ExpiredContinue { .. } => StatusCode::GONE,
                     F::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                     // A malformed stored value is the server's data, not the
                     // request's fault (not 4xx), and retrying will not fix it

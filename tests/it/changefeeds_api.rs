@@ -286,7 +286,11 @@ async fn create_get_and_list_by_namespace_and_state() {
     let (_, list) = call!(app, list_req("?namespace=default&state=normal"));
     assert_eq!(ids(&list), ["cf-a"]);
     let (_, list) = call!(app, list_req("?state=failed"));
-    assert_eq!(list["total"], 0);
+    assert!(ids(&list).is_empty(), "{list}");
+    assert_eq!(
+        list["total"], 2,
+        "the namespace's changefeeds, before filters"
+    );
 
     // The executor is the holder the owner recorded for the current epoch
     // (with the task, in one txn): a point read, no task key is read.
@@ -1023,7 +1027,10 @@ async fn malformed_values_are_reported_and_do_not_hide_the_others() {
     let (status, list) = call!(app, list_req(""));
     assert_eq!(status, StatusCode::OK, "{list}");
     assert_eq!(ids(&list), ["good"]);
-    assert_eq!(list["total"], 1);
+    assert_eq!(
+        list["total"], 3,
+        "every changefeed of the namespace, unreadable ones too"
+    );
     let unreadable: Vec<(&str, &str)> = list["unreadable"]
         .as_array()
         .unwrap()
@@ -1146,9 +1153,10 @@ async fn reads_span_many_pages() {
                         "holder": {"executor": "exec-z", "epoch": 1}});
     f.put(&f.keys.status(&last), status.to_string()).await;
 
-    let (status, list) = call!(app, list_req(""));
+    let (status, list) = call!(app, list_req("?limit=5000"));
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["total"], count);
+    assert!(list.get("continue").is_none(), "one page holds them all");
     let listed: Vec<&str> = ids(&list);
     assert_eq!(listed, names.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(list["items"]
@@ -1157,6 +1165,17 @@ async fn reads_span_many_pages() {
         .iter()
         .all(|item| item["executor"].is_string()));
     assert_eq!(list["items"][count - 1]["executor"], "exec-z");
+    // Filtered on the server: the holder, the state.
+    let (status, held) = call!(app, list_req("?executor=exec-z"));
+    assert_eq!(status, StatusCode::OK, "{held}");
+    assert_eq!(ids(&held), vec!["cf-0699"]);
+    assert_eq!(held["total"], count, "the total is before the filters");
+    let (_, stopped) = call!(app, list_req("?state=stopped&limit=5000"));
+    assert!(ids(&stopped).is_empty(), "{stopped}");
+    // Without a limit: the first page of the default 500, and a way on.
+    let (_, first) = call!(app, list_req(""));
+    assert_eq!(ids(&first).len(), 500);
+    assert!(first["continue"].is_string(), "{first}");
 
     // One changefeed: its info and status only.
     let (status, got) = call!(app, get_req("cf-0699", "default"));
@@ -1167,4 +1186,165 @@ async fn reads_span_many_pages() {
     // Its task keys (status and position) stay for the owner to release.
     assert_eq!(f.keys_of(&last).await.len(), 2);
     assert_eq!(f.all_keys().await.len(), 3 * (count - 1) + 2);
+}
+
+/// Writes changefeeds straight to etcd (info and status), 50 per txn.
+async fn put_feeds(f: &Fixture, namespace: &str, names: &[String]) {
+    for chunk in names.chunks(50) {
+        let mut ops = Vec::new();
+        for id in chunk {
+            let cf = ChangefeedId::new(namespace, id.as_str());
+            let info = json!({"sink_uri": "kafka://k", "start_ts": 1, "target_ts": 0,
+                              "config": {}, "selector": {}, "state": "normal",
+                              "create_time": "2024-01-01T00:00:00Z"});
+            let status = json!({"checkpoint_ts": 1, "epoch": 1});
+            ops.push(etcd_client::TxnOp::put(
+                f.keys.info(&cf),
+                info.to_string(),
+                None,
+            ));
+            ops.push(etcd_client::TxnOp::put(
+                f.keys.status(&cf),
+                status.to_string(),
+                None,
+            ));
+        }
+        f.client
+            .clone()
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .unwrap();
+    }
+}
+
+/// A walk over the pages sees every changefeed that existed when it began
+/// exactly once, in order, while others are created and deleted between its
+/// pages (before and after where it stands); a new listing then sees them.
+#[actix_rt::test]
+async fn a_paged_walk_sees_every_changefeed_once_while_others_come_and_go() {
+    let f = fixture().await;
+    let app = app!(f.state);
+    let names: Vec<String> = (0..1000).map(|i| format!("cf-{i:04}")).collect();
+    put_feeds(&f, "default", &names).await;
+    let mut listed: Vec<String> = Vec::new();
+    let mut query = "?limit=150".to_owned();
+    let mut pages = 0;
+    let (mut created, mut deleted) = (0, 0);
+    loop {
+        let (status, page) = call!(app, list_req(&query));
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page["total"], 1000, "every page counts the snapshot");
+        assert!(ids(&page).len() <= 150);
+        listed.extend(ids(&page).into_iter().map(str::to_owned));
+        pages += 1;
+        // Meanwhile: new ones on both sides of where the walk stands, and
+        // deletes of ones it listed and of ones it has not reached.
+        let fresh: Vec<String> = [pages * 97 % 1000, (pages * 131 + 500) % 1000]
+            .iter()
+            .map(|i| format!("cf-{i:04}-new{pages}"))
+            .collect();
+        put_feeds(&f, "default", &fresh).await;
+        created += fresh.len();
+        for i in [pages * 53 % 1000, (pages * 211 + 700) % 1000] {
+            let (status, _) = call!(app, delete_req(&format!("cf-{i:04}"), "default"));
+            if status == StatusCode::NO_CONTENT {
+                deleted += 1;
+            }
+        }
+        match page["continue"].as_str() {
+            Some(token) => query = format!("?limit=150&continue={token}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 7, "1000 in pages of 150");
+    assert_eq!(listed, names, "each once, in order, none of the new ones");
+    let (_, now) = call!(app, list_req("?limit=5000"));
+    assert_eq!(now["total"], 1000 + created - deleted);
+    assert_eq!(ids(&now).len(), 1000 + created - deleted);
+}
+
+/// A token whose revision etcd compacted is 410 `expired_continue`; a token
+/// that is not one of ours, one of another namespace, or a bad limit is 400.
+#[actix_rt::test]
+async fn paging_refuses_expired_tokens_with_410_and_bad_ones_with_400() {
+    let f = fixture().await;
+    let app = app!(f.state);
+    let names: Vec<String> = (0..30).map(|i| format!("cf-{i:02}")).collect();
+    put_feeds(&f, "default", &names).await;
+    let (_, first) = call!(app, list_req("?limit=10"));
+    let token = first["continue"].as_str().expect("more pages").to_owned();
+    let (status, second) = call!(app, list_req(&format!("?limit=10&continue={token}")));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ids(&second)[0], "cf-10");
+
+    for (query, what) in [
+        ("?limit=0".to_owned(), "limit 0"),
+        ("?limit=5001".to_owned(), "limit over the maximum"),
+        ("?limit=ten".to_owned(), "limit not a number"),
+        ("?continue=zz".to_owned(), "not hex"),
+        ("?continue=abc".to_owned(), "odd length"),
+        ("?continue=7b7d".to_owned(), "hex of {}"),
+        (
+            format!("?namespace=other&continue={token}"),
+            "another namespace's token",
+        ),
+    ] {
+        let (status, body) = call!(app, list_req(&query));
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {body}");
+        assert_error(status, &body, 400, "invalid_argument");
+    }
+
+    // Writes move the revision on; compaction past the token's revision.
+    f.put(&format!("{PREFIX}/unrelated"), "x").await;
+    let revision = f
+        .client
+        .clone()
+        .get(format!("{PREFIX}/unrelated"), None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    f.etcd.compact(revision).await;
+    let (status, body) = call!(app, list_req(&format!("?limit=10&continue={token}")));
+    assert_error(status, &body, 410, "expired_continue");
+    // Listing again works.
+    let (status, again) = call!(app, list_req("?limit=10"));
+    assert_eq!(status, StatusCode::OK, "{again}");
+}
+
+/// One changefeed's get, pause and resume read what concerns it alone: what
+/// etcd sends for them is the same with 10 changefeeds as with 2,010.
+#[actix_rt::test]
+async fn one_changefeed_s_operations_cost_the_same_whatever_the_namespace_holds() {
+    let f = fixture().await;
+    let app = app!(f.state);
+    let few: Vec<String> = (0..10).map(|i| format!("cf-{i:04}")).collect();
+    put_feeds(&f, "default", &few).await;
+    let cost = |id: &'static str| {
+        let app = &app;
+        let f = &f;
+        async move {
+            let before = f.etcd.bytes_sent(0);
+            let (status, _) = call!(*app, get_req(id, "default"));
+            assert_eq!(status, StatusCode::OK);
+            let (status, _) = call!(*app, pause_req(id));
+            assert_eq!(status, StatusCode::OK);
+            let (status, _) = call!(
+                *app,
+                test::TestRequest::post().uri(&feed_uri(id, "default", "/resume"))
+            );
+            assert_eq!(status, StatusCode::OK);
+            f.etcd.bytes_sent(0) - before
+        }
+    };
+    let small = cost("cf-0001").await;
+    let many: Vec<String> = (10..2010).map(|i| format!("cf-{i:04}")).collect();
+    put_feeds(&f, "default", &many).await;
+    let large = cost("cf-0002").await;
+    assert!(small > 0, "etcd counted the requests");
+    assert!(
+        large.abs_diff(small) <= 256,
+        "etcd sent {small} bytes for one changefeed among 10, {large} among 2,010"
+    );
 }

@@ -316,6 +316,7 @@ async fn the_leader_compacts_while_it_leads_and_stops_when_deposed() {
                 create_revision,
             },
             guard: LeaseGuard::always(),
+            revision: create_revision,
         })
         .await
         .unwrap();

@@ -432,6 +432,8 @@ async fn a_standby_owner_takes_over_from_memory_and_moves_nothing() {
                 key: fence_key.clone(),
                 create_revision: fence,
             },
+            // As the election's rewrite of its key: the key's own revision here.
+            revision: fence,
         })
         .await
         .unwrap();

@@ -19,11 +19,9 @@
 //! status with each assignment (in the same txn as the task key), so no task key
 //! is read. Task keys are the owner's to write and delete (a delete through the
 //! API leaves them to be released). A listing reads the namespace's infos and
-//! statuses.
-//!
-//! Range reads come in pages of [`PAGE_KEYS`] keys; the pages after the first
-//! are read at the first page's revision, so a long listing is still one
-//! consistent snapshot and no response nears gRPC's message size limit.
+//! statuses a page at a time (`limit`, `continue`, Kubernetes-style), every page at
+//! the revision of the first, so a walk is one consistent snapshot and no response
+//! nears gRPC's message size limit.
 
 use std::time::Duration;
 
@@ -37,7 +35,9 @@ mod mutate;
 mod read;
 mod request;
 
-pub use read::{ChangefeedView, Listing, Unreadable};
+pub use read::{
+    ChangefeedView, ListOptions, Listing, Unreadable, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT,
+};
 pub use request::{
     now_ts, parse_state, validate_id, CreateChangefeed, ResumeChangefeed, UpdateChangefeed,
 };
@@ -52,10 +52,8 @@ pub use crate::labels::MAX_LABELS as MAX_SELECTOR_LABELS;
 pub use crate::labels::MAX_LABEL_LEN;
 /// Compare failures a mutation absorbs before it answers [`Error::Conflict`].
 pub const MAX_ATTEMPTS: usize = 5;
-/// Keys per page of a range read.
-pub const PAGE_KEYS: i64 = 256;
-/// Largest etcd response accepted: a page of infos with the largest configs
-/// (256 x 64 KiB) fits; tonic's default (4 MiB) would not.
+/// Largest etcd response accepted: a listing's batch of infos with the largest
+/// configs (500 x 64 KiB) fits; tonic's default (4 MiB) would not.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// Bits of the logical part of a TiDB-style timestamp (`physical_ms << 18`).
 const TSO_LOGICAL_BITS: u32 = 18;
@@ -93,6 +91,13 @@ pub enum Error {
         "changefeed {0} kept changing during the request ({MAX_ATTEMPTS} attempts); try again"
     )]
     Conflict(ChangefeedId),
+    /// A listing's `continue` token asks for a revision etcd has compacted
+    /// away since its first page: the walk must start again.
+    #[error(
+        "the listing's revision {revision} has been compacted in etcd: start the listing again \
+         without `continue`"
+    )]
+    ExpiredContinue { revision: i64 },
     /// etcd did not answer within the request timeout, or not at all.
     #[error("etcd is unavailable: {0}")]
     Unavailable(String),
@@ -121,6 +126,7 @@ impl Error {
             Error::NotPaused { .. } => ErrorCode::ChangefeedNotPaused,
             Error::WrongState { .. } => ErrorCode::ChangefeedWrongState,
             Error::Conflict(_) => ErrorCode::Conflict,
+            Error::ExpiredContinue { .. } => ErrorCode::ExpiredContinue,
             Error::Unavailable(_) => ErrorCode::EtcdUnavailable,
             Error::Etcd(_) => ErrorCode::EtcdError,
             Error::Corrupt { .. } => ErrorCode::CorruptValue,

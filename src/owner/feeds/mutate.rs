@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
-use super::read::{revision_of, view, Raw, Read, Snapshot};
+use super::read::{collect, read_op, revision_of, view, Raw, Snapshot};
 use super::request::{
     changefeed_id, now_ts, validate_config, validate_id, validate_selector, validate_sink_uri,
     CreateChangefeed, ResumeChangefeed, UpdateChangefeed,
@@ -273,7 +273,7 @@ impl Changefeeds {
         mut plan: impl FnMut(&Snapshot) -> Result<Plan>,
     ) -> Result<Snapshot> {
         let reads = self.reads(cf);
-        let read_ops = || reads.iter().map(Read::op).collect::<Vec<_>>();
+        let read_ops = || reads.iter().map(|key| read_op(key)).collect::<Vec<_>>();
         let mut snapshot = self.read(cf, &reads).await?;
         for _ in 0..MAX_ATTEMPTS {
             let (compares, mut ops) = match plan(&snapshot)? {
@@ -286,7 +286,7 @@ impl Changefeeds {
             let txn = Txn::new().when(compares).and_then(ops).or_else(read_ops());
             let response = self.txn(txn).await?;
             let skip = if response.succeeded() { writes } else { 0 };
-            let kvs = self.collect(&reads, &response, skip).await?;
+            let kvs = collect(&response, skip);
             snapshot = self.snapshot(cf, kvs, revision_of(&response));
             if response.succeeded() {
                 return Ok(snapshot);

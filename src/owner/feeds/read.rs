@@ -1,5 +1,6 @@
-//! Reads: one changefeed or a namespace's listing, each one consistent read (a txn
-//! of range reads, further pages at its revision), and the API's view of a changefeed.
+//! Reads: one changefeed (a txn of two point reads) or a page of a namespace's
+//! listing (range reads at the revision of the listing's first page), and the API's
+//! view of a changefeed.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::request::{changefeed_id, validate_id};
-use super::{Changefeeds, Error, Result, PAGE_KEYS};
+use super::{encode, Changefeeds, Error, Result};
 use crate::etcd_range::prefix_end;
 use crate::owner::model::{
     ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Key, Releasing,
@@ -50,42 +51,94 @@ pub struct Unreadable {
     pub message: String,
 }
 
-/// The changefeeds of one namespace, sorted by id.
+/// One page of a namespace's changefeeds, sorted by id.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Listing {
     pub items: Vec<ChangefeedView>,
     /// Changefeeds with a malformed info or status value (listed whatever the
-    /// state filter: their state cannot be known).
+    /// filters: their state cannot be known).
     pub unreadable: Vec<Unreadable>,
+    /// Changefeeds in the namespace at the listing's revision, before any
+    /// filter (the same on every page of one listing).
+    pub total: usize,
+    /// Asks for the next page; `None` on the last one.
+    pub continue_token: Option<String>,
 }
 
-/// One range read of a request.
-pub(super) enum Read {
-    Key(String),
-    Prefix { prefix: String, keys_only: bool },
+/// Default `limit` of a listing page.
+pub const DEFAULT_LIST_LIMIT: usize = 500;
+/// Largest `limit` of a listing page.
+pub const MAX_LIST_LIMIT: usize = 5000;
+/// A filtered page stops after reading this many times `limit` changefeeds
+/// (answering fewer items than `limit`, with a `continue`), so one request's
+/// cost stays bounded however few changefeeds match.
+const MAX_SCANNED_PAGES: usize = 10;
+/// Infos per range read: with the largest configs (64 KiB) an answer stays
+/// within the client's decode limit (`MAX_RESPONSE_BYTES`).
+const BATCH_KEYS: usize = 500;
+
+/// What a listing page asks for.
+#[derive(Debug, Clone, Default)]
+pub struct ListOptions {
+    /// Only changefeeds in this state.
+    pub state: Option<FeedState>,
+    /// Only changefeeds whose current assignment this executor holds.
+    pub executor: Option<String>,
+    /// Items per page; `None`: [`DEFAULT_LIST_LIMIT`].
+    pub limit: Option<usize>,
+    /// The `continue_token` of the previous page.
+    pub continue_token: Option<String>,
 }
 
-impl Read {
-    /// The first page.
-    pub(super) fn op(&self) -> TxnOp {
-        match self {
-            Read::Key(key) => TxnOp::get(key.as_str(), None),
-            Read::Prefix { prefix, keys_only } => {
-                TxnOp::get(prefix.as_str(), Some(page_options(prefix, *keys_only)))
-            }
+/// Where a listing stands, given to the client as an opaque token: the
+/// revision every page is read at (one consistent snapshot), the last id
+/// answered, and the total counted on the first page.
+#[derive(Debug, Serialize, Deserialize)]
+struct Cursor {
+    v: u8,
+    ns: String,
+    rev: i64,
+    after: String,
+    total: usize,
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        encode(self).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn decode(token: &str, namespace: &str) -> Result<Cursor> {
+        let invalid = |why: &str| {
+            Error::InvalidArgument(format!(
+                "invalid continue token ({why}): pass the `continue` of the previous page as it was"
+            ))
+        };
+        if token.len() % 2 != 0 || token.len() > 2048 {
+            return Err(invalid("not one of ours"));
         }
+        let bytes: Option<Vec<u8>> = (0..token.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+            .collect();
+        let cursor: Cursor = bytes
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| invalid("not one of ours"))?;
+        if cursor.v != 1 {
+            return Err(invalid("an unknown version"));
+        }
+        if cursor.ns != namespace {
+            return Err(invalid(&format!(
+                "it lists namespace {}, not {namespace}",
+                cursor.ns
+            )));
+        }
+        Ok(cursor)
     }
 }
 
-fn page_options(prefix: &str, keys_only: bool) -> GetOptions {
-    let options = GetOptions::new()
-        .with_range(prefix_end(prefix.as_bytes()))
-        .with_limit(PAGE_KEYS);
-    if keys_only {
-        options.with_keys_only()
-    } else {
-        options
-    }
+/// The point read of `key` in a txn.
+pub(super) fn read_op(key: &str) -> TxnOp {
+    TxnOp::get(key, None)
 }
 
 /// One key as read: its value and the revision a later write compares against.
@@ -134,116 +187,197 @@ impl Changefeeds {
         self.view_of(&cf, &snapshot)
     }
 
-    /// The changefeeds of `namespace` (optionally only those in `state`),
-    /// sorted by id, from one consistent read.
-    pub async fn list(&self, namespace: &str, state: Option<FeedState>) -> Result<Listing> {
+    /// One page of the changefeeds of `namespace`, sorted by id, filtered
+    /// on the server. Every page of one listing is read at the revision of
+    /// its first page, so a walk sees each changefeed that existed then
+    /// exactly once, whatever is created or deleted meanwhile; a token whose
+    /// revision etcd has compacted is [`Error::ExpiredContinue`]. A page reads
+    /// the infos after the last one answered and the statuses of the same ids
+    /// ([`BATCH_KEYS`] at a time, two range reads each), and stops after
+    /// [`MAX_SCANNED_PAGES`] x `limit` of them when a filter leaves few.
+    pub async fn list(&self, namespace: &str, options: &ListOptions) -> Result<Listing> {
         validate_id("namespace", namespace)?;
-        let prefix = |prefix: String| Read::Prefix {
-            prefix,
-            keys_only: false,
-        };
-        let reads = [
-            prefix(self.keys.infos(namespace)),
-            prefix(self.keys.statuses(namespace)),
-        ];
-        let response = self
-            .txn(Txn::new().and_then(reads.iter().map(Read::op).collect::<Vec<_>>()))
-            .await?;
-        let kvs = self.collect(&reads, &response, 0).await?;
-        let mut infos = BTreeMap::new();
-        let mut statuses = BTreeMap::new();
-        for kv in kvs {
-            let Some(raw) = Raw::from_kv(kv) else {
-                continue;
-            };
-            match self.keys.parse(&raw.key) {
-                Some(Key::ChangefeedInfo(cf)) => {
-                    infos.insert(cf, raw);
-                }
-                Some(Key::ChangefeedStatus(cf)) => {
-                    statuses.insert(cf, raw);
-                }
-                _ => {}
-            }
+        let limit = options.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            return Err(Error::InvalidArgument(format!(
+                "limit must be between 1 and {MAX_LIST_LIMIT}, not {limit}"
+            )));
         }
+        let cursor = options
+            .continue_token
+            .as_deref()
+            .map(|token| Cursor::decode(token, namespace))
+            .transpose()?;
+        let infos = self.keys.infos(namespace);
+        let statuses = self.keys.statuses(namespace);
+        let end = prefix_end(infos.as_bytes());
+        let mut revision = cursor.as_ref().map(|c| c.rev);
+        let mut after = cursor.as_ref().map(|c| c.after.clone());
         let mut listing = Listing::default();
-        for (cf, info) in infos {
-            // Filtered on the info alone: the status and the tasks of a
-            // changefeed left out are never decoded.
-            let built = info.decode::<ChangefeedInfo>().and_then(|decoded| {
-                if state.is_some_and(|state| decoded.state != state) {
-                    return Ok(None);
-                }
-                build_view(&cf, decoded, statuses.get(&cf)).map(Some)
-            });
-            match built {
-                Ok(Some(view)) => listing.items.push(view),
-                Ok(None) => {}
-                Err(e) => {
-                    let key = match &e {
-                        Error::Corrupt { key, .. } => key.clone(),
-                        _ => info.key.clone(),
-                    };
-                    tracing::warn!(changefeed = %cf, %key, error = %e, "unreadable changefeed");
-                    listing.unreadable.push(Unreadable {
-                        id: cf.id,
-                        key,
-                        message: e.to_string(),
-                    });
+        let mut more;
+        let mut scanned = 0;
+        loop {
+            let from = match &after {
+                Some(id) => format!("{infos}{id}\0"),
+                None => infos.clone(),
+            };
+            let mut range = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit((limit - listing.items.len()).min(BATCH_KEYS) as i64);
+            if let Some(revision) = revision {
+                range = range.with_revision(revision);
+            }
+            let mut page = self.at_revision(from.into_bytes(), range, revision).await?;
+            let read_at =
+                *revision.get_or_insert_with(|| page.header().map_or(0, |h| h.revision()));
+            let batch: Vec<Raw> = page
+                .take_kvs()
+                .into_iter()
+                .filter_map(Raw::from_kv)
+                .collect();
+            more = page.more();
+            let ids: Vec<(ChangefeedId, Raw)> = batch
+                .into_iter()
+                .filter_map(|raw| match self.keys.parse(&raw.key) {
+                    Some(Key::ChangefeedInfo(cf)) => Some((cf, raw)),
+                    _ => None,
+                })
+                .collect();
+            let (Some((first, _)), Some((last, _))) = (ids.first(), ids.last()) else {
+                more = false;
+                break;
+            };
+            // The statuses of exactly these ids: from the first to the last.
+            let status_range = GetOptions::new()
+                .with_range(format!("{statuses}{}\0", last.id))
+                .with_revision(read_at);
+            let status_page = self
+                .at_revision(
+                    format!("{statuses}{}", first.id).into_bytes(),
+                    status_range,
+                    Some(read_at),
+                )
+                .await?;
+            let mut status_of: BTreeMap<String, Raw> = BTreeMap::new();
+            for raw in status_page.kvs().iter().cloned().filter_map(Raw::from_kv) {
+                if let Some(Key::ChangefeedStatus(cf)) = self.keys.parse(&raw.key) {
+                    status_of.insert(cf.id, raw);
                 }
             }
+            after = Some(last.id.clone());
+            scanned += ids.len();
+            for (cf, info) in ids {
+                if let Some(item) = self.list_item(
+                    &cf,
+                    &info,
+                    status_of.get(&cf.id),
+                    (options.state, options.executor.as_deref()),
+                ) {
+                    match item {
+                        Ok(view) => listing.items.push(view),
+                        Err(bad) => listing.unreadable.push(bad),
+                    }
+                }
+            }
+            if listing.items.len() >= limit || !more || scanned >= MAX_SCANNED_PAGES * limit {
+                break;
+            }
         }
+        let revision = revision.unwrap_or(0);
+        listing.total = match &cursor {
+            Some(cursor) => cursor.total,
+            None => self.count(&infos, &end, revision).await?,
+        };
+        listing.continue_token = match (more, after) {
+            (true, Some(after)) => Some(
+                Cursor {
+                    v: 1,
+                    ns: namespace.to_owned(),
+                    rev: revision,
+                    after,
+                    total: listing.total,
+                }
+                .encode(),
+            ),
+            _ => None,
+        };
         Ok(listing)
     }
 
-    pub(super) async fn read(&self, cf: &ChangefeedId, reads: &[Read]) -> Result<Snapshot> {
-        let ops: Vec<TxnOp> = reads.iter().map(Read::op).collect();
+    /// One info of a listing page: its view if it passes the filters, or why
+    /// it cannot be read.
+    fn list_item(
+        &self,
+        cf: &ChangefeedId,
+        info: &Raw,
+        status: Option<&Raw>,
+        (state, executor): (Option<FeedState>, Option<&str>),
+    ) -> Option<Result<ChangefeedView, Unreadable>> {
+        // Filtered on the info first: the status of a changefeed left out is
+        // never decoded.
+        let built = info.decode::<ChangefeedInfo>().and_then(|decoded| {
+            if state.is_some_and(|state| decoded.state != state) {
+                return Ok(None);
+            }
+            let view = build_view(cf, decoded, status)?;
+            Ok((executor.is_none() || view.executor.as_deref() == executor).then_some(view))
+        });
+        match built {
+            Ok(view) => view.map(Ok),
+            Err(e) => {
+                let key = match &e {
+                    Error::Corrupt { key, .. } => key.clone(),
+                    _ => info.key.clone(),
+                };
+                tracing::warn!(changefeed = %cf, %key, error = %e, "unreadable changefeed");
+                Some(Err(Unreadable {
+                    id: cf.id.clone(),
+                    key,
+                    message: e.to_string(),
+                }))
+            }
+        }
+    }
+
+    /// A range read at `revision` (`None`: the latest); a revision etcd has
+    /// compacted is [`Error::ExpiredContinue`].
+    async fn at_revision(
+        &self,
+        from: Vec<u8>,
+        options: GetOptions,
+        revision: Option<i64>,
+    ) -> Result<etcd_client::GetResponse> {
+        match self.page(from, options).await {
+            Err(Error::Etcd(e)) if revision.is_some() && crate::etcd_errors::is_compacted(&e) => {
+                Err(Error::ExpiredContinue {
+                    revision: revision.unwrap_or(0),
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// The keys in `[prefix, end)` at `revision` (etcd counts them; nothing is sent).
+    async fn count(&self, prefix: &str, end: &[u8], revision: i64) -> Result<usize> {
+        let options = GetOptions::new()
+            .with_range(end.to_vec())
+            .with_count_only()
+            .with_revision(revision);
+        let response = self
+            .at_revision(prefix.as_bytes().to_vec(), options, Some(revision))
+            .await?;
+        Ok(usize::try_from(response.count()).unwrap_or(0))
+    }
+
+    pub(super) async fn read(&self, cf: &ChangefeedId, reads: &[String]) -> Result<Snapshot> {
+        let ops: Vec<TxnOp> = reads.iter().map(|key| read_op(key)).collect();
         let response = self.txn(Txn::new().and_then(ops)).await?;
-        let kvs = self.collect(reads, &response, 0).await?;
-        Ok(self.snapshot(cf, kvs, revision_of(&response)))
+        Ok(self.snapshot(cf, collect(&response, 0), revision_of(&response)))
     }
 
     /// The point reads that make a [`Snapshot`] of `cf`: its info and status.
-    pub(super) fn reads(&self, cf: &ChangefeedId) -> Vec<Read> {
-        vec![
-            Read::Key(self.keys.info(cf)),
-            Read::Key(self.keys.status(cf)),
-        ]
-    }
-
-    /// The key-values `reads` found: the first pages are the txn's responses
-    /// from index `skip` on; the further pages of a truncated range are read
-    /// at the txn's revision, so all belong to one snapshot.
-    pub(super) async fn collect(
-        &self,
-        reads: &[Read],
-        response: &TxnResponse,
-        skip: usize,
-    ) -> Result<Vec<KeyValue>> {
-        let revision = revision_of(response);
-        // `op_responses` copies every response (etcd-client has no owned
-        // accessor); from there on the key/values move, they are not copied.
-        let responses = response.op_responses();
-        let mut kvs = Vec::new();
-        for (read, response) in reads.iter().zip(responses.into_iter().skip(skip)) {
-            let TxnOpResponse::Get(mut page) = response else {
-                continue;
-            };
-            kvs.append(&mut page.take_kvs());
-            let mut more = page.more();
-            while more {
-                let (Read::Prefix { prefix, keys_only }, Some(last)) = (read, kvs.last()) else {
-                    break;
-                };
-                let mut after = last.key().to_vec();
-                after.push(0);
-                let options = page_options(prefix, *keys_only).with_revision(revision);
-                let mut page = self.page(after, options).await?;
-                kvs.append(&mut page.take_kvs());
-                more = page.more();
-            }
-        }
-        Ok(kvs)
+    pub(super) fn reads(&self, cf: &ChangefeedId) -> Vec<String> {
+        vec![self.keys.info(cf), self.keys.status(cf)]
     }
 
     pub(super) fn snapshot(
@@ -323,6 +457,19 @@ pub(super) fn view(
         pending_reason: status.pending_reason,
         releasing: status.releasing,
     }
+}
+
+/// The key-values a txn's point reads found, from response `skip` on.
+pub(super) fn collect(response: &TxnResponse, skip: usize) -> Vec<KeyValue> {
+    // `op_responses` copies every response (etcd-client has no owned
+    // accessor); from there on the key/values move, they are not copied.
+    let mut kvs = Vec::new();
+    for response in response.op_responses().into_iter().skip(skip) {
+        if let TxnOpResponse::Get(mut page) = response {
+            kvs.append(&mut page.take_kvs());
+        }
+    }
+    kvs
 }
 
 /// The revision a response was read at.

@@ -328,6 +328,26 @@ impl EtcdCluster {
             .sum()
     }
 
+    /// Bytes member `i` has sent to its gRPC clients so far (its own
+    /// `etcd_network_client_grpc_sent_bytes_total`): what a piece of code read.
+    pub fn bytes_sent(&self, i: usize) -> u64 {
+        let body = super::http::try_request(
+            self.member(i).client_port,
+            "GET",
+            "/metrics",
+            None,
+            None,
+            Duration::from_secs(5),
+        )
+        .map(|r| r.body)
+        .expect("etcd's /metrics answers");
+        body.lines()
+            .filter(|l| l.starts_with("etcd_network_client_grpc_sent_bytes_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+
     /// Physically compacts the key-value history up to `rev` (the call returns once
     /// the compaction is applied). Panics on error.
     pub async fn compact(&self, rev: i64) {
