@@ -113,7 +113,7 @@ impl Cursor {
                 "invalid continue token ({why}): pass the `continue` of the previous page as it was"
             ))
         };
-        if token.len() % 2 != 0 || token.len() > 2048 {
+        if !token.len().is_multiple_of(2) || token.len() > 2048 {
             return Err(invalid("not one of ours"));
         }
         let bytes: Option<Vec<u8>> = (0..token.len())
