@@ -705,3 +705,73 @@ async fn a_prefix_over_the_decode_limit_is_read_in_pages_and_ticks() {
         );
     }
 }
+
+/// A standby worker follows the prefix without ticking or writing; activated,
+/// its first tick waits until its state reached the barrier it was given (a
+/// revision not delivered yet here), then sees every key up to it.
+#[actix_rt::test]
+async fn a_standby_worker_ticks_only_once_activated_and_past_its_barrier() {
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let client = etcd.client().await;
+    let mut kv = client.clone();
+    kv.put("/standby/a", "1", None).await.unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<Option<String>>::new()));
+    let record = seen.clone();
+    let reactor = FnReactor::new(move |state: &mut KvState, n| {
+        let b = state
+            .get("/standby/b")
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        record.lock().unwrap().push(b);
+        if n == 0 {
+            state.queue(vec![append("/standby/written", "x")]);
+        }
+        Ok(())
+    });
+    let ticks = reactor.ticks.clone();
+    let handle = actors::start_standby(
+        client.clone(),
+        reactor,
+        KvState::default(),
+        config("/standby"),
+    );
+    // It follows without ticking.
+    kv.put("/standby/c", "3", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ticks.load(Ordering::SeqCst), 0, "a standby never ticks");
+
+    // Activated with a barrier one revision ahead: no tick until it arrives.
+    let barrier = revision(&client).await + 1;
+    kv.put("/fence/standby", "me", None).await.unwrap();
+    let fence = Fence {
+        key: "/fence/standby".into(),
+        create_revision: barrier,
+    };
+    let barrier = barrier + 1;
+    handle.activate(Some(fence), barrier);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        ticks.load(Ordering::SeqCst),
+        0,
+        "no tick before the barrier"
+    );
+    kv.put("/standby/b", "2", None).await.unwrap();
+    assert_eq!(revision(&client).await, barrier);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while get(&client, "/standby/written").await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the active worker wrote"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        seen.lock().unwrap()[0].as_deref(),
+        Some("2"),
+        "its first tick saw the barrier's write"
+    );
+    handle.stop();
+    let _ = tokio::time::timeout(WAIT, handle.wait())
+        .await
+        .expect("stopped");
+}
