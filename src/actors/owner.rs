@@ -9,10 +9,14 @@
 //! current, and hands progress to the reactor's input channel, all on the
 //! HTTP worker's thread.
 //!
-//! The reactor's inputs travel through an unbounded channel the reactor
-//! drains at each tick; the feed itself is bounded (the registry cuts off a
-//! subscriber that falls behind), and on a cut-off the owner subscribes
-//! again and hands the reactor a fresh snapshot. If the worker stops with an
+//! Progress goes into [`ProgressSlots`] (one per changefeed and executor, a
+//! newer report replacing the one before), which the reactor takes at each
+//! tick: however many reports arrive, what waits is bounded by the
+//! assignments. The other inputs travel through an unbounded channel the
+//! reactor drains at each tick, each bounded at its source: acknowledged stops
+//! by the tasks the board lists as revoked, registry events by the feed (the
+//! registry cuts off a subscriber that falls behind; on a cut-off the owner
+//! subscribes again and hands the reactor a fresh snapshot). If the worker stops with an
 //! error, the owner starts a new one after a backoff: all its state is in
 //! etcd and the registry.
 
@@ -34,6 +38,7 @@ use crate::owner::board::WorkBoard;
 pub use crate::owner::board::{Assignment, Rejected, Revoked, Work};
 use crate::owner::model::ChangefeedId;
 use crate::owner::model::Keys;
+use crate::owner::progress::ProgressSlots;
 use crate::owner::reactor::{LiveExecutor, OwnerConfig, OwnerInput, OwnerReactor, ProgressReport};
 use crate::owner::state::GlobalState;
 
@@ -63,6 +68,8 @@ type Inputs = Arc<RwLock<Option<mpsc::UnboundedSender<OwnerInput>>>>;
 #[derive(Clone)]
 pub struct WorkDesk {
     board: Arc<WorkBoard>,
+    /// Where accepted progress waits for the reactor's next tick.
+    progress: Arc<ProgressSlots>,
     /// The running reactor's input channel; `None` while it restarts.
     inputs: Inputs,
 }
@@ -94,18 +101,15 @@ impl WorkDesk {
             .board
             .work_for(executor, progress, stopped, known)
             .ok_or(Error::NotRunning)?;
-        if !accepted.progress.is_empty() || !accepted.stopped.is_empty() {
+        for report in accepted.progress {
+            self.progress.put(executor, report);
+        }
+        if !accepted.stopped.is_empty() {
             let inputs = self.inputs.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(inputs) = inputs.as_ref() {
-                // Fails only while the worker stops; the executor reports
-                // again at its next heartbeat (and acknowledges again: the
-                // task is still listed as revoked).
-                for report in accepted.progress {
-                    let _ = inputs.send(OwnerInput::Progress {
-                        executor: executor.to_owned(),
-                        report,
-                    });
-                }
+                // Fails only while the worker stops; the executor acknowledges
+                // again at its next heartbeat (the task is still listed as
+                // revoked).
                 for (changefeed, epoch) in accepted.stopped {
                     let _ = inputs.send(OwnerInput::Released {
                         executor: executor.to_owned(),
@@ -220,6 +224,7 @@ impl Owner {
             inputs: None,
             desk: WorkDesk {
                 board: Arc::default(),
+                progress: Arc::default(),
                 inputs: Arc::default(),
             },
             worker: None,
@@ -247,7 +252,8 @@ impl Owner {
     /// Starts a worker: active (fenced) while leading, standing by otherwise.
     fn start_worker(&mut self, ctx: &mut Context<Self>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let reactor = OwnerReactor::new(rx, self.settings.owner.clone());
+        let reactor = OwnerReactor::new(rx, self.settings.owner.clone())
+            .with_progress_slots(self.desk.progress.clone());
         let state = GlobalState::with_board(self.keys.clone(), self.desk.board.clone());
         let mut config = self.settings.worker.clone();
         let (handle, active) = match &self.mode {

@@ -32,7 +32,10 @@ pub struct EtcdConfig {
     /// interval earlier; `0` turns it off (for operators who compact etcd themselves).
     #[serde(with = "human_duration")]
     pub compaction_interval: Duration,
-    /// Most operations in one txn (etcd's `--max-txn-ops`).
+    /// Most operations in one txn (etcd's `--max-txn-ops`); 0, the default, is
+    /// filled in by [`Config::load`](super::Config::load): the embedded etcd's
+    /// [`EMBEDDED_MAX_TXN_OPS`](crate::etcd_server::EMBEDDED_MAX_TXN_OPS) (it is
+    /// started with it), else etcd's own default (128).
     pub max_txn_ops: usize,
     /// Most bytes of keys and values in one txn (below etcd's `--max-request-bytes`).
     pub max_txn_bytes: usize,
@@ -51,8 +54,9 @@ pub struct EtcdConfig {
     pub tls_key_file: Option<PathBuf>,
 }
 
-/// The worker's fields (`request_timeout`, `tick_interval`, `max_txn_*`) take their
-/// defaults from [`crate::actors::worker::WorkerConfig::new`], written once there.
+/// The worker's fields (`request_timeout`, `tick_interval`, `max_txn_bytes`) take
+/// their defaults from [`crate::actors::worker::WorkerConfig::new`], written once
+/// there; `max_txn_ops` is derived in `validate` (see the field).
 impl Default for EtcdConfig {
     fn default() -> Self {
         let worker = crate::actors::worker::WorkerConfig::new("");
@@ -63,7 +67,7 @@ impl Default for EtcdConfig {
             request_timeout: worker.request_timeout,
             tick_interval: worker.tick_interval,
             compaction_interval: crate::actors::compactor::DEFAULT_COMPACTION_INTERVAL,
-            max_txn_ops: worker.max_txn_ops,
+            max_txn_ops: 0,
             max_txn_bytes: worker.max_txn_bytes,
             embedded_client_port: 2379,
             embedded_peer_port: 2380,
@@ -152,6 +156,13 @@ impl EtcdConfig {
                     humantime::format_duration(MIN_COMPACTION_INTERVAL),
                 ),
             ));
+        }
+        if self.max_txn_ops == 0 {
+            self.max_txn_ops = if self.is_embedded() {
+                crate::etcd_server::EMBEDDED_MAX_TXN_OPS
+            } else {
+                crate::actors::worker::WorkerConfig::new("").max_txn_ops
+            };
         }
         // The owner's largest patch group must fit one txn, with the fence.
         let needed = crate::owner::reactor::MAX_GROUP_KEYS + 1;

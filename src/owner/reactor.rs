@@ -43,12 +43,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 
 use super::model::{
     ChangefeedId, ChangefeedInfo, ChangefeedStatus, ExecutorRecord, FeedState, Releasing,
     TaskStatus,
 };
+use super::progress::ProgressSlots;
 use super::state::{ChangefeedEntry, GlobalState};
 use crate::state::{reactor, DataPatch, PatchGroup, Reactor};
 use budget::CheckpointQueue;
@@ -142,7 +145,11 @@ impl Default for OwnerConfig {
 }
 
 pub struct OwnerReactor {
+    /// Registry events and acknowledged stops (each bounded at its source:
+    /// the registry's feed, the board's revoked tasks); progress from tests.
     inputs: mpsc::UnboundedReceiver<OwnerInput>,
+    /// Progress from heartbeats, one slot per changefeed and executor.
+    slots: Arc<ProgressSlots>,
     /// `None` until the first `Executors` input.
     live: Option<BTreeMap<String, LiveExecutor>>,
     /// Live executors that have not heartbeated to this leader yet (just
@@ -250,6 +257,7 @@ impl OwnerReactor {
     pub fn new(inputs: mpsc::UnboundedReceiver<OwnerInput>, config: OwnerConfig) -> Self {
         Self {
             inputs,
+            slots: Arc::default(),
             live: None,
             initing: HashSet::new(),
             progress: HashMap::new(),
@@ -268,6 +276,13 @@ impl OwnerReactor {
             now_ms: unix_now_ms,
             mono_ms: monotonic_ms,
         }
+    }
+
+    /// Takes progress from `slots` (the heartbeat path's) at each tick, besides
+    /// the reports of the input channel.
+    pub fn with_progress_slots(mut self, slots: Arc<ProgressSlots>) -> Self {
+        self.slots = slots;
+        self
     }
 
     /// Uses another clock (tests).
@@ -352,41 +367,46 @@ impl OwnerReactor {
                     self.dirty.insert(changefeed);
                 }
                 OwnerInput::Progress { executor, report } => {
-                    let cf = report.changefeed.clone();
-                    let reports = self.progress.entry(cf.clone()).or_default();
-                    // Keep the furthest report; an older one arriving late
-                    // must not win.
-                    let keep_old = reports.get(&executor).is_some_and(|old| {
-                        old.epoch == report.epoch
-                            && old.checkpoint_ts > report.checkpoint_ts
-                            && report.error.is_none()
-                    });
-                    if !keep_old {
-                        reports.insert(executor, report);
-                    }
-                    // A steady changefeed's progress needs no visit: only
-                    // its checkpoint moves.
-                    let steady = self.live.as_ref().is_some_and(|live| {
-                        let entry = state.changefeeds.get(&cf);
-                        entry.is_some_and(|entry| {
-                            entry.info.as_ref().is_some_and(|info| {
-                                !state.unreadable.contains(&cf)
-                                    && Self::steady(
-                                        &self.progress,
-                                        &mut self.checkpoints,
-                                        live,
-                                        &cf,
-                                        entry,
-                                        info,
-                                    )
-                            })
-                        })
-                    });
-                    if !steady {
-                        self.dirty.insert(cf);
-                    }
+                    self.note_progress(state, executor, report);
                 }
             }
+        }
+        for (executor, report) in self.slots.take() {
+            self.note_progress(state, executor, report);
+        }
+    }
+
+    /// Keeps the furthest report of `executor` for its changefeed, and marks
+    /// the changefeed for a visit unless it is steady (then only its
+    /// checkpoint moves).
+    fn note_progress(&mut self, state: &GlobalState, executor: String, report: ProgressReport) {
+        let cf = report.changefeed.clone();
+        let reports = self.progress.entry(cf.clone()).or_default();
+        // An older report arriving late must not win.
+        let keep_old = reports
+            .get(&executor)
+            .is_some_and(|old| super::progress::is_further(old, &report));
+        if !keep_old {
+            reports.insert(executor, report);
+        }
+        let steady = self.live.as_ref().is_some_and(|live| {
+            let entry = state.changefeeds.get(&cf);
+            entry.is_some_and(|entry| {
+                entry.info.as_ref().is_some_and(|info| {
+                    !state.unreadable.contains(&cf)
+                        && Self::steady(
+                            &self.progress,
+                            &mut self.checkpoints,
+                            live,
+                            &cf,
+                            entry,
+                            info,
+                        )
+                })
+            })
+        });
+        if !steady {
+            self.dirty.insert(cf);
         }
     }
 
