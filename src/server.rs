@@ -293,7 +293,8 @@ async fn connect_api_etcd(
         client.clone(),
         Keys::new(config.etcd.prefix.clone()),
         config.etcd.request_timeout,
-    );
+    )
+    .with_max_txn_ops(config.etcd.max_txn_ops);
     let probe = EtcdProbe::new(client, config.etcd.request_timeout);
     match probe.check().await {
         Ok(()) => info!(?endpoints, "etcd is reachable"),

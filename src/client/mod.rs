@@ -324,6 +324,23 @@ impl Client {
         self.call(Method::POST, &path, token, Some(request)).await
     }
 
+    /// `POST /api/v1/changefeeds:batch?namespace=`: up to [`MAX_BATCH_ITEMS`]
+    /// changefeeds in one request; the answer says per item what happened.
+    pub async fn create_changefeeds(
+        &self,
+        namespace: &str,
+        requests: &[CreateChangefeed],
+    ) -> Result<BatchCreated> {
+        #[derive(Serialize)]
+        struct Batch<'a> {
+            items: &'a [CreateChangefeed],
+        }
+        let path = with_query("/api/v1/changefeeds:batch", &[namespace_query(namespace)]);
+        let token = self.admin_token.as_deref();
+        self.call(Method::POST, &path, token, Some(&Batch { items: requests }))
+            .await
+    }
+
     /// Every changefeed of `namespace` (optionally only those in `state`):
     /// [`Self::list_changefeeds_page`] until the last page, merged. For a
     /// large namespace prefer the pages: this holds all of them in memory.

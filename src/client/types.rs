@@ -254,6 +254,26 @@ pub struct ChangefeedList {
     pub continue_token: Option<String>,
 }
 
+/// `POST /api/v1/changefeeds:batch`: what was created and what was not.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BatchCreated {
+    pub created: Vec<Changefeed>,
+    pub failed: Vec<BatchFailure>,
+}
+
+/// One item of a batch that was not created, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchFailure {
+    /// Its position in the request.
+    pub index: usize,
+    pub id: String,
+    pub code: String,
+    pub message: String,
+}
+
+/// Most changefeeds one batch may create.
+pub const MAX_BATCH_ITEMS: usize = 1000;
+
 /// Default items per page of a listing (the server's).
 pub const DEFAULT_LIST_LIMIT: usize = 500;
 /// Most items per page of a listing.

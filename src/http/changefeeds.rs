@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::error::{Error, ErrorBody, Result};
 use super::{bearer_token, json_body, resource, AppState};
 use crate::owner::feeds::{
-    self, ChangefeedView, Changefeeds, CreateChangefeed, ResumeChangefeed, Unreadable,
-    UpdateChangefeed,
+    self, BatchCreated, ChangefeedView, Changefeeds, CreateChangefeed, ResumeChangefeed,
+    Unreadable, UpdateChangefeed,
 };
 use crate::owner::model::FeedState;
 
@@ -30,6 +30,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::put().to(update))
             .route(web::delete().to(delete)),
     )
+    .service(resource("/api/v1/changefeeds:batch").route(web::post().to(create_batch)))
     .service(resource("/api/v1/changefeeds/{id}/pause").route(web::post().to(pause)))
     .service(resource("/api/v1/changefeeds/{id}/resume").route(web::post().to(resume)));
 }
@@ -168,6 +169,64 @@ pub(super) async fn create(
             ),
         ))
         .json(view))
+}
+
+/// `POST /api/v1/changefeeds:batch` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BatchCreate {
+    /// At most 1000 changefeeds, each as `POST /api/v1/changefeeds` takes it.
+    #[schema(max_items = 1000)]
+    items: Vec<CreateChangefeed>,
+}
+
+/// The body limit of a batch: this many times `http.max_body_bytes`.
+const BATCH_BODY_FACTOR: usize = 16;
+
+/// Create many changefeeds at once.
+///
+/// For operators who import thousands: each item is what `POST
+/// /api/v1/changefeeds` takes and is checked on its own; the valid ones are
+/// written in as few txns as etcd allows, each requiring that its changefeeds
+/// do not exist. The answer lists what was created and, per item not created,
+/// why (`invalid_argument`, `changefeed_exists`, `conflict`, or an etcd error
+/// code). The body may be up to 16 times `http.max_body_bytes`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/changefeeds:batch",
+    operation_id = "create_changefeeds",
+    tag = "changefeeds",
+    params(("namespace" = Option<String>, Query, pattern = r"^(?!__meta__$)[A-Za-z0-9_-]{1,128}$", description = "Default `default`")),
+    request_body(content = BatchCreate, content_type = "application/json"),
+    security((), ("admin_token" = [])),
+    responses(
+        (status = 200, description = "What was created and what was not, item by item", body = BatchCreated),
+        (status = 400, description = "`invalid_argument`: a malformed body, more than 1000 items or a bad namespace", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: the server has an admin token and the request does not carry it",
+         body = ErrorBody, headers(("WWW-Authenticate" = String))),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 503, description = "`unavailable` or `no_leader`", body = ErrorBody,
+         headers(("Retry-After" = String))),
+    ),
+)]
+pub(super) async fn create_batch(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse> {
+    require_admin(&state, &req)?;
+    let scope = Scope::of(&req)?;
+    let limit = state.max_body_bytes.saturating_mul(BATCH_BODY_FACTOR);
+    let request: BatchCreate = json_body(&req, body, limit).await?.ok_or_else(|| {
+        Error::InvalidArgument(
+            "a JSON body {\"items\":[{\"id\",\"sink_uri\",...}]} is required".into(),
+        )
+    })?;
+    let outcome = changefeeds(&state)?
+        .create_many(scope.namespace(), request.items)
+        .await?;
+    Ok(HttpResponse::Ok().json(outcome))
 }
 
 /// List the changefeeds of a namespace, a page at a time, sorted by id.

@@ -47,6 +47,7 @@ pub const DOCS_PATH: &str = "/api/v1/docs/";
         executors::deregister,
         executors::watch,
         changefeeds::create,
+        changefeeds::create_batch,
         changefeeds::list,
         changefeeds::get,
         changefeeds::update,

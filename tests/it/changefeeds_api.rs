@@ -1348,3 +1348,88 @@ async fn one_changefeed_s_operations_cost_the_same_whatever_the_namespace_holds(
         "etcd sent {small} bytes for one changefeed among 10, {large} among 2,010"
     );
 }
+
+/// A batch creates every valid item that does not exist yet, in few txns, and
+/// says per item why the others were not created; a body that is not one, too
+/// many items or a missing admin token refuse the whole batch.
+#[actix_rt::test]
+async fn a_batch_creates_the_valid_new_items_and_names_each_refused_one() {
+    let f = fixture_with(Some(ADMIN), Duration::from_secs(5)).await;
+    let app = app!(f.state);
+    put_feeds(&f, "default", &["cf-0005".to_owned(), "cf-0150".to_owned()]).await;
+    let mut items: Vec<Value> = (0..300)
+        .map(|i| json!({"id": format!("cf-{i:04}"), "sink_uri": "kafka://k/t"}))
+        .collect();
+    items[7] = json!({"id": "cf-0007", "sink_uri": "no scheme"});
+    items[9] = json!({"id": "cf-0008", "sink_uri": "kafka://k/again"});
+    items[20] = json!({"id": "bad/id", "sink_uri": "kafka://k/t"});
+    let batch = |body: Value, token: Option<&str>| {
+        let mut req = test::TestRequest::post()
+            .uri("/api/v1/changefeeds:batch")
+            .set_json(body);
+        if let Some(token) = token {
+            req = req.insert_header((header::AUTHORIZATION, format!("Bearer {token}")));
+        }
+        req
+    };
+    let (status, body) = call!(app, batch(json!({"items": items}), None));
+    assert_error(status, &body, 401, "unauthorized");
+    assert!(
+        f.all_keys().await.len() == 4,
+        "nothing written without the token"
+    );
+
+    let (status, outcome) = call!(app, batch(json!({"items": items}), Some(ADMIN)));
+    assert_eq!(status, StatusCode::OK, "{outcome}");
+    let failed: Vec<(u64, &str, &str)> = outcome["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["index"].as_u64().unwrap(),
+                f["id"].as_str().unwrap(),
+                f["code"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        vec![
+            (5, "cf-0005", "changefeed_exists"),
+            (7, "cf-0007", "invalid_argument"),
+            (9, "cf-0008", "invalid_argument"),
+            (20, "bad/id", "invalid_argument"),
+            (150, "cf-0150", "changefeed_exists"),
+        ]
+    );
+    let created = ids(&json!({"items": outcome["created"]}))
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    assert_eq!(created.len(), 295);
+    assert_eq!(created[0], "cf-0000");
+    // Stored: 295 new changefeeds and the 2 before, each with its info and status;
+    // the one written before is unchanged.
+    assert_eq!(f.all_keys().await.len(), 2 * 297);
+    let (_, listed) = call!(app, list_req("?limit=5000"));
+    assert_eq!(listed["total"], 297);
+    let (_, old) = call!(app, get_req("cf-0150", "default"));
+    assert_eq!(old["sink_uri"], "kafka://k");
+
+    // Whole-batch refusals.
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({"id": format!("x{i}"), "sink_uri": "kafka://k"}))
+        .collect();
+    let (status, body) = call!(app, batch(json!({"items": too_many}), Some(ADMIN)));
+    assert_error(status, &body, 400, "invalid_argument");
+    let (status, body) = call!(app, batch(json!({"changefeeds": []}), Some(ADMIN)));
+    assert_error(status, &body, 400, "invalid_argument");
+    let (status, body) = call!(app, batch(json!([1, 2]), Some(ADMIN)));
+    assert_error(status, &body, 400, "invalid_argument");
+    assert_eq!(
+        f.all_keys().await.len(),
+        2 * 297,
+        "none of these wrote anything"
+    );
+}

@@ -31,10 +31,12 @@ use serde::Serialize;
 use super::model::{ChangefeedId, FeedState, Keys};
 use crate::error_code::ErrorCode;
 
+mod batch;
 mod mutate;
 mod read;
 mod request;
 
+pub use batch::{BatchCreated, BatchFailure, MAX_BATCH_ITEMS};
 pub use read::{
     ChangefeedView, ListOptions, Listing, Unreadable, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT,
 };
@@ -143,6 +145,8 @@ pub struct Changefeeds {
     kv: KvClient,
     keys: Keys,
     timeout: Duration,
+    /// etcd's `--max-txn-ops`: how many changefeeds a batch puts in one txn.
+    max_txn_ops: usize,
 }
 
 impl Changefeeds {
@@ -155,7 +159,15 @@ impl Changefeeds {
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             keys,
             timeout,
+            max_txn_ops: crate::actors::worker::WorkerConfig::new("").max_txn_ops,
         }
+    }
+
+    /// The etcd cluster's `--max-txn-ops` (`etcd.max_txn_ops`); etcd's default
+    /// (128) otherwise.
+    pub fn with_max_txn_ops(mut self, max_txn_ops: usize) -> Self {
+        self.max_txn_ops = max_txn_ops;
+        self
     }
 
     /// One txn, bounded by the request timeout.

@@ -35,36 +35,7 @@ impl Changefeeds {
         request: CreateChangefeed,
     ) -> Result<ChangefeedView> {
         validate_id("namespace", namespace)?;
-        validate_id("changefeed id", &request.id)?;
-        validate_sink_uri(&request.sink_uri)?;
-        let config = validate_config(request.config)?;
-        let selector = request.selector.unwrap_or_default();
-        validate_selector(&selector)?;
-        let start_ts = match request.start_ts {
-            None | Some(0) => now_ts(),
-            Some(ts) => ts,
-        };
-        let target_ts = request.target_ts.unwrap_or(0);
-        if target_ts != 0 && target_ts <= start_ts {
-            return Err(Error::InvalidArgument(format!(
-                "target_ts ({target_ts}) must be 0 (run forever) or greater than start_ts ({start_ts})"
-            )));
-        }
-        let cf = ChangefeedId::new(namespace, request.id);
-        let info = ChangefeedInfo {
-            sink_uri: request.sink_uri,
-            start_ts,
-            target_ts,
-            config,
-            selector,
-            state: FeedState::Normal,
-            error: None,
-            create_time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        };
-        let status = ChangefeedStatus {
-            checkpoint_ts: start_ts,
-            ..ChangefeedStatus::default()
-        };
+        let (cf, info, status) = prepare_create(namespace, request)?;
         let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
         let txn = Txn::new()
             .when([
@@ -385,4 +356,44 @@ fn unchanged(key: &str, read: Option<&Raw>) -> Compare {
         CompareOp::Equal,
         read.map_or(0, |raw| raw.mod_revision),
     )
+}
+
+/// A create request checked and turned into what is stored: the changefeed's
+/// info (state `normal`) and its status (`checkpoint_ts = start_ts`, epoch 0).
+/// `namespace` must be valid already.
+pub(super) fn prepare_create(
+    namespace: &str,
+    request: CreateChangefeed,
+) -> Result<(ChangefeedId, ChangefeedInfo, ChangefeedStatus)> {
+    validate_id("changefeed id", &request.id)?;
+    validate_sink_uri(&request.sink_uri)?;
+    let config = validate_config(request.config)?;
+    let selector = request.selector.unwrap_or_default();
+    validate_selector(&selector)?;
+    let start_ts = match request.start_ts {
+        None | Some(0) => now_ts(),
+        Some(ts) => ts,
+    };
+    let target_ts = request.target_ts.unwrap_or(0);
+    if target_ts != 0 && target_ts <= start_ts {
+        return Err(Error::InvalidArgument(format!(
+            "target_ts ({target_ts}) must be 0 (run forever) or greater than start_ts ({start_ts})"
+        )));
+    }
+    let cf = ChangefeedId::new(namespace, request.id);
+    let info = ChangefeedInfo {
+        sink_uri: request.sink_uri,
+        start_ts,
+        target_ts,
+        config,
+        selector,
+        state: FeedState::Normal,
+        error: None,
+        create_time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+    };
+    let status = ChangefeedStatus {
+        checkpoint_ts: start_ts,
+        ..ChangefeedStatus::default()
+    };
+    Ok((cf, info, status))
 }

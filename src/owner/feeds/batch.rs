@@ -1,0 +1,203 @@
+//! Creating many changefeeds in one request (`POST /api/v1/changefeeds:batch`), for
+//! operators who import thousands: each item is checked on its own, the valid ones
+//! go in txns of as many as `max_txn_ops` allows (each still requiring that its keys
+//! do not exist), several txns in flight at once; the answer says per item what
+//! happened. A txn refused because some of its changefeeds exist learns which from
+//! its failure branch and is sent again without them.
+
+use std::collections::HashSet;
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
+use futures::{stream, StreamExt};
+use serde::Serialize;
+
+use super::mutate::prepare_create;
+use super::read::view;
+use super::request::{validate_id, CreateChangefeed};
+use super::{encode, ChangefeedView, Changefeeds, Error, Result, MAX_ATTEMPTS};
+use crate::error_code::ErrorCode;
+use crate::owner::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus};
+
+/// Most changefeeds one batch request may create.
+pub const MAX_BATCH_ITEMS: usize = 1000;
+/// Txns of one batch in flight at once.
+const IN_FLIGHT: usize = 4;
+
+/// What a batch create did, item by item.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct BatchCreated {
+    /// The changefeeds created, in the request's order.
+    pub created: Vec<ChangefeedView>,
+    /// The items not created, each with why (an `invalid_argument`, a
+    /// `changefeed_exists`, a `conflict`, or etcd's error).
+    pub failed: Vec<BatchFailure>,
+}
+
+/// One item of a batch that was not created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct BatchFailure {
+    /// The item's position in the request.
+    pub index: usize,
+    pub id: String,
+    #[schema(value_type = String)]
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// An item ready to write.
+struct Ready {
+    index: usize,
+    cf: ChangefeedId,
+    info: ChangefeedInfo,
+    status: ChangefeedStatus,
+}
+
+impl Changefeeds {
+    /// Creates every valid item of `requests` that does not exist yet (see the
+    /// module documentation). Fails as a whole only for a bad namespace or
+    /// more than [`MAX_BATCH_ITEMS`] items; everything else is per item.
+    pub async fn create_many(
+        &self,
+        namespace: &str,
+        requests: Vec<CreateChangefeed>,
+    ) -> Result<BatchCreated> {
+        validate_id("namespace", namespace)?;
+        if requests.len() > MAX_BATCH_ITEMS {
+            return Err(Error::InvalidArgument(format!(
+                "{} items: a batch creates at most {MAX_BATCH_ITEMS}",
+                requests.len()
+            )));
+        }
+        let mut outcome = BatchCreated::default();
+        let mut seen = HashSet::new();
+        let mut ready = Vec::with_capacity(requests.len());
+        for (index, request) in requests.into_iter().enumerate() {
+            let id = request.id.clone();
+            match prepare_create(namespace, request) {
+                Ok(_) if !seen.insert(id.clone()) => outcome.failed.push(BatchFailure {
+                    index,
+                    message: format!("changefeed {id} appears more than once in the batch"),
+                    id,
+                    code: ErrorCode::InvalidArgument.as_str(),
+                }),
+                Ok((cf, info, status)) => ready.push(Ready {
+                    index,
+                    cf,
+                    info,
+                    status,
+                }),
+                Err(e) => outcome.failed.push(failure(index, id, &e)),
+            }
+        }
+        // Two compares and two puts per changefeed.
+        let per_txn = (self.max_txn_ops / 2).max(1);
+        let mut chunks = Vec::new();
+        let mut ready = ready.into_iter().peekable();
+        while ready.peek().is_some() {
+            chunks.push(ready.by_ref().take(per_txn).collect::<Vec<_>>());
+        }
+        let results: Vec<(Vec<Ready>, Vec<BatchFailure>)> = stream::iter(chunks)
+            .map(|chunk| self.create_chunk(chunk))
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        let mut created = Vec::new();
+        for (done, mut failed) in results {
+            created.extend(done);
+            outcome.failed.append(&mut failed);
+        }
+        created.sort_by_key(|r| r.index);
+        outcome.created = created
+            .into_iter()
+            .map(|r| view(&r.cf, r.info, Some(r.status), None))
+            .collect();
+        outcome.failed.sort_by_key(|f| f.index);
+        Ok(outcome)
+    }
+
+    /// One txn of `chunk`; on a failed compare, the changefeeds found to exist
+    /// are dropped and the rest sent again (at most [`MAX_ATTEMPTS`] times).
+    async fn create_chunk(&self, mut chunk: Vec<Ready>) -> (Vec<Ready>, Vec<BatchFailure>) {
+        let mut failed = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            if chunk.is_empty() {
+                return (chunk, failed);
+            }
+            let mut compares = Vec::with_capacity(2 * chunk.len());
+            let mut puts = Vec::with_capacity(2 * chunk.len());
+            let mut checks = Vec::with_capacity(chunk.len());
+            for r in &chunk {
+                let (info_key, status_key) = (self.keys.info(&r.cf), self.keys.status(&r.cf));
+                compares.push(Compare::create_revision(
+                    info_key.as_str(),
+                    CompareOp::Equal,
+                    0,
+                ));
+                compares.push(Compare::create_revision(
+                    status_key.as_str(),
+                    CompareOp::Equal,
+                    0,
+                ));
+                // Either key existing refuses the changefeed: read both back
+                // (without values) when the txn fails.
+                checks.push(TxnOp::get(
+                    info_key.as_str(),
+                    Some(GetOptions::new().with_keys_only().with_count_only()),
+                ));
+                checks.push(TxnOp::get(
+                    status_key.as_str(),
+                    Some(GetOptions::new().with_keys_only().with_count_only()),
+                ));
+                puts.push(TxnOp::put(info_key, encode(&r.info), None));
+                puts.push(TxnOp::put(status_key, encode(&r.status), None));
+            }
+            let txn = Txn::new().when(compares).and_then(puts).or_else(checks);
+            let response = match self.txn(txn).await {
+                Ok(response) => response,
+                Err(e) => {
+                    failed.extend(chunk.drain(..).map(|r| failure(r.index, r.cf.id, &e)));
+                    return (chunk, failed);
+                }
+            };
+            if response.succeeded() {
+                return (chunk, failed);
+            }
+            let exists: Vec<bool> = response
+                .op_responses()
+                .chunks(2)
+                .map(|pair| {
+                    pair.iter()
+                        .any(|r| matches!(r, TxnOpResponse::Get(g) if g.count() > 0))
+                })
+                .collect();
+            let mut kept = Vec::with_capacity(chunk.len());
+            for (r, exists) in chunk
+                .into_iter()
+                .zip(exists.into_iter().chain(std::iter::repeat(false)))
+            {
+                if exists {
+                    let e = Error::Exists(r.cf.clone());
+                    failed.push(failure(r.index, r.cf.id, &e));
+                } else {
+                    kept.push(r);
+                }
+            }
+            chunk = kept;
+        }
+        // Created meanwhile again and again by someone else.
+        failed.extend(chunk.drain(..).map(|r| {
+            let e = Error::Conflict(r.cf.clone());
+            failure(r.index, r.cf.id, &e)
+        }));
+        (chunk, failed)
+    }
+}
+
+fn failure(index: usize, id: String, error: &Error) -> BatchFailure {
+    BatchFailure {
+        index,
+        id,
+        code: error.code().as_str(),
+        message: error.to_string(),
+    }
+}
