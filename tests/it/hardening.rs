@@ -71,6 +71,7 @@ const MATRIX: &[(&str, &str, [Want; 5])] = &[
     ("GET",    "/api/v1/changefeeds",                  [OK(200), OK(200), OK(200), OK(200), OK(200)]),
     ("GET",    "/api/v1/changefeeds/{id}",             [OK(200), OK(200), OK(200), OK(200), OK(200)]),
     ("POST",   "/api/v1/changefeeds",                  [NO,      NO,      NO,      NO,      OK(201)]),
+    ("POST",   "/api/v1/changefeeds:batch",            [NO,      NO,      NO,      NO,      OK(200)]),
     ("PUT",    "/api/v1/changefeeds/{id}",             [NO,      NO,      NO,      NO,      OK(200)]),
     ("DELETE", "/api/v1/changefeeds/{id}",             [NO,      NO,      NO,      NO,      OK(204)]),
     ("POST",   "/api/v1/changefeeds/{id}/pause",       [NO,      NO,      NO,      NO,      OK(200)]),
@@ -197,6 +198,11 @@ fn every_route_admits_exactly_the_intended_callers() {
                 } else if route == "/api/v1/changefeeds" && method == "POST" {
                     let id = api.fresh("new");
                     let body = json!({"id": id, "sink_uri": "kafka://broker/topic"});
+                    let unchanged = move |api: &Api| api.get_changefeed(&id).status == 404;
+                    (route.to_owned(), Some(body), Box::new(unchanged))
+                } else if route == "/api/v1/changefeeds:batch" {
+                    let id = api.fresh("batch");
+                    let body = json!({"items": [{"id": id, "sink_uri": "kafka://broker/topic"}]});
                     let unchanged = move |api: &Api| api.get_changefeed(&id).status == 404;
                     (route.to_owned(), Some(body), Box::new(unchanged))
                 } else if route.starts_with("/api/v1/changefeeds/{id}") {

@@ -291,9 +291,33 @@ fn every_answer_of_a_walk_through_the_api_matches_the_document() {
     );
     assert_eq!(answer.status, 201);
     spec.check("POST", "/api/v1/changefeeds", &answer);
-    let answer = call("POST", "/api/v1/changefeeds", Some(ADMIN), Some(create));
+    let answer = call(
+        "POST",
+        "/api/v1/changefeeds",
+        Some(ADMIN),
+        Some(create.clone()),
+    );
     assert_eq!(answer.status, 409);
     spec.check("POST", "/api/v1/changefeeds", &answer);
+    // A batch: one new, one existing (refused in the answer), then a bad body.
+    let batch = json!({"items": [{"id": "walk-batch", "sink_uri": "kafka://broker/b",
+                                  "selector": {"zone": "nowhere"}}, create]});
+    let answer = call(
+        "POST",
+        "/api/v1/changefeeds:batch",
+        Some(ADMIN),
+        Some(batch),
+    );
+    assert_eq!(answer.status, 200);
+    spec.check("POST", "/api/v1/changefeeds:batch", &answer);
+    let answer = call(
+        "POST",
+        "/api/v1/changefeeds:batch",
+        Some(ADMIN),
+        Some(json!({"items": 1})),
+    );
+    assert_eq!(answer.status, 400);
+    spec.check("POST", "/api/v1/changefeeds:batch", &answer);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
