@@ -186,11 +186,12 @@ const BATCH_BODY_FACTOR: usize = 16;
 /// Create many changefeeds at once.
 ///
 /// For operators who import thousands: each item is what `POST
-/// /api/v1/changefeeds` takes and is checked on its own; the valid ones are
-/// written in as few txns as etcd allows, each requiring that its changefeeds
-/// do not exist. The answer lists what was created and, per item not created,
-/// why (`invalid_argument`, `changefeed_exists`, `conflict`, or an etcd error
-/// code). The body may be up to 16 times `http.max_body_bytes`.
+/// /api/v1/changefeeds` takes. Every item is checked first: one that breaks a
+/// rule, or an id given twice, refuses the batch (400, naming it) and nothing
+/// is written. Then they are written in as few txns as etcd allows, each
+/// requiring that its changefeeds do not exist. The answer lists what was
+/// created and, per item not created, why (`changefeed_exists`, `conflict`,
+/// or an etcd error code). The body may be up to 16 times `http.max_body_bytes`.
 #[utoipa::path(
     post,
     path = "/api/v1/changefeeds:batch",
@@ -201,7 +202,7 @@ const BATCH_BODY_FACTOR: usize = 16;
     security((), ("admin_token" = [])),
     responses(
         (status = 200, description = "What was created and what was not, item by item", body = BatchCreated),
-        (status = 400, description = "`invalid_argument`: a malformed body, more than 1000 items or a bad namespace", body = ErrorBody),
+        (status = 400, description = "`invalid_argument`: a malformed body, an item that breaks a rule or an id given twice (named), more than 1000 items or a bad namespace; nothing written", body = ErrorBody),
         (status = 401, description = "`unauthorized`: the server has an admin token and the request does not carry it",
          body = ErrorBody, headers(("WWW-Authenticate" = String))),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),

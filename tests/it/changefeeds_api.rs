@@ -1349,20 +1349,18 @@ async fn one_changefeed_s_operations_cost_the_same_whatever_the_namespace_holds(
     );
 }
 
-/// A batch creates every valid item that does not exist yet, in few txns, and
-/// says per item why the others were not created; a body that is not one, too
-/// many items or a missing admin token refuse the whole batch.
+/// A batch creates every item that does not exist yet, in few txns, and names
+/// each existing one; an item that breaks a rule, an id given twice, a body
+/// that is not one, too many items or a missing admin token refuse the whole
+/// batch and write nothing.
 #[actix_rt::test]
-async fn a_batch_creates_the_valid_new_items_and_names_each_refused_one() {
+async fn a_batch_creates_the_new_items_names_the_existing_and_refuses_a_bad_one_whole() {
     let f = fixture_with(Some(ADMIN), Duration::from_secs(5)).await;
     let app = app!(f.state);
     put_feeds(&f, "default", &["cf-0005".to_owned(), "cf-0150".to_owned()]).await;
-    let mut items: Vec<Value> = (0..300)
+    let items: Vec<Value> = (0..300)
         .map(|i| json!({"id": format!("cf-{i:04}"), "sink_uri": "kafka://k/t"}))
         .collect();
-    items[7] = json!({"id": "cf-0007", "sink_uri": "no scheme"});
-    items[9] = json!({"id": "cf-0008", "sink_uri": "kafka://k/again"});
-    items[20] = json!({"id": "bad/id", "sink_uri": "kafka://k/t"});
     let batch = |body: Value, token: Option<&str>| {
         let mut req = test::TestRequest::post()
             .uri("/api/v1/changefeeds:batch")
@@ -1378,6 +1376,37 @@ async fn a_batch_creates_the_valid_new_items_and_names_each_refused_one() {
         f.all_keys().await.len() == 4,
         "nothing written without the token"
     );
+    for (index, bad, why) in [
+        (
+            7,
+            json!({"id": "cf-0007", "sink_uri": "no scheme"}),
+            "sink_uri",
+        ),
+        (
+            9,
+            json!({"id": "cf-0008", "sink_uri": "kafka://k/again"}),
+            "given twice",
+        ),
+        (
+            20,
+            json!({"id": "bad/id", "sink_uri": "kafka://k/t"}),
+            "bad/id",
+        ),
+    ] {
+        let mut broken = items.clone();
+        broken[index] = bad;
+        let (status, body) = call!(app, batch(json!({"items": broken}), Some(ADMIN)));
+        assert_error(status, &body, 400, "invalid_argument");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("item {index}")) && message.contains(why),
+            "{message}"
+        );
+        assert!(
+            f.all_keys().await.len() == 4,
+            "nothing written for a bad batch"
+        );
+    }
 
     let (status, outcome) = call!(app, batch(json!({"items": items}), Some(ADMIN)));
     assert_eq!(status, StatusCode::OK, "{outcome}");
@@ -1397,9 +1426,6 @@ async fn a_batch_creates_the_valid_new_items_and_names_each_refused_one() {
         failed,
         vec![
             (5, "cf-0005", "changefeed_exists"),
-            (7, "cf-0007", "invalid_argument"),
-            (9, "cf-0008", "invalid_argument"),
-            (20, "bad/id", "invalid_argument"),
             (150, "cf-0150", "changefeed_exists"),
         ]
     );
@@ -1407,13 +1433,13 @@ async fn a_batch_creates_the_valid_new_items_and_names_each_refused_one() {
         .into_iter()
         .map(str::to_owned)
         .collect::<Vec<_>>();
-    assert_eq!(created.len(), 295);
+    assert_eq!(created.len(), 298);
     assert_eq!(created[0], "cf-0000");
-    // Stored: 295 new changefeeds and the 2 before, each with its info and status;
+    // Stored: 298 new changefeeds and the 2 before, each with its info and status;
     // the one written before is unchanged.
-    assert_eq!(f.all_keys().await.len(), 2 * 297);
+    assert_eq!(f.all_keys().await.len(), 2 * 300);
     let (_, listed) = call!(app, list_req("?limit=5000"));
-    assert_eq!(listed["total"], 297);
+    assert_eq!(listed["total"], 300);
     let (_, old) = call!(app, get_req("cf-0150", "default"));
     assert_eq!(old["sink_uri"], "kafka://k");
 
@@ -1429,7 +1455,7 @@ async fn a_batch_creates_the_valid_new_items_and_names_each_refused_one() {
     assert_error(status, &body, 400, "invalid_argument");
     assert_eq!(
         f.all_keys().await.len(),
-        2 * 297,
+        2 * 300,
         "none of these wrote anything"
     );
 }

@@ -1,9 +1,10 @@
 //! Creating many changefeeds in one request (`POST /api/v1/changefeeds:batch`), for
-//! operators who import thousands: each item is checked on its own, the valid ones
-//! go in txns of as many as `max_txn_ops` allows (each still requiring that its keys
-//! do not exist), several txns in flight at once; the answer says per item what
-//! happened. A txn refused because some of its changefeeds exist learns which from
-//! its failure branch and is sent again without them.
+//! operators who import thousands. Every item is checked first: one that breaks a
+//! rule (or an id given twice) refuses the whole batch, naming it, and nothing is
+//! written. Then the items go in txns of as many as `max_txn_ops` allows (each still
+//! requiring that its keys do not exist), several txns in flight at once; the answer
+//! says per item what happened. A txn refused because some of its changefeeds exist
+//! learns which from its failure branch and is sent again without them.
 
 use std::collections::HashSet;
 
@@ -15,7 +16,6 @@ use super::mutate::prepare_create;
 use super::read::view;
 use super::request::{validate_id, CreateChangefeed};
 use super::{encode, ChangefeedView, Changefeeds, Error, Result, MAX_ATTEMPTS};
-use crate::error_code::ErrorCode;
 use crate::owner::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus};
 
 /// Most changefeeds one batch request may create.
@@ -28,8 +28,8 @@ const IN_FLIGHT: usize = 4;
 pub struct BatchCreated {
     /// The changefeeds created, in the request's order.
     pub created: Vec<ChangefeedView>,
-    /// The items not created, each with why (an `invalid_argument`, a
-    /// `changefeed_exists`, a `conflict`, or etcd's error).
+    /// The items not created, each with why (`changefeed_exists`, `conflict`,
+    /// or etcd's error).
     pub failed: Vec<BatchFailure>,
 }
 
@@ -53,9 +53,10 @@ struct Ready {
 }
 
 impl Changefeeds {
-    /// Creates every valid item of `requests` that does not exist yet (see the
-    /// module documentation). Fails as a whole only for a bad namespace or
-    /// more than [`MAX_BATCH_ITEMS`] items; everything else is per item.
+    /// Creates every item of `requests` that does not exist yet (see the
+    /// module documentation). Fails as a whole, writing nothing, for a bad
+    /// namespace, more than [`MAX_BATCH_ITEMS`] items, or any item that breaks
+    /// a rule; existing changefeeds and etcd failures are per item.
     pub async fn create_many(
         &self,
         namespace: &str,
@@ -71,23 +72,30 @@ impl Changefeeds {
         let mut outcome = BatchCreated::default();
         let mut seen = HashSet::new();
         let mut ready = Vec::with_capacity(requests.len());
+        let mut invalid = Vec::new();
         for (index, request) in requests.into_iter().enumerate() {
             let id = request.id.clone();
             match prepare_create(namespace, request) {
-                Ok(_) if !seen.insert(id.clone()) => outcome.failed.push(BatchFailure {
-                    index,
-                    message: format!("changefeed {id} appears more than once in the batch"),
-                    id,
-                    code: ErrorCode::InvalidArgument.as_str(),
-                }),
+                Ok(_) if !seen.insert(id.clone()) => {
+                    invalid.push(format!("item {index}: changefeed {id} is given twice"));
+                }
                 Ok((cf, info, status)) => ready.push(Ready {
                     index,
                     cf,
                     info,
                     status,
                 }),
-                Err(e) => outcome.failed.push(failure(index, id, &e)),
+                Err(e) => invalid.push(format!("item {index} ({id:?}): {e}")),
             }
+        }
+        if !invalid.is_empty() {
+            let more = invalid.len().saturating_sub(3);
+            invalid.truncate(3);
+            let mut message = format!("nothing created: {}", invalid.join("; "));
+            if more > 0 {
+                message.push_str(&format!("; and {more} more"));
+            }
+            return Err(Error::InvalidArgument(message));
         }
         // Two compares and two puts per changefeed.
         let per_txn = (self.max_txn_ops / 2).max(1);
