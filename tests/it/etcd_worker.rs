@@ -775,3 +775,48 @@ async fn a_standby_worker_ticks_only_once_activated_and_past_its_barrier() {
         .await
         .expect("stopped");
 }
+
+/// The first read of a prefix of more than 100,000 keys is one range request
+/// (counted by etcd itself), and in pages it is one request per page: the
+/// requests grow linearly with the keys, never with their square.
+#[actix_rt::test]
+async fn the_first_read_of_over_a_hundred_thousand_keys_is_one_range_request() {
+    harness::init_tracing();
+    let etcd = EtcdCluster::single();
+    let client = etcd.client().await;
+    const P: &str = "/many";
+    const KEYS: usize = 100_100;
+    let mut c = client.clone();
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("{P}/k/{i:06}")).collect();
+    for chunk in keys.chunks(128) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|k| etcd_client::TxnOp::put(k.as_str(), "v", None))
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    for (page_keys, most_requests) in [(0, 1), (10_000, KEYS as u64 / 10_000 + 1)] {
+        let counted = Arc::new(AtomicU64::new(0));
+        let count = counted.clone();
+        let reactor = FnReactor::new(move |state: &mut KvState, _| {
+            count.store(state.values.len() as u64, Ordering::SeqCst);
+            Err(reactor::Error::Finished)
+        });
+        let before = etcd.ranges_served(0);
+        let config = WorkerConfig {
+            list_page_keys: page_keys,
+            ..config(P)
+        };
+        run_with(&client, config, reactor).await.expect("finished");
+        let requests = etcd.ranges_served(0) - before;
+        assert_eq!(
+            counted.load(Ordering::SeqCst),
+            KEYS as u64,
+            "every key read"
+        );
+        assert!(
+            (1..=most_requests).contains(&requests),
+            "pages of {page_keys}: {requests} range requests for {KEYS} keys"
+        );
+    }
+}
