@@ -183,6 +183,11 @@ impl EmbeddedEtcd {
             // that is down while something else writes. With our compactor running it
             // is a no-op (the history is already compacted past an hour ago), so
             // keeping it costs nothing and bounds the history in every case.
+            // One member has no peer to lose touch with: the election timeout
+            // (etcd's default 1 s, randomized up to 2 s) only delays the restart,
+            // where the member waits it out before electing itself.
+            .arg("--heartbeat-interval=50")
+            .arg("--election-timeout=250")
             .arg("--auto-compaction-mode=periodic")
             .arg("--auto-compaction-retention=1h")
             .arg("--logger=zap")
