@@ -77,6 +77,10 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// etcd's own default `--max-txn-ops`: what flotilla assumes of an etcd it does
+/// not start.
+pub const ETCD_DEFAULT_MAX_TXN_OPS: usize = 128;
+
 /// The embedded etcd's `--max-txn-ops`, and so the owner's ops per txn with it:
 /// a mass move (an executor holding 10,000 changefeeds gone) commits in 40 txns
 /// of 1,024 ops instead of 320 of 128 (etcd's default, kept for an external etcd,

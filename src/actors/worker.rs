@@ -70,7 +70,7 @@ impl WorkerConfig {
         Self {
             prefix: prefix.into(),
             tick_interval: Duration::from_millis(100),
-            max_txn_ops: 128,
+            max_txn_ops: crate::etcd_server::ETCD_DEFAULT_MAX_TXN_OPS,
             max_txn_bytes: 1_310_720,
             fence: None,
             request_timeout: Duration::from_secs(5),

@@ -161,7 +161,7 @@ impl EtcdConfig {
             self.max_txn_ops = if self.is_embedded() {
                 crate::etcd_server::EMBEDDED_MAX_TXN_OPS
             } else {
-                crate::actors::worker::WorkerConfig::new("").max_txn_ops
+                crate::etcd_server::ETCD_DEFAULT_MAX_TXN_OPS
             };
         }
         // The owner's largest patch group must fit one txn, with the fence.

@@ -159,7 +159,7 @@ impl Changefeeds {
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             keys,
             timeout,
-            max_txn_ops: crate::actors::worker::WorkerConfig::new("").max_txn_ops,
+            max_txn_ops: crate::etcd_server::ETCD_DEFAULT_MAX_TXN_OPS,
         }
     }
 
