@@ -1,14 +1,17 @@
-//! `TxnCommitter`: sends the txns of a commit plan to etcd, in order.
+//! `TxnCommitter`: sends the txns of a commit plan to etcd, in order, up to
+//! [`IN_FLIGHT`] at once when their keys are disjoint.
 //!
 //! Every txn compares each key it touches on the mod_revision the plan was
 //! made on (0: must not exist) and, when fenced, the fence key's
 //! create_revision. A key written by an earlier txn of the same plan is
 //! compared on that txn's revision, so one plan may span many txns without
-//! conflicting with itself. A failed compare ends the plan: the txns before
-//! it stay committed (groups are never split across txns), the rest are
-//! dropped and the reactor re-derives them from fresh state.
+//! conflicting with itself: a txn touching a key an earlier one writes waits
+//! for that one (it starts the next wave). A failed txn ends the plan: the
+//! txns that committed stay committed (groups are never split across txns,
+//! and each group was decided on its own compares), the rest are dropped and
+//! the reactor re-derives them from fresh state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -110,6 +113,9 @@ struct TxnSender {
     slow_threshold: std::time::Duration,
 }
 
+/// Txns of one plan in flight at once (on disjoint keys).
+pub const IN_FLIGHT: usize = 4;
+
 /// What one txn did.
 enum TxnResult {
     Committed(i64),
@@ -130,54 +136,96 @@ struct BuiltTxn {
 }
 
 impl TxnSender {
-    async fn commit(mut self, plan: CommitPlan) -> CommitOutcome {
+    async fn commit(self, plan: CommitPlan) -> CommitOutcome {
         // Revisions of keys written by earlier txns of this plan (0: deleted).
         let mut written: HashMap<String, i64> = HashMap::new();
         let mut committed_revision = None;
         let mut keys = 0;
-        for txn in plan.txns {
-            let mut built = self.build(txn, &written);
-            let written_keys = std::mem::take(&mut built.written);
-            let write_count = built.keys;
-            match self.send(built).await {
-                Ok(TxnResult::Committed(revision)) => {
-                    for (key, is_put) in written_keys {
-                        written.insert(key, if is_put { revision } else { 0 });
-                    }
-                    committed_revision = Some(revision);
-                    keys += write_count;
-                    metrics::worker()
-                        .committed_keys_total
-                        .inc_by(write_count as u64);
+        let mut txns = plan.txns.into_iter().peekable();
+        while txns.peek().is_some() {
+            // A wave: the next txns whose keys no other txn of the wave
+            // touches (a guard covers every key a txn reads or writes).
+            let mut wave = Vec::new();
+            let mut touched: HashSet<String> = HashSet::new();
+            while let Some(txn) = txns.peek() {
+                let disjoint = txn.guards.iter().all(|g| !touched.contains(&g.key));
+                if wave.len() == IN_FLIGHT || (!wave.is_empty() && !disjoint) {
+                    break;
                 }
-                Ok(TxnResult::CompareFailed {
-                    observed_revision,
-                    fence_held,
-                }) => {
-                    if !fence_held {
-                        let fence = self
-                            .fence
-                            .take()
-                            .expect("fence_held is false only when fenced");
-                        return CommitOutcome::Failed(worker::Error::FenceLost {
-                            key: fence.key,
-                            create_revision: fence.create_revision,
-                        });
+                touched.extend(txn.guards.iter().map(|g| g.key.clone()));
+                wave.push(txns.next().expect("peeked"));
+            }
+            let sends = wave.into_iter().map(|txn| {
+                let mut built = self.build(txn, &written);
+                let written_keys = std::mem::take(&mut built.written);
+                let count = built.keys;
+                let sent = self.send(built);
+                async move { (written_keys, count, sent.await) }
+            });
+            let results = futures::future::join_all(sends).await;
+            let mut failure: Option<CommitOutcome> = None;
+            let mut conflict: Option<i64> = None;
+            for (written_keys, count, result) in results {
+                match result {
+                    Ok(TxnResult::Committed(revision)) => {
+                        for (key, is_put) in written_keys {
+                            written.insert(key, if is_put { revision } else { 0 });
+                        }
+                        committed_revision = committed_revision.max(Some(revision));
+                        keys += count;
+                        metrics::worker().committed_keys_total.inc_by(count as u64);
                     }
-                    metrics::worker().txn_conflicts_total.inc();
-                    return CommitOutcome::Conflict {
-                        committed_revision,
+                    Ok(TxnResult::CompareFailed {
                         observed_revision,
-                    };
+                        fence_held,
+                    }) => {
+                        if !fence_held {
+                            let fence = self
+                                .fence
+                                .clone()
+                                .expect("fence_held is false only when fenced");
+                            failure = Some(CommitOutcome::Failed(worker::Error::FenceLost {
+                                key: fence.key,
+                                create_revision: fence.create_revision,
+                            }));
+                        } else {
+                            metrics::worker().txn_conflicts_total.inc();
+                            conflict = conflict.max(Some(observed_revision));
+                        }
+                    }
+                    Err(SendError::Retryable(error)) => {
+                        metrics::worker().etcd_retries_total.inc();
+                        if !matches!(failure, Some(CommitOutcome::Failed(_))) {
+                            failure = Some(CommitOutcome::Unavailable {
+                                committed_revision: None,
+                                error,
+                            });
+                        }
+                    }
+                    Err(SendError::Fatal(error)) => {
+                        failure = Some(CommitOutcome::Failed(error));
+                    }
                 }
-                Err(SendError::Retryable(error)) => {
-                    metrics::worker().etcd_retries_total.inc();
+            }
+            // The worst of the wave: a lost fence or a fatal error, then an
+            // unavailable etcd, then a conflict; every txn that did commit
+            // counts in the revision the worker waits for.
+            match failure {
+                Some(CommitOutcome::Unavailable { error, .. }) => {
                     return CommitOutcome::Unavailable {
                         committed_revision,
                         error,
-                    };
+                    }
                 }
-                Err(SendError::Fatal(error)) => return CommitOutcome::Failed(error),
+                Some(outcome) => return outcome,
+                None => {
+                    if let Some(observed_revision) = conflict {
+                        return CommitOutcome::Conflict {
+                            committed_revision,
+                            observed_revision,
+                        };
+                    }
+                }
             }
         }
         CommitOutcome::Committed {
@@ -244,9 +292,10 @@ impl TxnSender {
     /// the ticker backs off with jitter and the reactor re-derives its
     /// patches from fresh state, which is also what makes a txn whose
     /// outcome is unknown (it may have been applied) safe.
-    async fn send(&mut self, txn: BuiltTxn) -> Result<TxnResult, SendError> {
+    async fn send(&self, txn: BuiltTxn) -> Result<TxnResult, SendError> {
         let started = Instant::now();
-        let sent = tokio::time::timeout(self.request_timeout, self.client.txn(txn.request)).await;
+        let mut client = self.client.clone();
+        let sent = tokio::time::timeout(self.request_timeout, client.txn(txn.request)).await;
         let elapsed = started.elapsed();
         metrics::worker()
             .txn_duration_seconds
