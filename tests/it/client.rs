@@ -515,23 +515,26 @@ async fn an_unchanged_heartbeat_answer_is_small_and_a_change_brings_the_lists() 
         ..ServerOptions::default()
     });
     let admin = Client::new(&server.url()).unwrap().with_admin_token(ADMIN);
+    // Created first, in one batch: an executor registered before 200 single
+    // creates could expire (TTL 1.5 s here) before its first heartbeat.
+    const N: usize = 200;
+    let creates: Vec<CreateChangefeed> = (0..N)
+        .map(|i| CreateChangefeed {
+            id: format!("cf{i:03}"),
+            sink_uri: format!("kafka://broker/{i}"),
+            ..CreateChangefeed::default()
+        })
+        .collect();
+    let batch = admin
+        .create_changefeeds(DEFAULT_NAMESPACE, &creates)
+        .await
+        .unwrap();
+    assert_eq!((batch.created.len(), batch.failed.len()), (N, 0));
     let reg = admin
         .register(&register_request("big", "z1"))
         .await
         .unwrap();
     let id = reg.executor.id.clone();
-    const N: usize = 200;
-    for i in 0..N {
-        let create = CreateChangefeed {
-            id: format!("cf{i:03}"),
-            sink_uri: format!("kafka://broker/{i}"),
-            ..CreateChangefeed::default()
-        };
-        admin
-            .create_changefeed(DEFAULT_NAMESPACE, &create)
-            .await
-            .unwrap();
-    }
     let beat = |generation: Option<u64>| {
         let body = match generation {
             Some(g) => serde_json::json!({ "generation": g }),
