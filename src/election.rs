@@ -712,7 +712,11 @@ impl Campaign {
                 Ok(_) => return Err(Lost::KeyDeleted),
                 Err(e) => {
                     warn!(error = %e, "election: cannot confirm the leadership yet; trying again");
-                    self.view.send_replace(view);
+                    // Not the leader until confirmed: the view must not say so.
+                    self.view.send_replace(ElectionView {
+                        is_leader: false,
+                        ..view
+                    });
                     return Ok(());
                 }
             };

@@ -307,30 +307,22 @@ impl EtcdCluster {
     /// Range requests member `i` has answered so far (OK ones), from its own
     /// `/metrics`: how a test counts the reads a piece of code made.
     pub fn ranges_served(&self, i: usize) -> u64 {
-        let body = super::http::try_request(
-            self.member(i).client_port,
-            "GET",
-            "/metrics",
-            None,
-            None,
-            Duration::from_secs(5),
+        self.metric_sum(
+            i,
+            "grpc_server_handled_total",
+            &["grpc_method=\"Range\"", "grpc_code=\"OK\""],
         )
-        .map(|r| r.body)
-        .expect("etcd's /metrics answers");
-        body.lines()
-            .filter(|l| {
-                l.starts_with("grpc_server_handled_total")
-                    && l.contains("grpc_method=\"Range\"")
-                    && l.contains("grpc_code=\"OK\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|v| v as u64)
-            .sum()
     }
 
     /// Bytes member `i` has sent to its gRPC clients so far (its own
     /// `etcd_network_client_grpc_sent_bytes_total`): what a piece of code read.
     pub fn bytes_sent(&self, i: usize) -> u64 {
+        self.metric_sum(i, "etcd_network_client_grpc_sent_bytes_total", &[])
+    }
+
+    /// The sum of member `i`'s series `name` whose labels contain every one of
+    /// `labels`, read from its `/metrics`.
+    fn metric_sum(&self, i: usize, name: &str, labels: &[&str]) -> u64 {
         let body = super::http::try_request(
             self.member(i).client_port,
             "GET",
@@ -342,7 +334,7 @@ impl EtcdCluster {
         .map(|r| r.body)
         .expect("etcd's /metrics answers");
         body.lines()
-            .filter(|l| l.starts_with("etcd_network_client_grpc_sent_bytes_total"))
+            .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .map(|v| v as u64)
             .sum()
