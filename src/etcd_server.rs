@@ -438,11 +438,15 @@ mod tests {
     use super::*;
 
     fn free_port() -> u16 {
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        free_ports::<1>()[0]
+    }
+
+    /// `N` distinct free ports: the listeners are held until all are bound
+    /// (one at a time, the kernel may hand out the same port twice).
+    fn free_ports<const N: usize>() -> [u16; N] {
+        let listeners: [TcpListener; N] =
+            std::array::from_fn(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
+        listeners.map(|l| l.local_addr().unwrap().port())
     }
 
     #[test]
@@ -457,7 +461,8 @@ mod tests {
     #[tokio::test]
     async fn start_reports_missing_binary() {
         let empty = tempfile::tempdir().unwrap();
-        let mut options = EmbeddedEtcdOptions::new(empty.path(), free_port(), free_port());
+        let [client_port, peer_port] = free_ports::<2>();
+        let mut options = EmbeddedEtcdOptions::new(empty.path(), client_port, peer_port);
         options.search_path = Some(empty.path().into());
         let err = EmbeddedEtcd::start_with(options).await.unwrap_err();
         assert!(matches!(err, Error::BinaryNotFound), "{err}");
@@ -487,7 +492,7 @@ mod tests {
     #[tokio::test]
     async fn starts_serves_detects_a_second_etcd_and_stops() {
         let dir = tempfile::tempdir().unwrap();
-        let (client_port, peer_port) = (free_port(), free_port());
+        let [client_port, peer_port] = free_ports::<2>();
         let etcd = EmbeddedEtcd::start(dir.path(), client_port, peer_port)
             .await
             .expect("etcd starts");
