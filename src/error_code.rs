@@ -63,6 +63,8 @@ error_codes! {
     NotReady => "not_ready",
     /// The registry holds its maximum of executors.
     RegistryFull => "registry_full",
+    /// `registry.max_watchers` clients watch the executors already.
+    TooManyWatchers => "too_many_watchers",
     /// etcd did not answer in time.
     EtcdUnavailable => "etcd_unavailable",
     /// etcd raised an alarm (NOSPACE: its database is full).

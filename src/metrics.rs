@@ -31,6 +31,7 @@ pub struct WorkerMetrics {
     pub resyncs_total: prometheus::IntCounterVec,
     pub rewatches_total: prometheus::IntCounterVec,
     pub watch_lag_revisions: prometheus::IntGauge,
+    pub queued_events: prometheus::IntGauge,
     pub etcd_retries_total: prometheus::IntCounter,
     pub skipped_updates_total: prometheus::IntCounter,
 }
@@ -103,6 +104,14 @@ static WORKER: LazyLock<WorkerMetrics> = LazyLock::new(|| WorkerMetrics {
         prometheus::IntGauge::new(
             "etcd_worker_watch_lag_revisions",
             "etcd's current revision minus the last revision the worker applied.",
+        )
+        .expect("valid gauge"),
+    ),
+    queued_events: register(
+        prometheus::IntGauge::new(
+            "etcd_worker_queued_events",
+            "Watch events waiting for the commit in flight to end (bounded: the worker restarts \
+             from a fresh read beyond 1,048,576).",
         )
         .expect("valid gauge"),
     ),

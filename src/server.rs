@@ -366,6 +366,7 @@ fn registry_config(c: &config::RegistryConfig) -> RegistryConfig {
         mass_expiry_fraction: c.mass_expiry_fraction,
         mass_expiry_rate: c.mass_expiry_rate,
         max_executors: c.max_executors,
+        max_watchers: c.max_watchers,
         ..RegistryConfig::default()
     }
 }

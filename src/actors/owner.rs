@@ -334,7 +334,7 @@ impl Owner {
         };
         ctx.spawn(
             registry
-                .send(Subscribe)
+                .send(Subscribe { watcher: false })
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     if id != act.subscription || act.stopping {

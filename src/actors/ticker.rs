@@ -82,6 +82,12 @@ pub struct WorkerStats {
 }
 
 /// Watch input that arrived while a commit was in flight.
+/// Most watch events held while a commit is in flight. A commit lasts at
+/// most the request timeout, and its own echo is at most a plan's keys; more
+/// than this means the worker cannot keep up, and a fresh read is cheaper
+/// than the queue.
+pub(super) const MAX_QUEUED_EVENTS: usize = 1 << 20;
+
 enum Incoming {
     Events(WatchEvents),
     Resync(Resync),
@@ -111,7 +117,12 @@ pub struct ReactorTicker<R: Reactor> {
     /// The reactor ticks only when `applied_revision >= barrier`.
     barrier: i64,
     committing: bool,
+    /// What the watcher delivered during a commit, applied once it ends. A
+    /// resync supersedes everything queued before it; beyond
+    /// [`MAX_QUEUED_EVENTS`] events the worker stops with
+    /// [`worker::Error::FellBehind`] and its owner starts a fresh one.
     queued: VecDeque<Incoming>,
+    queued_events: usize,
     /// The reactor returned `Finished`: stop once this tick's patches commit.
     finishing: bool,
     stopping: bool,
@@ -153,6 +164,7 @@ impl<R: Reactor> ReactorTicker<R> {
             barrier: 0,
             committing: false,
             queued: VecDeque::new(),
+            queued_events: 0,
             finishing: false,
             stopping: false,
             last_tick: None,
@@ -277,7 +289,24 @@ where
 
     fn take_or_queue(&mut self, incoming: Incoming, ctx: &mut Context<Self>) {
         if self.committing {
+            match &incoming {
+                // A full read replaces whatever came before it.
+                Incoming::Resync(_) => {
+                    self.queued.clear();
+                    self.queued_events = 1;
+                }
+                Incoming::Events(batch) => self.queued_events += batch.events.len(),
+            }
             self.queued.push_back(incoming);
+            metrics::worker()
+                .queued_events
+                .set(self.queued_events as i64);
+            if self.queued_events > MAX_QUEUED_EVENTS {
+                let queued = self.queued_events;
+                self.queued.clear();
+                self.queued_events = 0;
+                self.finish(Err(worker::Error::FellBehind { queued }), ctx);
+            }
             return;
         }
         match self.apply(incoming) {
@@ -433,6 +462,8 @@ where
             self.finish(Ok(()), ctx);
             return;
         }
+        self.queued_events = 0;
+        metrics::worker().queued_events.set(0);
         while let Some(incoming) = self.queued.pop_front() {
             if let Err(error) = self.apply(incoming) {
                 self.finish(Err(error), ctx);

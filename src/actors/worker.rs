@@ -129,6 +129,10 @@ pub enum Error {
          was applied (was the etcd cluster wiped or restored?)"
     )]
     HistoryReset { snapshot: i64, applied: i64 },
+    /// More watch events arrived during one commit than the worker holds
+    /// (`MAX_QUEUED_EVENTS`): a new worker reads the prefix afresh.
+    #[error("{queued} watch events queued during one commit: the worker fell behind")]
+    FellBehind { queued: usize },
     /// An actor of the worker vanished without reporting (a bug, or the
     /// actix system shut down underneath it).
     #[error("worker actor stopped unexpectedly")]

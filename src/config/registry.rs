@@ -35,6 +35,9 @@ pub struct RegistryConfig {
     pub mass_expiry_rate: f64,
     /// Most executors registered at once; beyond it 503 `registry_full`.
     pub max_executors: usize,
+    /// Most clients watching the executor feed at once; beyond it 503
+    /// `too_many_watchers`.
+    pub max_watchers: usize,
 }
 
 /// The runtime registry's defaults, written once in
@@ -52,6 +55,7 @@ impl Default for RegistryConfig {
             mass_expiry_fraction: runtime.mass_expiry_fraction,
             mass_expiry_rate: runtime.mass_expiry_rate,
             max_executors: runtime.max_executors,
+            max_watchers: runtime.max_watchers,
         }
     }
 }
@@ -60,6 +64,9 @@ impl RegistryConfig {
     pub(super) fn validate(&self, invalid: Invalid<'_>) -> Result<()> {
         if self.max_executors == 0 {
             return Err(invalid("registry.max_executors", "must be > 0".into()));
+        }
+        if self.max_watchers == 0 {
+            return Err(invalid("registry.max_watchers", "must be > 0".into()));
         }
         check_non_zero(
             invalid,

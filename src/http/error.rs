@@ -141,7 +141,7 @@ impl ResponseError for Error {
                     R::UnknownExecutor(_) => StatusCode::NOT_FOUND,
                     R::TombstoneExecutor(_) => StatusCode::GONE,
                     R::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-                    R::StoreUnavailable(_) | R::NotReady | R::Full(_) => {
+                    R::StoreUnavailable(_) | R::NotReady | R::Full(_) | R::TooManyWatchers(_) => {
                         StatusCode::SERVICE_UNAVAILABLE
                     }
                 }
@@ -248,6 +248,11 @@ mod tests {
                 "registry_full",
                 503,
             ),
+            (
+                Error::Registry(crate::actors::executor_registry::Error::TooManyWatchers(1)),
+                "too_many_watchers",
+                503,
+            ),
             (Error::NoLeader("x".into()), "no_leader", 503),
             (
                 Error::MethodNotAllowed {
@@ -261,7 +266,10 @@ mod tests {
             (Error::NoLeader("x".into()), "no_leader", 503),
             (executor_registry::Error::NotReady.into(), "not_ready", 503),
             (
-                feeds::Error::Etcd(etcd_client::Error::InvalidArgs("x".into())).into(),
+                feeds::Error::Etcd(std::sync::Arc::new(etcd_client::Error::InvalidArgs(
+                    "x".into(),
+                )))
+                .into(),
                 "etcd_error",
                 500,
             ),

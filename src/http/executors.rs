@@ -679,12 +679,16 @@ pub(super) async fn deregister(
         gets `resync` and the end of the stream: reconnect for a fresh snapshot.",
     responses(
         (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
-        (status = 503, description = "`not_ready`, `unavailable` or `no_leader`", body = ErrorBody,
+        (status = 503, description = "`not_ready`, `too_many_watchers` (`registry.max_watchers`), \
+            `unavailable` or `no_leader`", body = ErrorBody,
          headers(("Retry-After" = String))),
     ),
 )]
 pub(super) async fn watch(state: web::Data<AppState>) -> Result<HttpResponse> {
-    let subscription = registry(&state)?.send(Subscribe).await.map_err(mailbox)??;
+    let subscription = registry(&state)?
+        .send(Subscribe { watcher: true })
+        .await
+        .map_err(mailbox)??;
     let snapshot = sse_frame(
         "snapshot",
         Some(subscription.seq),

@@ -408,6 +408,68 @@ async fn concurrent_creates_of_one_id_yield_exactly_one_201() {
 }
 
 #[actix_rt::test]
+async fn concurrent_creates_go_to_etcd_together_and_each_gets_its_own_answer() {
+    let f = fixture().await;
+    let app = app!(f.state);
+    for i in 0..4 {
+        let (status, _) = call!(
+            app,
+            create_req(
+                None,
+                json!({"id": format!("old{i}"), "sink_uri": "kafka://old"})
+            )
+        );
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let txns_before = f.etcd.txns_served(0);
+    // 60 new ids, 4 that exist already, and one id asked for 4 times.
+    let ids: Vec<String> = (0..60)
+        .map(|i| format!("new{i:02}"))
+        .chain((0..4).map(|i| format!("old{i}")))
+        .chain((0..4).map(|_| "twice".to_string()))
+        .collect();
+    let requests = ids.iter().map(|id| {
+        let app = &app;
+        async move {
+            let (status, body) = call!(
+                *app,
+                create_req(None, json!({"id": id, "sink_uri": format!("kafka://{id}")}))
+            );
+            (id.clone(), status, body)
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let txns = f.etcd.txns_served(0) - txns_before;
+    let mut twice_created = 0;
+    for (id, status, body) in &answers {
+        if id.starts_with("new") {
+            assert_eq!(*status, StatusCode::CREATED, "{id}: {body}");
+            assert_eq!(body["id"], id.as_str());
+            assert_eq!(body["sink_uri"], format!("kafka://{id}"));
+        } else if id.starts_with("old") {
+            assert_error(*status, body, 409, "changefeed_exists");
+        } else if *status == StatusCode::CREATED {
+            twice_created += 1;
+        } else {
+            assert_error(*status, body, 409, "changefeed_exists");
+        }
+    }
+    assert_eq!(twice_created, 1, "{answers:?}");
+    for (id, status, _) in &answers {
+        if *status == StatusCode::CREATED {
+            let (status, stored) = call!(app, get_req(id, "default"));
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(stored["sink_uri"], format!("kafka://{id}"));
+        }
+    }
+    let (_, stored) = call!(app, get_req("old0", "default"));
+    assert_eq!(stored["sink_uri"], "kafka://old", "an existing one is kept");
+    // 68 creates arrived together: a handful of group txns (a failed compare
+    // costs one more), not one each.
+    assert!(txns <= 8, "{txns} txns for 68 concurrent creates");
+}
+
+#[actix_rt::test]
 async fn pause_update_resume_flows() {
     let f = fixture().await;
     let app = app!(f.state);

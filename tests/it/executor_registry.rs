@@ -83,7 +83,7 @@ async fn register_heartbeat_expire_and_watch() {
     let dir = TempDir::new().unwrap();
     let RegistryHandle { addr, table } = start(sqlite_store(&dir).await, fast_config()).await;
 
-    let mut sub = addr.send(Subscribe).await.unwrap().unwrap();
+    let mut sub = addr.send(Subscribe::default()).await.unwrap().unwrap();
     assert!(sub.snapshot.is_empty());
 
     let r = register(&addr, "exec").await;
@@ -359,7 +359,7 @@ async fn of_ten_thousand_executors_exactly_the_hundred_silent_ones_expire() {
             all.push(r.unwrap().expect("registered"));
         }
     }
-    let mut sub = addr.send(Subscribe).await.unwrap().unwrap();
+    let mut sub = addr.send(Subscribe::default()).await.unwrap().unwrap();
     let silent: BTreeSet<String> = all
         .iter()
         .step_by(100)
@@ -438,7 +438,7 @@ async fn a_mass_silence_expires_executors_at_the_throttled_rate() {
     for i in 0..10 {
         all.push(register(&addr, &format!("m{i}")).await);
     }
-    let mut sub = addr.send(Subscribe).await.unwrap().unwrap();
+    let mut sub = addr.send(Subscribe::default()).await.unwrap().unwrap();
     // 8 of 10 go silent at once (80% > 55%): the registry suspects itself and
     // expires at most 2 per second. The 2 others keep heartbeating.
     let started = tokio::time::Instant::now();
@@ -499,7 +499,7 @@ async fn a_restarted_registry_reloads_executors_and_keeps_heartbeating_ones() {
     assert_eq!(reloaded.len(), 2);
     assert!(reloaded.iter().all(|e| e.status == ExecutorStatus::Initing));
     let mut sub = loop {
-        match second.send(Subscribe).await.unwrap() {
+        match second.send(Subscribe::default()).await.unwrap() {
             Ok(sub) => break sub,
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
@@ -562,8 +562,8 @@ async fn a_subscriber_that_falls_behind_is_cut_off_with_a_resync() {
         ..fast_config()
     };
     let addr = start(sqlite_store(&dir).await, config).await.addr;
-    let mut slow = addr.send(Subscribe).await.unwrap().unwrap();
-    let mut fast = addr.send(Subscribe).await.unwrap().unwrap();
+    let mut slow = addr.send(Subscribe::default()).await.unwrap().unwrap();
+    let mut fast = addr.send(Subscribe::default()).await.unwrap().unwrap();
     let mut fast_seen = 0;
     for i in 0..10 {
         register(&addr, &format!("w{i}")).await;
@@ -580,6 +580,32 @@ async fn a_subscriber_that_falls_behind_is_cut_off_with_a_resync() {
     assert_eq!(slow_events.len(), 4, "{slow_events:?}");
     assert_eq!(slow_events.last(), Some(&ExecutorEvent::Resync));
     assert_eq!(addr.send(GetRegistryStats).await.unwrap().subscribers, 1);
+}
+
+#[actix_rt::test]
+async fn client_watches_are_bounded_and_the_servers_own_subscribers_are_not() {
+    let dir = TempDir::new().unwrap();
+    let config = RegistryConfig {
+        max_watchers: 2,
+        ..fast_config()
+    };
+    let addr = start(sqlite_store(&dir).await, config).await.addr;
+    let watch = Subscribe { watcher: true };
+    let first = addr.send(watch).await.unwrap().unwrap();
+    let _second = addr.send(watch).await.unwrap().unwrap();
+    let refused = addr.send(watch).await.unwrap().unwrap_err();
+    assert!(
+        matches!(refused, executor_registry::Error::TooManyWatchers(2)),
+        "{refused:?}"
+    );
+    assert_eq!(refused.code().as_str(), "too_many_watchers");
+    // The owner's subscription never counts against the bound.
+    let _owner = addr.send(Subscribe::default()).await.unwrap().unwrap();
+    // A watch that went away frees its place.
+    drop(first);
+    let _third = addr.send(watch).await.unwrap().unwrap();
+    assert!(addr.send(watch).await.unwrap().is_err());
+    assert_eq!(addr.send(GetRegistryStats).await.unwrap().subscribers, 3);
 }
 
 #[actix_rt::test]

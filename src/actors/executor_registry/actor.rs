@@ -85,7 +85,12 @@ pub struct GetExecutor {
 /// Subscribe to the feed.
 #[derive(Message, Debug, Clone, Copy, Default)]
 #[rtype(result = "Result<Subscription>")]
-pub struct Subscribe;
+pub struct Subscribe {
+    /// A client's watch (`GET /api/v1/executors/watch`): at most
+    /// `max_watchers` at once ([`Error::TooManyWatchers`] beyond). The
+    /// server's own subscribers (the owner) are not counted.
+    pub watcher: bool,
+}
 
 /// A snapshot of the live executors and every event after it.
 #[derive(Debug)]
@@ -143,7 +148,7 @@ pub struct ExecutorRegistry {
     pub(super) table: Arc<ExecutorTable>,
     /// Ids being written to SQL by a registration in flight.
     pub(super) reserved: HashSet<ExecutorId>,
-    pub(super) subscribers: Vec<mpsc::Sender<ExecutorEvent>>,
+    pub(super) subscribers: Vec<Subscriber>,
     pub(super) seq: u64,
     pub(super) mass_silence: bool,
     /// Expiry tokens while throttled (a token bucket).
@@ -159,6 +164,13 @@ pub struct ExecutorRegistry {
     pub(super) lease: LeaseGuard,
     /// The table's promotions (first heartbeats), until `started` streams them.
     promoted: Option<mpsc::UnboundedReceiver<ExecutorId>>,
+}
+
+/// One subscriber of the feed.
+pub(super) struct Subscriber {
+    tx: mpsc::Sender<ExecutorEvent>,
+    /// A client's watch, counted against `max_watchers`.
+    watcher: bool,
 }
 
 /// An executor's first heartbeat to this leader, from the table.
@@ -222,7 +234,7 @@ impl ExecutorRegistry {
         self.seq += 1;
         let event = event(self.seq);
         let before = self.subscribers.len();
-        self.subscribers.retain(|tx| {
+        self.subscribers.retain(|Subscriber { tx, .. }| {
             if tx.is_closed() {
                 return false;
             }
@@ -536,7 +548,14 @@ impl Handler<GetExecutor> for ExecutorRegistry {
 impl Handler<Subscribe> for ExecutorRegistry {
     type Result = Result<Subscription>;
 
-    fn handle(&mut self, _: Subscribe, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Subscribe, _: &mut Self::Context) -> Self::Result {
+        if msg.watcher {
+            self.subscribers.retain(|s| !s.tx.is_closed());
+            let watchers = self.subscribers.iter().filter(|s| s.watcher).count();
+            if watchers >= self.config.max_watchers {
+                return Err(Error::TooManyWatchers(self.config.max_watchers));
+            }
+        }
         let tables = self.table.lock();
         if !tables.loaded {
             return Err(Error::NotReady);
@@ -552,7 +571,10 @@ impl Handler<Subscribe> for ExecutorRegistry {
         drop(tables);
         snapshot.sort_by(|a, b| a.id.cmp(&b.id));
         let (tx, rx) = mpsc::channel(self.config.watch_buffer.max(2));
-        self.subscribers.push(tx);
+        self.subscribers.push(Subscriber {
+            tx,
+            watcher: msg.watcher,
+        });
         metrics::registry_metrics()
             .watch_subscribers
             .set(self.subscribers.len() as i64);
@@ -577,7 +599,11 @@ impl Handler<GetRegistryStats> for ExecutorRegistry {
             initing: counts.initing,
             running: counts.running,
             tombstones: counts.tombstones,
-            subscribers: self.subscribers.iter().filter(|s| !s.is_closed()).count(),
+            subscribers: self
+                .subscribers
+                .iter()
+                .filter(|s| !s.tx.is_closed())
+                .count(),
             pending_store_deletes: self.pending_deletes.len(),
             mass_silence: self.mass_silence,
         })

@@ -76,6 +76,9 @@ pub struct RegistryConfig {
     pub max_tombstones: usize,
     /// Events buffered per watch subscriber before it is cut off.
     pub watch_buffer: usize,
+    /// Most clients watching the feed at once (the server's own subscribers
+    /// aside): each holds a buffer of `watch_buffer` events and a snapshot.
+    pub max_watchers: usize,
     /// Most executors registered at once (registrations in flight count);
     /// beyond it a registration is refused, so a flood cannot grow memory
     /// or the SQL table without bound.
@@ -103,6 +106,7 @@ impl Default for RegistryConfig {
             tombstone_retention: Duration::from_secs(600),
             max_tombstones: 100_000,
             watch_buffer: 1024,
+            max_watchers: 256,
             max_executors: 100_000,
         }
     }
@@ -138,6 +142,9 @@ pub enum Error {
     /// `max_executors` are registered already.
     #[error("the registry holds its maximum of {0} executors; retry later")]
     Full(usize),
+    /// `max_watchers` clients watch the feed already.
+    #[error("{0} clients watch the executors already (registry.max_watchers); retry later")]
+    TooManyWatchers(usize),
 }
 
 impl Error {
@@ -151,6 +158,7 @@ impl Error {
             Error::StoreUnavailable(_) => ErrorCode::StoreUnavailable,
             Error::NotReady => ErrorCode::NotReady,
             Error::Full(_) => ErrorCode::RegistryFull,
+            Error::TooManyWatchers(_) => ErrorCode::TooManyWatchers,
         }
     }
 }

@@ -45,11 +45,11 @@ pub struct BatchFailure {
 }
 
 /// An item ready to write.
-struct Ready {
-    index: usize,
-    cf: ChangefeedId,
-    info: ChangefeedInfo,
-    status: ChangefeedStatus,
+pub(super) struct Ready {
+    pub(super) index: usize,
+    pub(super) cf: ChangefeedId,
+    pub(super) info: ChangefeedInfo,
+    pub(super) status: ChangefeedStatus,
 }
 
 impl Changefeeds {
@@ -104,15 +104,17 @@ impl Changefeeds {
         while ready.peek().is_some() {
             chunks.push(ready.by_ref().take(per_txn).collect::<Vec<_>>());
         }
-        let results: Vec<(Vec<Ready>, Vec<BatchFailure>)> = stream::iter(chunks)
+        let results: Vec<Vec<(Ready, Result<()>)>> = stream::iter(chunks)
             .map(|chunk| self.create_chunk(chunk))
             .buffer_unordered(IN_FLIGHT)
             .collect()
             .await;
         let mut created = Vec::new();
-        for (done, mut failed) in results {
-            created.extend(done);
-            outcome.failed.append(&mut failed);
+        for (r, result) in results.into_iter().flatten() {
+            match result {
+                Ok(()) => created.push(r),
+                Err(e) => outcome.failed.push(failure(r.index, r.cf.id, &e)),
+            }
         }
         created.sort_by_key(|r| r.index);
         outcome.created = created
@@ -123,13 +125,14 @@ impl Changefeeds {
         Ok(outcome)
     }
 
-    /// One txn of `chunk`; on a failed compare, the changefeeds found to exist
-    /// are dropped and the rest sent again (at most [`MAX_ATTEMPTS`] times).
-    async fn create_chunk(&self, mut chunk: Vec<Ready>) -> (Vec<Ready>, Vec<BatchFailure>) {
-        let mut failed = Vec::new();
+    /// One txn of `chunk` (no changefeed twice); on a failed compare, the
+    /// changefeeds found to exist are dropped and the rest sent again (at most
+    /// [`MAX_ATTEMPTS`] times). Every item comes back with its outcome.
+    pub(super) async fn create_chunk(&self, mut chunk: Vec<Ready>) -> Vec<(Ready, Result<()>)> {
+        let mut done = Vec::with_capacity(chunk.len());
         for _ in 0..MAX_ATTEMPTS {
             if chunk.is_empty() {
-                return (chunk, failed);
+                return done;
             }
             let mut compares = Vec::with_capacity(2 * chunk.len());
             let mut puts = Vec::with_capacity(2 * chunk.len());
@@ -163,12 +166,13 @@ impl Changefeeds {
             let response = match self.txn(txn).await {
                 Ok(response) => response,
                 Err(e) => {
-                    failed.extend(chunk.drain(..).map(|r| failure(r.index, r.cf.id, &e)));
-                    return (chunk, failed);
+                    done.extend(chunk.into_iter().map(|r| (r, Err(e.shared()))));
+                    return done;
                 }
             };
             if response.succeeded() {
-                return (chunk, failed);
+                done.extend(chunk.into_iter().map(|r| (r, Ok(()))));
+                return done;
             }
             let exists: Vec<bool> = response
                 .op_responses()
@@ -185,7 +189,7 @@ impl Changefeeds {
             {
                 if exists {
                     let e = Error::Exists(r.cf.clone());
-                    failed.push(failure(r.index, r.cf.id, &e));
+                    done.push((r, Err(e)));
                 } else {
                     kept.push(r);
                 }
@@ -193,11 +197,11 @@ impl Changefeeds {
             chunk = kept;
         }
         // Created meanwhile again and again by someone else.
-        failed.extend(chunk.drain(..).map(|r| {
+        done.extend(chunk.into_iter().map(|r| {
             let e = Error::Conflict(r.cf.clone());
-            failure(r.index, r.cf.id, &e)
+            (r, Err(e))
         }));
-        (chunk, failed)
+        done
     }
 }
 

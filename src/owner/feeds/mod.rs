@@ -23,6 +23,7 @@
 //! the revision of the first, so a walk is one consistent snapshot and no response
 //! nears gRPC's message size limit.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use etcd_client::{GetOptions, KvClient, Txn, TxnResponse};
@@ -32,11 +33,13 @@ use super::model::{ChangefeedId, FeedState, Keys};
 use crate::error_code::ErrorCode;
 
 mod batch;
+mod group;
 mod mutate;
 mod read;
 mod request;
 
 pub use batch::{BatchCreated, BatchFailure, MAX_BATCH_ITEMS};
+pub use mutate::{create_txn, prepare_create};
 pub use read::{
     ChangefeedView, ListOptions, Listing, Unreadable, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT,
 };
@@ -103,9 +106,10 @@ pub enum Error {
     /// etcd did not answer within the request timeout, or not at all.
     #[error("etcd is unavailable: {0}")]
     Unavailable(String),
-    /// etcd answered with an error that retrying will not fix.
+    /// etcd answered with an error that retrying will not fix. (Shared: one
+    /// failed txn answers every create committed together in it.)
     #[error("etcd refused the request: {0}")]
-    Etcd(#[source] etcd_client::Error),
+    Etcd(#[source] Arc<etcd_client::Error>),
     /// A value in etcd is not what flotilla writes (edited by hand, or by an
     /// incompatible version). Nothing was changed; deleting the changefeed
     /// still works, and so does a resume with a checkpoint when only the
@@ -119,6 +123,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// A copy of an error of one txn (etcd unavailable, or refusing it) for
+    /// each of the creates it carried.
+    pub(super) fn shared(&self) -> Error {
+        match self {
+            Error::Unavailable(message) => Error::Unavailable(message.clone()),
+            Error::Etcd(error) => Error::Etcd(error.clone()),
+            other => Error::Unavailable(other.to_string()),
+        }
+    }
+
     /// The machine-readable code (also a metric label).
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -147,6 +161,9 @@ pub struct Changefeeds {
     timeout: Duration,
     /// etcd's `--max-txn-ops`: how many changefeeds a batch puts in one txn.
     max_txn_ops: usize,
+    /// The queue of single creates committed together, started by the first
+    /// create (see `group`).
+    creates: Arc<OnceLock<group::Queue>>,
 }
 
 impl Changefeeds {
@@ -160,6 +177,7 @@ impl Changefeeds {
             keys,
             timeout,
             max_txn_ops: crate::etcd_server::ETCD_DEFAULT_MAX_TXN_OPS,
+            creates: Arc::new(OnceLock::new()),
         }
     }
 
@@ -191,7 +209,7 @@ impl Changefeeds {
             Ok(Err(error)) if crate::etcd_errors::is_retryable(&error) => {
                 Err(Error::Unavailable(error.to_string()))
             }
-            Ok(Err(error)) => Err(Error::Etcd(error)),
+            Ok(Err(error)) => Err(Error::Etcd(Arc::new(error))),
             Err(_) => Err(Error::Unavailable(format!(
                 "no answer within {}",
                 humantime::format_duration(self.timeout)

@@ -6,13 +6,14 @@ use std::time::SystemTime;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
+use super::batch::Ready;
 use super::read::{collect, read_op, revision_of, view, Raw, Snapshot};
 use super::request::{
     changefeed_id, now_ts, validate_config, validate_id, validate_selector, validate_sink_uri,
     CreateChangefeed, ResumeChangefeed, UpdateChangefeed,
 };
 use super::{encode, ChangefeedView, Changefeeds, Error, Result, MAX_ATTEMPTS};
-use crate::owner::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState};
+use crate::owner::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus, FeedState, Keys};
 
 /// What a mutation decided from a snapshot.
 enum Plan {
@@ -36,19 +37,16 @@ impl Changefeeds {
     ) -> Result<ChangefeedView> {
         validate_id("namespace", namespace)?;
         let (cf, info, status) = prepare_create(namespace, request)?;
-        let (info_key, status_key) = (self.keys.info(&cf), self.keys.status(&cf));
-        let txn = Txn::new()
-            .when([
-                Compare::create_revision(info_key.as_str(), CompareOp::Equal, 0),
-                Compare::create_revision(status_key.as_str(), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(info_key, encode(&info), None),
-                TxnOp::put(status_key, encode(&status), None),
-            ]);
-        if !self.txn(txn).await?.succeeded() {
-            return Err(Error::Exists(cf));
-        }
+        let Ready {
+            cf, info, status, ..
+        } = self
+            .create_grouped(Ready {
+                index: 0,
+                cf,
+                info,
+                status,
+            })
+            .await?;
         Ok(view(&cf, info, Some(status), None))
     }
 
@@ -358,10 +356,31 @@ fn unchanged(key: &str, read: Option<&Raw>) -> Compare {
     )
 }
 
+/// The txn that creates one changefeed: both keys written if neither exists.
+/// (Public for `examples/raw_create.rs`, the raw-etcd baseline of
+/// `scripts/bench-scale`'s create rate: the same txns without the server.)
+pub fn create_txn(
+    keys: &Keys,
+    cf: &ChangefeedId,
+    info: &ChangefeedInfo,
+    status: &ChangefeedStatus,
+) -> Txn {
+    let (info_key, status_key) = (keys.info(cf), keys.status(cf));
+    Txn::new()
+        .when([
+            Compare::create_revision(info_key.as_str(), CompareOp::Equal, 0),
+            Compare::create_revision(status_key.as_str(), CompareOp::Equal, 0),
+        ])
+        .and_then([
+            TxnOp::put(info_key, encode(info), None),
+            TxnOp::put(status_key, encode(status), None),
+        ])
+}
+
 /// A create request checked and turned into what is stored: the changefeed's
 /// info (state `normal`) and its status (`checkpoint_ts = start_ts`, epoch 0).
 /// `namespace` must be valid already.
-pub(super) fn prepare_create(
+pub fn prepare_create(
     namespace: &str,
     request: CreateChangefeed,
 ) -> Result<(ChangefeedId, ChangefeedInfo, ChangefeedStatus)> {

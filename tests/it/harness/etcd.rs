@@ -314,6 +314,16 @@ impl EtcdCluster {
         )
     }
 
+    /// Txn requests member `i` has answered so far (its gRPC server's own
+    /// count): how many txns a piece of code sent.
+    pub fn txns_served(&self, i: usize) -> u64 {
+        self.metric_sum(
+            i,
+            "grpc_server_handled_total",
+            &["grpc_method=\"Txn\"", "grpc_code=\"OK\""],
+        )
+    }
+
     /// Bytes member `i` has sent to its gRPC clients so far (its own
     /// `etcd_network_client_grpc_sent_bytes_total`): what a piece of code read.
     pub fn bytes_sent(&self, i: usize) -> u64 {
