@@ -15,4 +15,5 @@ pub mod feeds;
 pub mod model;
 pub mod progress;
 pub mod reactor;
+pub mod small_map;
 pub mod state;

@@ -15,6 +15,7 @@ use super::model::{
     ChangefeedId, ChangefeedInfo, ChangefeedStatus, ExecutorRecord, Key, Keys, TaskPosition,
     TaskStatus,
 };
+use super::small_map::SmallMap;
 
 /// Everything stored about one changefeed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,9 +23,9 @@ pub struct ChangefeedEntry {
     pub info: Option<ChangefeedInfo>,
     pub status: Option<ChangefeedStatus>,
     /// Assignments by executor id.
-    pub tasks: BTreeMap<String, TaskStatus>,
+    pub tasks: SmallMap<TaskStatus>,
     /// Progress by executor id.
-    pub positions: BTreeMap<String, TaskPosition>,
+    pub positions: SmallMap<TaskPosition>,
 }
 
 impl ChangefeedEntry {
@@ -182,7 +183,7 @@ fn set<T: serde::de::DeserializeOwned>(
 }
 
 fn set_in<T: serde::de::DeserializeOwned>(
-    map: &mut BTreeMap<String, T>,
+    map: &mut SmallMap<T>,
     executor: &str,
     key: &str,
     value: Option<&[u8]>,

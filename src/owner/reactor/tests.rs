@@ -993,7 +993,7 @@ fn a_changefeed_waiting_for_a_matching_executor_gets_the_one_that_comes_online()
 
 #[test]
 fn the_sweep_visits_every_changefeed_once_per_interval_a_slice_per_tick() {
-    const FEEDS: usize = 1000;
+    const FEEDS: usize = 1200;
     let mut h = Harness::new();
     h.executors(&[("e1", &[]), ("e2", &[])]);
     let feeds: Vec<_> = (0..FEEDS)
@@ -1001,8 +1001,8 @@ fn the_sweep_visits_every_changefeed_once_per_interval_a_slice_per_tick() {
         .collect();
     h.tick();
     h.tick(); // the commit touched every changefeed once
-              // The default: every changefeed once per 10 s; ticks of 100 ms visit
-              // 10 each, in key order, and the 100th completes the sweep.
+              // The default: every changefeed once per 60 s; ticks of 100 ms visit
+              // 2 each, in key order, and the 600th completes the sweep.
     let tick = Duration::from_millis(100);
     let ticks = OwnerConfig::default().full_pass_interval.as_millis() / tick.as_millis();
     let mut visited = 0;
