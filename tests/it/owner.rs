@@ -10,8 +10,8 @@ use crate::harness::EtcdCluster;
 use actix::prelude::*;
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
 use flotilla::actors::executor_registry::{
-    ExecutorRegistry, GetRegistryStats, Register, Registration, RegistryConfig, RegistryHandle,
-    TokenHash,
+    ExecutorRegistry, ExecutorStatus, GetExecutor, GetRegistryStats, Register, Registration,
+    RegistryConfig, RegistryHandle, TokenHash,
 };
 use flotilla::actors::owner::{Assignment, Lead, Owner, OwnerSettings, StopOwner, Work, WorkDesk};
 use flotilla::actors::{Fence, WorkerConfig};
@@ -143,8 +143,14 @@ async fn create(c: &Cluster, ids: &[String]) {
     }
 }
 
+/// Registers `name` and heartbeats it once, returning when the registry has
+/// announced it `running`: the owner prefers executors that heartbeat to this
+/// leader, so an executor still `initing` when the first changefeeds arrive
+/// would get none of them (a test that expects a balance would then depend on
+/// when the owner ticks).
 async fn register(c: &Cluster, name: &str) -> Registration {
-    c.registry
+    let registration = c
+        .registry
         .addr
         .send(Register {
             name: name.into(),
@@ -153,7 +159,31 @@ async fn register(c: &Cluster, name: &str) -> Registration {
         })
         .await
         .unwrap()
-        .unwrap()
+        .unwrap();
+    let id = registration.executor.id.clone();
+    c.registry
+        .table
+        .heartbeat(&id, &TokenHash::of(&registration.token), None)
+        .expect("heartbeat accepted");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let info = c
+            .registry
+            .addr
+            .send(GetExecutor { id: id.clone() })
+            .await
+            .unwrap()
+            .unwrap();
+        if info.status == ExecutorStatus::Running {
+            // The table flips the status at the heartbeat; the actor announces
+            // it from its promotions stream, polled after its mailbox: one
+            // more round trip and the announcement is out.
+            c.registry.addr.send(GetRegistryStats).await.unwrap();
+            return registration;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{id} not running");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// One heartbeat: the registry, then the owner (as the HTTP handler does).
