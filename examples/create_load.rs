@@ -3,9 +3,10 @@
 //! waiting for its answer before the next, either
 //! - through the API (`--server URL --admin-token T`): `POST /api/v1/changefeeds`
 //!   with flotilla's client library, or
-//! - straight to etcd (`--etcd URL --prefix P`): the txn that route commits
-//!   (`flotilla::owner::feeds::create_txn`, both keys if neither exists), on one
-//!   etcd client, without the server.
+//! - straight to etcd (`--etcd URL --prefix P`): each create as a txn of its
+//!   own (`flotilla::owner::feeds::create_txn`: the same keys, values and
+//!   compares the route commits; the route groups the creates that arrive
+//!   together into one txn), on one etcd client, without the server.
 //!
 //! Prints one line: `created=N seconds=S rate=R`.
 //!

@@ -81,13 +81,13 @@ pub struct WorkerStats {
     pub keys: usize,
 }
 
-/// Watch input that arrived while a commit was in flight.
 /// Most watch events held while a commit is in flight. A commit lasts at
 /// most the request timeout, and its own echo is at most a plan's keys; more
 /// than this means the worker cannot keep up, and a fresh read is cheaper
 /// than the queue.
-pub(super) const MAX_QUEUED_EVENTS: usize = 1 << 20;
+const MAX_QUEUED_EVENTS: usize = 1 << 20;
 
+/// Watch input that arrived while a commit was in flight.
 enum Incoming {
     Events(WatchEvents),
     Resync(Resync),

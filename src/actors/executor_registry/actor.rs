@@ -551,6 +551,9 @@ impl Handler<Subscribe> for ExecutorRegistry {
     fn handle(&mut self, msg: Subscribe, _: &mut Self::Context) -> Self::Result {
         if msg.watcher {
             self.subscribers.retain(|s| !s.tx.is_closed());
+            metrics::registry_metrics()
+                .watch_subscribers
+                .set(self.subscribers.len() as i64);
             let watchers = self.subscribers.iter().filter(|s| s.watcher).count();
             if watchers >= self.config.max_watchers {
                 return Err(Error::TooManyWatchers(self.config.max_watchers));

@@ -8,14 +8,14 @@
 
 use std::collections::HashSet;
 
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
 use futures::{stream, StreamExt};
 use serde::Serialize;
 
-use super::mutate::prepare_create;
+use super::mutate::{create_ops, prepare_create};
 use super::read::view;
 use super::request::{validate_id, CreateChangefeed};
-use super::{encode, ChangefeedView, Changefeeds, Error, Result, MAX_ATTEMPTS};
+use super::{ChangefeedView, Changefeeds, Error, Result, MAX_ATTEMPTS};
 use crate::owner::model::{ChangefeedId, ChangefeedInfo, ChangefeedStatus};
 
 /// Most changefeeds one batch request may create.
@@ -138,29 +138,17 @@ impl Changefeeds {
             let mut puts = Vec::with_capacity(2 * chunk.len());
             let mut checks = Vec::with_capacity(chunk.len());
             for r in &chunk {
-                let (info_key, status_key) = (self.keys.info(&r.cf), self.keys.status(&r.cf));
-                compares.push(Compare::create_revision(
-                    info_key.as_str(),
-                    CompareOp::Equal,
-                    0,
-                ));
-                compares.push(Compare::create_revision(
-                    status_key.as_str(),
-                    CompareOp::Equal,
-                    0,
-                ));
+                let (create, put) = create_ops(&self.keys, &r.cf, &r.info, &r.status);
+                compares.extend(create);
+                puts.extend(put);
                 // Either key existing refuses the changefeed: read both back
                 // (without values) when the txn fails.
-                checks.push(TxnOp::get(
-                    info_key.as_str(),
-                    Some(GetOptions::new().with_keys_only().with_count_only()),
-                ));
-                checks.push(TxnOp::get(
-                    status_key.as_str(),
-                    Some(GetOptions::new().with_keys_only().with_count_only()),
-                ));
-                puts.push(TxnOp::put(info_key, encode(&r.info), None));
-                puts.push(TxnOp::put(status_key, encode(&r.status), None));
+                for key in [self.keys.info(&r.cf), self.keys.status(&r.cf)] {
+                    checks.push(TxnOp::get(
+                        key,
+                        Some(GetOptions::new().with_keys_only().with_count_only()),
+                    ));
+                }
             }
             let txn = Txn::new().when(compares).and_then(puts).or_else(checks);
             let response = match self.txn(txn).await {

@@ -57,8 +57,9 @@ impl Changefeeds {
         }
     }
 
-    /// Starts the task that commits the groups, on the current runtime. It
-    /// ends when every clone of this `Changefeeds` is gone.
+    /// Starts the task that commits the groups, on the runtime `new` was
+    /// called on (else the current one). It ends when every clone of this
+    /// `Changefeeds` is gone.
     fn start_group_commit(&self) -> Queue {
         let (tx, rx) = mpsc::channel(QUEUE);
         let feeds = Changefeeds {
@@ -66,7 +67,10 @@ impl Changefeeds {
             creates: Arc::default(),
             ..self.clone()
         };
-        tokio::spawn(commit_groups(feeds, rx));
+        match &self.runtime {
+            Some(runtime) => drop(runtime.spawn(commit_groups(feeds, rx))),
+            None => drop(tokio::spawn(commit_groups(feeds, rx))),
+        }
         tx
     }
 }

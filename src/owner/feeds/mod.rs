@@ -162,12 +162,17 @@ pub struct Changefeeds {
     /// etcd's `--max-txn-ops`: how many changefeeds a batch puts in one txn.
     max_txn_ops: usize,
     /// The queue of single creates committed together, started by the first
-    /// create (see `group`).
+    /// create (see `group`)...
     creates: Arc<OnceLock<group::Queue>>,
+    /// ...on the runtime `new` was called on (the client's, which outlives
+    /// the HTTP workers; not the first creator's: a worker that stops would
+    /// take the queue with it).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Changefeeds {
-    /// `client` must live on a runtime that outlives its users; `timeout`
+    /// `client` must live on a runtime that outlives its users, and this
+    /// is best called on it (the creates' queue runs there); `timeout`
     /// bounds every etcd request (then [`Error::Unavailable`]).
     pub fn new(client: etcd_client::Client, keys: Keys, timeout: Duration) -> Self {
         Self {
@@ -178,6 +183,7 @@ impl Changefeeds {
             timeout,
             max_txn_ops: crate::etcd_server::ETCD_DEFAULT_MAX_TXN_OPS,
             creates: Arc::new(OnceLock::new()),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 

@@ -356,25 +356,39 @@ fn unchanged(key: &str, read: Option<&Raw>) -> Compare {
     )
 }
 
-/// The txn that creates one changefeed: both keys written if neither exists.
-/// (Public for `examples/raw_create.rs`, the raw-etcd baseline of
-/// `scripts/bench-scale`'s create rate: the same txns without the server.)
+/// One changefeed's create: the compares that require neither of its keys to
+/// exist, and the puts of both. The API sends several in one txn
+/// (`create_chunk`); [`create_txn`] sends one.
+pub(super) fn create_ops(
+    keys: &Keys,
+    cf: &ChangefeedId,
+    info: &ChangefeedInfo,
+    status: &ChangefeedStatus,
+) -> ([Compare; 2], [TxnOp; 2]) {
+    let (info_key, status_key) = (keys.info(cf), keys.status(cf));
+    (
+        [
+            Compare::create_revision(info_key.as_str(), CompareOp::Equal, 0),
+            Compare::create_revision(status_key.as_str(), CompareOp::Equal, 0),
+        ],
+        [
+            TxnOp::put(info_key, encode(info), None),
+            TxnOp::put(status_key, encode(status), None),
+        ],
+    )
+}
+
+/// One changefeed's create as a txn of its own: what a client writing to
+/// etcd directly would send. Public for `examples/create_load.rs`, the raw-etcd
+/// baseline of `scripts/bench-scale`'s create rate.
 pub fn create_txn(
     keys: &Keys,
     cf: &ChangefeedId,
     info: &ChangefeedInfo,
     status: &ChangefeedStatus,
 ) -> Txn {
-    let (info_key, status_key) = (keys.info(cf), keys.status(cf));
-    Txn::new()
-        .when([
-            Compare::create_revision(info_key.as_str(), CompareOp::Equal, 0),
-            Compare::create_revision(status_key.as_str(), CompareOp::Equal, 0),
-        ])
-        .and_then([
-            TxnOp::put(info_key, encode(info), None),
-            TxnOp::put(status_key, encode(status), None),
-        ])
+    let (compares, puts) = create_ops(keys, cf, info, status);
+    Txn::new().when(compares).and_then(puts)
 }
 
 /// A create request checked and turned into what is stored: the changefeed's
