@@ -81,6 +81,10 @@ impl<V> SmallMap<V> {
     pub fn keys(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator {
         self.entries.iter().map(|(k, _)| k)
     }
+
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> + ExactSizeIterator {
+        self.entries.iter().map(|(_, v)| v)
+    }
 }
 
 impl<'a, V> IntoIterator for &'a SmallMap<V> {
